@@ -1,0 +1,39 @@
+"""Interactive chat: a REPL with history over an Answerer; works on a terminal and on piped stdin."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
+
+
+def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int = 4) -> int:
+    """Read questions line by line and print answers; the last `max_turns` exchanges are kept as context."""
+    history: list[tuple[str, str]] = []
+    if interactive:
+        print(f"faqtune chat. {HELP}", file=sys.stderr)
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            break
+        if question == "/reset":
+            history.clear()
+            if interactive:
+                print("(history cleared)", file=sys.stderr)
+            continue
+        if question == "/help":
+            print(HELP, file=sys.stderr)
+            continue
+        answer = bot.ask(question, history[-max_turns:])[0].text
+        print(("bot> " if interactive else "") + answer, file=stdout, flush=True)
+        history.append((question, answer))
+    return 0

@@ -1,0 +1,267 @@
+"""The command line: one table of commands; each parses, loads config, calls its stage.
+
+This is the only module that turns errors into exit codes: a user's mistake prints one line, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from faqtune.errors import ConfigError, FaqtuneError
+
+# Generation options shared by ask, chat and demo: (flag, config key, type)
+GEN_FLAGS = [
+    ("--max-new-tokens", "max_new_tokens", int),
+    ("--temperature", "temperature", float),
+    ("--top-p", "top_p", float),
+    ("--top-k", "top_k", int),
+    ("--repetition-penalty", "repetition_penalty", float),
+    ("--num-return-sequences", "num_return_sequences", int),
+]
+TRAIN_SHORTCUTS = {"data": "data.path", "base": "base_model", "output": "output_dir"}
+
+
+def _quiet() -> None:
+    """Keep stdout for answers: no library warnings or weight-loading bars unless FAQTUNE_VERBOSE=1."""
+    if os.environ.get("FAQTUNE_VERBOSE"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """`--train.epochs 3`, `--lora.r=8`, `--epochs 3` (a unique leaf name) -> {"train.epochs": "3", ...}."""
+    from faqtune.config import field_help, suggest
+
+    keys = list(field_help())
+    leaves: dict[str, list[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--"):
+            problems.append(f"unexpected argument {tok!r} (settings look like --train.epochs 3)")
+            i += 1
+            continue
+        name, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                problems.append(f"--{name} needs a value")
+                i += 1
+                continue
+            value = extra[i + 1]
+            i += 1
+        i += 1
+        name = name.replace("-", "_")
+        if name in keys:
+            out[name] = value
+        elif len(leaves.get(name, [])) == 1:
+            out[leaves[name][0]] = value
+        elif len(leaves.get(name, [])) > 1:
+            problems.append(f"--{name} is ambiguous: say which, " + " or ".join(f"--{k}" for k in leaves[name]))
+        else:
+            close = difflib.get_close_matches(name, keys + list(leaves), n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else suggest(name).replace("`", "--", 1).replace("`", "")
+            problems.append(f"unknown setting --{name}{hint}; see `faqtune train --help`")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _settings_epilog() -> str:
+    from faqtune.config import field_help
+
+    lines = ["settings (YAML keys; override any with --KEY VALUE, e.g. --train.epochs 3 or --lora.r 16):"]
+    for key, (default, text) in field_help().items():
+        lines.append(f"  {key:34s} {text} [default: {default}]")
+    return "\n".join(lines)
+
+
+def _add_gen_flags(p: argparse.ArgumentParser) -> None:
+    for flag, key, typ in GEN_FLAGS:
+        p.add_argument(flag, dest=f"gen_{key}", type=typ, default=None, help=f"generation.{key}")
+
+
+def _gen_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {f"generation.{k}": getattr(args, f"gen_{k}") for _, k, _ in GEN_FLAGS
+            if getattr(args, f"gen_{k}") is not None}
+
+
+def _run_config(run_dir: str, args: argparse.Namespace):
+    """The run's saved config with this command's generation flags applied (validated)."""
+    from faqtune.config import load_config
+    from faqtune.run import RunDir
+
+    run = RunDir(run_dir)
+    run.load_config()  # clear error when the folder is not a run
+    return load_config(run.config_path, _gen_overrides(args))
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.config import load_config
+    from faqtune.run import RunDir
+    from faqtune.train import train
+
+    overrides: dict[str, object] = parse_overrides(extra)
+    for flag, key in TRAIN_SHORTCUTS.items():
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.mix:
+        overrides["data.mix"] = args.mix
+    config_path = args.config
+    if args.resume and config_path is None and args.output:
+        saved = RunDir(args.output).config_path
+        config_path = str(saved) if saved.exists() else None  # resume with the run's own settings
+    cfg = load_config(config_path, overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _answerer(run_dir: str, args: argparse.Namespace, base_only: bool = False):
+    from faqtune.generate import Answerer
+    from faqtune.models import load_for_inference
+
+    cfg = _run_config(run_dir, args)
+    model, tokenizer, cfg = load_for_inference(run_dir, base_only=base_only, cfg=cfg)
+    return Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+
+
+def cmd_ask(args: argparse.Namespace, extra: list[str]) -> int:
+    bot = _answerer(args.run_dir, args, base_only=args.base_only)
+    answers = bot.ask(args.question)
+    print("\n\n".join(a.text for a in answers))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.chat import repl
+
+    bot = _answerer(args.run_dir, args, base_only=args.base_only)
+    return repl(bot, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.demo import run_demo
+
+    return run_demo(args.output, parse_overrides(extra), retrain=args.retrain)
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.evaluate import build_eval_set, evaluate_run, read_offtopic
+    from faqtune.models import load_for_inference
+    from faqtune.report import write_report
+    from faqtune.run import RunDir
+
+    run = RunDir(args.run_dir)
+    cfg = _run_config(args.run_dir, args)
+    eval_set = build_eval_set(run, cfg, args.questions, args.faq)
+    if args.limit:
+        eval_set.questions, eval_set.references = eval_set.questions[: args.limit], eval_set.references[: args.limit]
+    offtopic = read_offtopic(args.offtopic)[: args.limit or None]
+    model, tokenizer, cfg = load_for_inference(run.root, cfg=cfg)
+    report = evaluate_run(model, tokenizer, cfg, eval_set, args.compare_base, offtopic, args.forgetting_threshold)
+    report["run_dir"] = str(run.root)
+    md = write_report(report, args.out or run.root / "eval", run.metrics_path)
+    print(md.read_text(encoding="utf-8").split("\n## Figures")[0].split("![")[0].strip())
+    print(f"\nreport: {md}")
+    if args.fail_on_forgetting and report["forgetting"]["flagged"]:
+        print("error: forgetting beyond the threshold (see the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] = {
+    "train": (cmd_train, "fine-tune a LoRA adapter on an FAQ (QLoRA, 4-bit base)"),
+    "ask": (cmd_ask, "answer one question with a trained run"),
+    "chat": (cmd_chat, "interactive chat with a trained run (reads piped stdin too)"),
+    "eval": (cmd_eval, "measure answers, stops, declines and forgetting, base vs tuned; write a report"),
+    "demo": (cmd_demo, "train on the bundled FAQ and compare base vs tuned answers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faqtune", description="Turn an FAQ into a support chatbot (QLoRA).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+
+    p = parsers["train"]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _settings_epilog()
+    p.add_argument("--config", help="YAML config file (see examples/)")
+    p.add_argument("--data", help="FAQ file: JSON, JSONL or CSV (data.path)")
+    p.add_argument("--base", help="base model: alias, local folder or hub id (base_model)")
+    p.add_argument("--output", help="run directory (output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--mix", action="append", metavar="FILE[:SHARE]",
+                   help="mix general instruction data into training against forgetting ('general': the bundled "
+                        "set), e.g. --mix general:0.2 (data.mix; repeatable)")
+
+    for name in ("ask", "chat"):
+        p = parsers[name]
+        p.add_argument("run_dir", help="a run directory written by `faqtune train`")
+        if name == "ask":
+            p.add_argument("question")
+        p.add_argument("--base-only", action="store_true", help="answer with the untuned base model")
+        _add_gen_flags(p)
+
+    p = parsers["eval"]
+    p.add_argument("run_dir", help="a run directory written by `faqtune train`")
+    p.add_argument("--questions", help="questions to evaluate (any FAQ format, or .txt one a line) "
+                                       "[default: the run's held-out split]")
+    p.add_argument("--faq", help="FAQ that --questions without answers pair with, by 'id' or by order "
+                                 "[default: the run's FAQ]")
+    p.add_argument("--compare-base", action="store_true", help="also evaluate the untuned base, side by side")
+    p.add_argument("--out", help="report folder [default: RUN_DIR/eval]")
+    p.add_argument("--offtopic", help="off-topic questions, one a line [default: the bundled set]")
+    p.add_argument("--forgetting-threshold", type=float, default=0.2,
+                   help="flag forgetting when general-text perplexity rises more than this share [default: 0.2]")
+    p.add_argument("--fail-on-forgetting", action="store_true", help="exit 1 when forgetting is flagged")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (quick checks)")
+    _add_gen_flags(p)
+
+    p = parsers["demo"]
+    p.add_argument("--output", default="runs/demo", help="run directory of the demo [default: runs/demo]")
+    p.add_argument("--retrain", action="store_true", help="train again even if the run already exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and args.command not in ("train", "demo"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _quiet()
+    try:
+        return COMMANDS[args.command][0](args, extra)
+    except FaqtuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with CLI overrides.
+
+Every field's help text lives in its ``metadata`` and nowhere else; ``validate`` collects every
+problem and raises them together in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from faqtune.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(None, "FAQ file (JSON, JSONL, CSV); default: the bundled e-commerce FAQ")
+    format: str = _f("auto", "auto | json | jsonl | csv")
+    question_field: str | None = _f(None, "column/key holding the question (default: question, case-insensitive)")
+    answer_field: str | None = _f(None, "column/key holding the answer (default: answer, case-insensitive)")
+    eval_fraction: float = _f(0.1, "share of entries held out for evaluation (0 keeps all for training)")
+    seed: int = _f(42, "seed of the train/eval split")
+    system_prompt: str | None = _f(None, "system prompt put before every conversation (train and inference)")
+    max_seq_length: int = _f(512, "longest tokenized example; longer ones are truncated and counted")
+    mix: list[str] = _f([], "general instruction data mixed into training against forgetting, as FILE[:SHARE] "
+                            "(SHARE of the training examples, default 0.1); 'general' is the bundled set")
+
+
+@dataclass
+class QuantizationConfig:
+    mode: str = _f("4bit", "4bit | 8bit | none")
+    quant_type: str = _f("nf4", "4-bit data type: nf4 | fp4")
+    double_quant: bool = _f(True, "quantize the quantization constants too (~0.37 bits/param saved)")
+    compute_dtype: str = _f(
+        "auto", "auto (bf16 where the hardware does bf16 natively, else fp32) | bf16 | fp16 | fp32"
+    )
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(64, "LoRA rank")
+    alpha: int = _f(16, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _f(0.1, "dropout on the LoRA input")
+    bias: str = _f("none", "none | all | lora_only")
+    target_modules: list[str] | str = _f("all-linear", "modules to adapt: 'all-linear' (QLoRA paper) or a list")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = _f(1e-3, "peak learning rate (the guide's 2e-4 learns too slowly at alpha/r=0.25)")
+    lr_scheduler: str = _f("cosine", "transformers scheduler name: cosine | linear | constant | ...")
+    warmup_ratio: float = _f(0.05, "share of the steps spent warming up the learning rate")
+    batch_size: int = _f(4, "examples per device per micro-batch (packed into one sequence when packing)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    epochs: float = _f(8.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = _f(-1, "optimizer steps; > 0 overrides epochs")
+    optimizer: str = _f("paged_adamw_8bit", "transformers optim name, e.g. paged_adamw_8bit | adamw_torch")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(0.3, "gradient clipping (QLoRA paper: 0.3)")
+    gradient_checkpointing: str = _f(
+        "auto", "recompute activations to save memory: true | false | auto (on for GPUs, off on CPU: ~35% faster)"
+    )
+    packing: bool = _f(True, "padding-free batches: a micro-batch is one sequence with per-example positions")
+    logging_steps: int = _f(1, "log every N optimizer steps")
+    eval_steps: int = _f(20, "held-out loss every N optimizer steps (0: only at the end)")
+    keep_best: bool = _f(False, "end with the checkpoint of lowest held-out loss (needs eval_steps; save_steps "
+                                "a multiple of it)")
+    save_steps: int = _f(50, "checkpoint every N optimizer steps")
+    save_total_limit: int = _f(3, "checkpoints kept")
+    seed: int = _f(42, "training seed")
+    num_threads: int = _f(0, "CPU threads for torch (0: leave torch's default)")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(128, "longest answer in tokens")
+    temperature: float = _f(0.0, "0 = greedy (reproducible); > 0 samples")
+    top_p: float = _f(1.0, "nucleus sampling mass (when sampling)")
+    top_k: int = _f(50, "top-k sampling (when sampling)")
+    repetition_penalty: float = _f(1.0, "> 1 discourages repeats")
+    num_return_sequences: int = _f(1, "answers per question (> 1 needs sampling)")
+
+
+@dataclass
+class FaqtuneConfig:
+    base_model: str = _f("smollm2-135m", "alias, local HF folder or hub id of the base model")
+    output_dir: str = _f("runs/faqtune", "run directory (adapter, config, metrics, checkpoints)")
+    trust_remote_code: bool = _f(False, "allow model code from the hub (off unless asked)")
+    data: DataConfig = field(default_factory=DataConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+_CHOICES = {
+    "data.format": {"auto", "json", "jsonl", "csv"},
+    "quantization.mode": {"4bit", "8bit", "none"},
+    "quantization.quant_type": {"nf4", "fp4"},
+    "quantization.compute_dtype": {"auto", "bf16", "fp16", "fp32"},
+    "lora.bias": {"none", "all", "lora_only"},
+    "train.gradient_checkpointing": {"auto", "true", "false"},
+}
+
+
+def validate(cfg: FaqtuneConfig) -> None:
+    """Raise one ConfigError listing every invalid value."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            problems.append(f"`{key}` must be {rule}, got {value!r}")
+
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if isinstance(value, str) and value.lower() in choices:
+            value = value.lower()
+            section, _, leaf = key.rpartition(".")
+            setattr(_get(cfg, section), leaf, value)
+        need(value in choices, key, "one of " + ", ".join(sorted(choices)), value)
+    need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "in [0, 1)", cfg.data.eval_fraction)
+    need(cfg.data.max_seq_length >= 16, "data.max_seq_length", ">= 16", cfg.data.max_seq_length)
+    need(cfg.lora.r > 0, "lora.r", "> 0", cfg.lora.r)
+    need(cfg.lora.alpha > 0, "lora.alpha", "> 0", cfg.lora.alpha)
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "in [0, 1)", cfg.lora.dropout)
+    tm = cfg.lora.target_modules
+    need(
+        tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(m, str) for m in tm)),
+        "lora.target_modules", "'all-linear' or a non-empty list of module names", tm,
+    )
+    t = cfg.train
+    need(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
+    need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1", t.gradient_accumulation_steps)
+    need(t.max_steps > 0 or t.epochs > 0, "train.epochs", "> 0 when train.max_steps is not set", t.epochs)
+    need(t.logging_steps >= 1, "train.logging_steps", ">= 1", t.logging_steps)
+    need(t.eval_steps >= 0, "train.eval_steps", ">= 0", t.eval_steps)
+    if t.keep_best and (t.eval_steps == 0 or t.save_steps % max(1, t.eval_steps) or cfg.data.eval_fraction == 0):
+        problems.append("`train.keep_best` needs `data.eval_fraction` > 0, `train.eval_steps` > 0 and "
+                        f"`train.save_steps` a multiple of it, got eval_steps={t.eval_steps}, "
+                        f"save_steps={t.save_steps}, eval_fraction={cfg.data.eval_fraction}")
+    shares = []
+    for spec in cfg.data.mix:
+        try:
+            shares.append(parse_mix(spec)[1])
+        except ValueError as e:
+            problems.append(str(e))
+    if sum(shares) >= 1:
+        problems.append(f"`data.mix` shares must add up to less than 1, got {cfg.data.mix}")
+    need(t.save_steps >= 1, "train.save_steps", ">= 1", t.save_steps)
+    need(t.save_total_limit >= 1, "train.save_total_limit", ">= 1", t.save_total_limit)
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", ">= 0", t.max_grad_norm)
+    need(t.num_threads >= 0, "train.num_threads", ">= 0", t.num_threads)
+    g = cfg.generation
+    need(g.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1", g.max_new_tokens)
+    need(g.temperature >= 0, "generation.temperature", ">= 0", g.temperature)
+    need(0 < g.top_p <= 1, "generation.top_p", "in (0, 1]", g.top_p)
+    need(g.top_k >= 0, "generation.top_k", ">= 0", g.top_k)
+    need(g.repetition_penalty > 0, "generation.repetition_penalty", "> 0", g.repetition_penalty)
+    need(g.num_return_sequences >= 1, "generation.num_return_sequences", ">= 1", g.num_return_sequences)
+    if g.num_return_sequences > 1 and g.temperature == 0:
+        problems.append(
+            "`generation.num_return_sequences` > 1 needs sampling: set `generation.temperature` > 0"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def parse_mix(spec: str) -> tuple[str, float]:
+    """'FILE[:SHARE]' -> (FILE, SHARE); SHARE defaults to 0.1 and must be in (0, 1)."""
+    path, sep, share = spec.rpartition(":")
+    if not sep or not share.replace(".", "", 1).isdigit():
+        path, share = spec, "0.1"
+    value = float(share)
+    if not path or not 0 < value < 1:
+        raise ValueError(f"`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1, got {spec!r}")
+    return path, value
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def field_help() -> dict[str, tuple[Any, str]]:
+    """Every dotted key with its default and help text, for `--help` and docs."""
+    out: dict[str, tuple[Any, str]] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = (value, f.metadata.get("help", ""))
+
+    walk(FaqtuneConfig(), "")
+    return out
+
+
+_SYNONYMS = {"rank": "r", "lr": "learning_rate", "epoch": "epochs", "steps": "max_steps", "model": "base_model",
+             "base": "base_model", "output": "output_dir", "dropout_rate": "dropout"}
+
+
+def suggest(name: str, siblings: list[str] | None = None) -> str:
+    """' (did you mean `x`?)' for a mistyped dotted key, or ''. `siblings`: the valid names at its level."""
+    keys = list(field_help())
+    section, _, leaf = name.rpartition(".")
+    if siblings is None:
+        siblings = sorted({k[len(section) + 1:].split(".")[0] for k in keys if k.startswith(section + ".")}
+                          if section else {k.split(".")[0] for k in keys})
+    close = difflib.get_close_matches(_SYNONYMS.get(leaf, leaf), siblings, n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean `{section + '.' if section else ''}{close[0]}`?)"
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's type; raise ValueError with a clear message."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in {"null", "none", "~"} and type(None) in args:
+            return None
+        if isinstance(value, str) and str in args and "," not in value and (list not in map(typing.get_origin, args)
+                                                                           or value == "all-linear"):
+            return value
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"`{key}`: unsupported value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ValueError(f"`{key}` must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on"}:
+            return True
+        if isinstance(value, str) and value.lower() in {"false", "no", "0", "off"}:
+            return False
+        raise ValueError(f"`{key}` must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"`{key}` must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"`{key}` must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ValueError(f"`{key}` must be an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"`{key}` must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"`{key}` must be a number, got {value!r}") from None
+    if hint is str:
+        if value is None:
+            raise ValueError(f"`{key}` must be set (got an empty value)")
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"`{key}` must be a string, got {value!r}")
+        return str(value)
+    raise ValueError(f"`{key}`: unsupported type {hint!r}")
+
+
+def _apply(cfg: Any, values: dict[str, Any], prefix: str, problems: list[str], source: str) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            hint = suggest(dotted, names)
+            problems.append(f"{source}: unknown key `{dotted}`{hint}")
+            continue
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                problems.append(f"{source}: `{dotted}` must be a mapping, got {value!r}")
+                continue
+            _apply(current, value, dotted + ".", problems, source)
+            continue
+        try:
+            setattr(cfg, key, _coerce(value, hints[key], dotted))
+        except ValueError as e:
+            problems.append(f"{source}: {e}")
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"`{key}` conflicts with another override"])
+        node[leaf] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FaqtuneConfig:
+    """Defaults <- YAML file <- overrides (dotted keys), then validate; every problem reported at once."""
+    cfg = FaqtuneConfig()
+    problems: list[str] = []
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: no such config file"]) from None
+        except IsADirectoryError:
+            raise ConfigError([f"{path}: is a directory, expected a YAML config file"]) from None
+        except OSError as e:
+            raise ConfigError([f"{path}: cannot be read ({e.strerror})"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{path}: not UTF-8 text"]) from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError([f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})"]) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of settings, got {type(raw).__name__}"])
+        _apply(cfg, raw, "", problems, str(path))
+    if overrides:
+        _apply(cfg, _nest(overrides), "", problems, "override")
+    try:
+        validate(cfg)  # values that failed to parse kept their defaults, so this still checks the rest
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,274 @@
+"""FAQ readers (JSON, JSONL, CSV, chat messages), validation with file:record:field errors, dedup and split.
+
+Every reader yields `FaqEntry` objects holding a conversation (`messages`); a Q/A pair is the two-turn
+conversation user -> assistant. Invalid input raises `DataError` naming the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from faqtune.errors import DataError
+
+QUESTION_KEYS = ("question", "questions", "prompt", "query", "instruction", "input")
+ANSWER_KEYS = ("answer", "answers", "response", "completion", "output")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class FaqEntry:
+    """One training conversation; `record` says where it came from (e.g. 'line 12')."""
+
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...), ends with an assistant turn
+    record: str = ""
+
+    @property
+    def question(self) -> str:
+        return next(c for r, c in reversed(self.messages) if r == "user")
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1][1]
+
+    def as_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def to_json(self) -> dict[str, Any]:
+        if len(self.messages) == 2 and self.messages[0][0] == "user":
+            return {"question": self.question, "answer": self.answer}
+        return {"messages": self.as_messages()}
+
+
+@dataclass
+class FaqData:
+    entries: list[FaqEntry]
+    source: str
+    duplicates_dropped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def bundled_faq_path() -> Path:
+    """The e-commerce FAQ shipped with faqtune (used by the demo)."""
+    return Path(str(resources.files("faqtune") / "data" / "ecommerce_faq.json"))
+
+
+def general_instructions_path() -> Path:
+    """General instruction data shipped with faqtune (`--mix general`), written for the project."""
+    return Path(str(resources.files("faqtune") / "data" / "general_instructions.jsonl"))
+
+
+def read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(str(path), "no such file") from None
+    except IsADirectoryError:
+        raise DataError(str(path), "is a directory, expected a file") from None
+    except OSError as e:
+        raise DataError(str(path), f"cannot be read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(str(path), f"not valid UTF-8 (byte {e.start}); save the file as UTF-8", f"line {line}") from None
+    if "\x00" in text:
+        raise DataError(str(path), "contains NUL bytes; is it a binary file?")
+    if not text.strip():
+        raise DataError(str(path), "is empty")
+    return text
+
+
+def pick_key(keys: list[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
+    """Case-insensitive key lookup: the mapped name if given, else the first known candidate."""
+    lower = {k.lower().strip(): k for k in keys if isinstance(k, str)}
+    for name in ([wanted] if wanted else candidates):
+        if name.lower() in lower:
+            return lower[name.lower()]
+    return None
+
+
+def text_field(value: Any, file: str, record: str, field_name: str) -> str:
+    if value is None:
+        raise DataError(file, "is empty (null)", record, field_name)
+    if not isinstance(value, str):
+        raise DataError(file, f"must be text, got {type(value).__name__}", record, field_name)
+    value = value.strip()
+    if not value:
+        raise DataError(file, "is empty", record, field_name)
+    return value
+
+
+def _messages_entry(value: Any, file: str, record: str) -> FaqEntry:
+    if not isinstance(value, list) or not value:
+        raise DataError(file, "must be a non-empty list of {role, content} objects", record, "messages")
+    turns = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(file, "must be an object with 'role' and 'content'", record, where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(file, f"unknown role {role!r} (expected one of {', '.join(ROLES)})", record, where + ".role")
+        if role == "system" and i != 0:
+            raise DataError(file, "a system message may only come first", record, where + ".role")
+        turns.append((role, text_field(m.get("content"), file, record, where + ".content")))
+    roles = [r for r, _ in turns if r != "system"]
+    if not roles or roles[-1] != "assistant":
+        raise DataError(file, "the conversation must end with an assistant message", record, "messages")
+    if "user" not in roles:
+        raise DataError(file, "the conversation needs a user message", record, "messages")
+    return FaqEntry(tuple(turns), record)
+
+
+def parse_record(obj: Any, file: str, record: str, question_field: str | None = None,
+                 answer_field: str | None = None) -> FaqEntry:
+    """One record (a dict) -> FaqEntry, or a DataError naming file, record and field."""
+    if not isinstance(obj, dict):
+        raise DataError(file, f"must be an object with question and answer, got {type(obj).__name__}", record)
+    keys = list(obj.keys())
+    if pick_key(keys, "messages", ()) and not question_field:
+        return _messages_entry(obj[pick_key(keys, "messages", ())], file, record)
+    qkey = pick_key(keys, question_field, QUESTION_KEYS)
+    akey = pick_key(keys, answer_field, ANSWER_KEYS)
+    expected = f"expected fields: {question_field or 'question'}, {answer_field or 'answer'} (or messages)"
+    if qkey is None:
+        raise DataError(file, f"missing ({expected}; found: {', '.join(map(str, keys)) or 'none'})", record,
+                        question_field or "question")
+    if akey is None:
+        raise DataError(file, f"missing ({expected}; found: {', '.join(map(str, keys)) or 'none'})", record,
+                        answer_field or "answer")
+    q = text_field(obj[qkey], file, record, qkey)
+    a = text_field(obj[akey], file, record, akey)
+    return FaqEntry((("user", q), ("assistant", a)), record)
+
+
+def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", f"line {e.lineno}") from None
+    if isinstance(doc, dict):
+        lists = {k: v for k, v in doc.items() if isinstance(v, list)}
+        key = pick_key(list(lists), None, ("questions", "data", "faq", "faqs", "items", "records"))
+        if key is None:
+            if len(lists) != 1:
+                raise DataError(file, "expected a list of records, or an object like {\"questions\": [...]}")
+            key = next(iter(lists))
+        doc = doc[key]
+        prefix = f"{key}[%d]"
+    elif isinstance(doc, list):
+        prefix = "record %d"
+    else:
+        raise DataError(file, f"expected a list of records, got {type(doc).__name__}")
+    for i, obj in enumerate(doc):
+        yield prefix % i, obj
+
+
+def _iter_jsonl(text: str, file: str) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", f"line {n}") from None
+        yield f"line {n}", obj
+
+
+def _iter_csv(text: str, file: str) -> Iterator[tuple[str, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        raise DataError(file, "has no header row", "line 1") from None
+    header = [h.strip() for h in header]
+    if not any(header):
+        raise DataError(file, "has an empty header row", "line 1")
+    try:
+        for row in reader:
+            n = reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) > len(header):
+                raise DataError(file, f"has {len(row)} columns, the header has {len(header)}", f"line {n}")
+            yield f"line {n}", dict(zip(header, row + [""] * (len(header) - len(row)), strict=True))
+    except csv.Error as e:
+        raise DataError(file, f"invalid CSV: {e}", f"line {reader.line_num}") from None
+
+
+READERS = {"json": _iter_json, "jsonl": _iter_jsonl, "csv": _iter_csv}
+
+
+def detect_format(path: Path, text: str) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in ("json", "jsonl", "csv"):
+        return suffix
+    if suffix == "ndjson":
+        return "jsonl"
+    head = text.lstrip()[:1]
+    if head in "[{":
+        first = text.lstrip().split("\n", 1)[0]
+        try:
+            json.loads(first)
+            return "jsonl" if head == "{" and "\n" in text.strip() else "json"
+        except json.JSONDecodeError:
+            return "json"
+    return "csv"
+
+
+def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = None,
+             answer_field: str | None = None) -> FaqData:
+    """Read and validate an FAQ file; exact duplicate entries are dropped and counted."""
+    path = Path(path)
+    text = read_text(path)
+    fmt = detect_format(path, text) if fmt == "auto" else fmt
+    if fmt not in READERS:
+        raise DataError(str(path), f"unknown format {fmt!r} (expected json, jsonl or csv)")
+    entries: list[FaqEntry] = []
+    seen: set[tuple] = set()
+    dropped = 0
+    for record, obj in READERS[fmt](text, str(path)):
+        entry = parse_record(obj, str(path), record, question_field, answer_field)
+        if entry.messages in seen:
+            dropped += 1
+            continue
+        seen.add(entry.messages)
+        entries.append(entry)
+    if not entries:
+        raise DataError(str(path), "holds no records")
+    data = FaqData(entries, str(path), dropped)
+    if dropped:
+        data.notes.append(f"{path}: dropped {dropped} exact duplicate record(s)")
+    return data
+
+
+def split(entries: list[FaqEntry], eval_fraction: float, seed: int) -> tuple[list[FaqEntry], list[FaqEntry]]:
+    """Deterministic train/eval split: the same entries, fraction and seed give the same split."""
+    if eval_fraction <= 0 or len(entries) < 2:
+        return list(entries), []
+    order = list(range(len(entries)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(entries) - 1, max(1, round(len(entries) * eval_fraction)))
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(entries) if i not in held]
+    evals = [e for i, e in enumerate(entries) if i in held]
+    return train, evals
+
+
+def write_jsonl(entries: list[FaqEntry], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")

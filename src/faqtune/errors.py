@@ -1,0 +1,30 @@
+"""The project's own errors: library code raises these, only the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class FaqtuneError(Exception):
+    """A mistake the user can fix; its message is one clear sentence (or a list of them)."""
+
+
+class ConfigError(FaqtuneError):
+    """Invalid configuration; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DataError(FaqtuneError):
+    """Invalid input data, pointing at the file, the record and the field."""
+
+    def __init__(self, file: str, message: str, record: str | None = None, field: str | None = None):
+        self.file, self.record, self.field = str(file), record, field
+        where = self.file + (f" {record}" if record else "")
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+class ModelError(FaqtuneError):
+    """A base model or adapter that cannot be found or loaded."""

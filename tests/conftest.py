@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random Llama with a tiny tokenizer, built once per session (seconds on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    """Keep the model cache of the tests away from the user's (the embedded default is reused if present)."""
+    os.environ.setdefault("FAQTUNE_HOME", str(Path.home() / ".cache" / "faqtune"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _build_tokenizer(chat_template: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from faqtune.data import bundled_faq_path
+
+    texts = [e["question"] + " " + e["answer"] for e in json.loads(bundled_faq_path().read_text())["questions"]]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts * 2, trainer)
+    eos = "<|im_end|>" if chat_template else "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, chat_template=chat_template)
+
+
+def build_tiny_llama(folder: Path, chat_template: str | None = CHATML) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _build_tokenizer(chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama with a ChatML template (EOS = <|im_end|>)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_no_template(tmp_path_factory) -> Path:
+    """The same tiny Llama whose tokenizer has no chat template (the guide's format applies)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-plain"), chat_template=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture
+def small_faq(tmp_path) -> Path:
+    """Ten Q/A pairs in the guide's JSON shape."""
+    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done in the settings page, step {i}."}
+            for i in range(10)]
+    path = tmp_path / "faq.json"
+    path.write_text(json.dumps({"questions": rows}), encoding="utf-8")
+    return path

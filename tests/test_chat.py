@@ -1,0 +1,46 @@
+"""The chat REPL: history, /reset, /exit, piped input."""
+
+from __future__ import annotations
+
+import io
+
+from faqtune.chat import repl
+from faqtune.generate import Answer, clean
+
+
+class EchoBot:
+    """Answers with the question and the number of history turns it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def ask(self, question, history):
+        self.calls.append((question, list(history)))
+        return [Answer(f"{question} ({len(history)})", True, 3, 10)]
+
+
+def test_history_reset_and_exit():
+    bot = EchoBot()
+    stdin = io.StringIO("a\nb\n/reset\nc\n/exit\nnever\n")
+    out = io.StringIO()
+    assert repl(bot, stdin, out, interactive=False) == 0
+    assert out.getvalue().splitlines() == ["a (0)", "b (1)", "c (0)"]
+    assert bot.calls[1][1] == [("a", "a (0)")]
+
+
+def test_history_is_bounded():
+    bot = EchoBot()
+    repl(bot, io.StringIO("".join(f"q{i}\n" for i in range(7))), io.StringIO(), interactive=False, max_turns=2)
+    assert [len(h) for _, h in bot.calls] == [0, 1, 2, 2, 2, 2, 2]
+
+
+def test_interactive_prompts():
+    out = io.StringIO()
+    repl(EchoBot(), io.StringIO("hello\n"), out, interactive=True)
+    assert out.getvalue().startswith("you> bot> hello (0)")
+
+
+def test_clean_cuts_template_markers():
+    assert clean(" Refunds take 5 days.<|im_end|>\\n<|im_start|>user") == "Refunds take 5 days."
+    assert clean("Yes.\n<human>: and then?") == "Yes."
+    assert clean("  plain  ") == "plain"

@@ -1,0 +1,98 @@
+"""The command line: help texts, shipped configs, and one-line errors (never a traceback) for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from faqtune.cli import COMMANDS, main
+from faqtune.config import field_help, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert COMMANDS[command][1] in capsys.readouterr().out
+
+
+def test_train_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for key in field_help():
+        assert key in out, key
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# faqtune ") and "--config examples/" + path.name in first
+    load_config(path)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.startswith("error: ")
+    return err
+
+
+def test_bad_data_is_one_clear_error(tmp_path, capsys):
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": "  "}\n')
+    assert main(["train", "--data", str(faq), "--output", str(tmp_path / "run")]) == 2
+    err = _one_line_error(capsys)
+    assert str(faq) in err and "line 2" in err and "answer" in err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_unknown_setting_suggests(capsys):
+    assert main(["train", "--train.epoch", "3"]) == 2
+    assert "did you mean --train.epochs" in _one_line_error(capsys)
+
+
+def test_all_invalid_values_reported_together(capsys):
+    assert main(["train", "--lora.r", "0", "--train.learning_rate", "-1", "--quantization.mode", "3bit"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.r" in err and "train.learning_rate" in err and "quantization.mode" in err
+
+
+def test_ask_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["ask", str(tmp_path), "hi?"]) == 2
+    assert "not a faqtune run directory" in _one_line_error(capsys)
+
+
+def test_offline_hub_id_is_one_sentence(tmp_path, capsys, monkeypatch, small_faq):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["train", "--base", "no-such-org/no-such-model", "--data", str(small_faq),
+                 "--output", str(tmp_path / "run")])
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert "no-such-org/no-such-model" in err and "Hub" in err and len(err.splitlines()) == 1
+
+
+def test_missing_local_base_folder(tmp_path, capsys, small_faq):
+    assert main(["train", "--base", str(tmp_path / "nope"), "--data", str(small_faq),
+                 "--output", str(tmp_path / "run")]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "faqtune", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout and "ask" in out.stdout and "chat" in out.stdout
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path, capsys, small_faq):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(json.dumps({"output_dir": str(run), "data": {"path": str(small_faq)}}))
+    assert main(["train", "--output", str(run), "--resume"]) == 2
+    assert "no checkpoint" in _one_line_error(capsys)

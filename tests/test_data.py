@@ -1,0 +1,331 @@
+"""Unit tests for faqtune.data: every reader, every DataError, dedup, split and the reference files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from faqtune.data import FaqEntry, bundled_faq_path, detect_format, load_faq, split, write_jsonl
+from faqtune.errors import DataError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+QA = {"question": "q", "answer": "a"}
+QA2 = {"question": "q2", "answer": "a2"}
+
+
+def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def _jsonl(*records: object) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _pairs(data) -> list[tuple[str, str]]:
+    return [(e.question, e.answer) for e in data.entries]
+
+
+def _msgs(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+
+def test_guide_json_shape(tmp_path):
+    doc = {"questions": [{"question": "How do I pay?", "answer": "By card."},
+                         {"question": "Do you ship abroad?", "answer": "Yes, to 30 countries."}]}
+    data = load_faq(_write(tmp_path, "faq.json", json.dumps(doc, indent=2)))
+    assert _pairs(data) == [("How do I pay?", "By card."), ("Do you ship abroad?", "Yes, to 30 countries.")]
+    assert [e.record for e in data.entries] == ["questions[0]", "questions[1]"]
+    assert data.entries[0].messages == (("user", "How do I pay?"), ("assistant", "By card."))
+    assert data.duplicates_dropped == 0 and data.notes == []
+
+
+def test_plain_json_list_strips_whitespace(tmp_path):
+    doc = [{"question": "  q1 ", "answer": "a1\n"}, {"Question": "q2", "ANSWER": "a2"}]
+    data = load_faq(_write(tmp_path, "faq.json", json.dumps(doc)))
+    assert _pairs(data) == [("q1", "a1"), ("q2", "a2")]
+    assert [e.record for e in data.entries] == ["record 0", "record 1"]
+
+
+def test_jsonl_skips_blank_lines_but_keeps_line_numbers(tmp_path):
+    data = load_faq(_write(tmp_path, "faq.jsonl", _jsonl(QA) + "\n" + _jsonl(QA2)))
+    assert _pairs(data) == [("q", "a"), ("q2", "a2")]
+    assert [e.record for e in data.entries] == ["line 1", "line 3"]
+
+
+HEADERS = ["Question,Answer,Class", "question,answer,class", "QUESTION,ANSWER,CLASS",
+           " Question , Answer ,Class"]
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_csv_header_is_case_insensitive(tmp_path, header):
+    text = f'{header}\nWhat is IVR?,"Phone banking, by voice.",security\nq2,a2,other\n'
+    data = load_faq(_write(tmp_path, "faq.csv", text))
+    assert _pairs(data) == [("What is IVR?", "Phone banking, by voice."), ("q2", "a2")]
+    assert [e.record for e in data.entries] == ["line 2", "line 3"]
+
+
+def test_csv_quoted_multiline_field_and_crlf(tmp_path):
+    text = 'Question,Answer\r\n"two\r\nlines?",yes\r\nq2,a2\r\n'
+    data = load_faq(_write(tmp_path, "faq.csv", text.encode("utf-8")))
+    assert _pairs(data) == [("two\r\nlines?", "yes"), ("q2", "a2")]
+    assert data.entries[1].record == "line 4"  # the quoted field spans physical lines 2-3
+
+
+def test_custom_field_names_csv(tmp_path):
+    path = _write(tmp_path, "faq.csv", "Frage,Antwort\nWo?,Hier.\n")
+    data = load_faq(path, question_field="frage", answer_field="ANTWORT")
+    assert _pairs(data) == [("Wo?", "Hier.")]
+
+
+def test_custom_field_names_json(tmp_path):
+    doc = [{"q": "Where?", "a": "Here.", "question": "decoy", "answer": "decoy"}]
+    data = load_faq(_write(tmp_path, "faq.json", json.dumps(doc)), question_field="q", answer_field="a")
+    assert _pairs(data) == [("Where?", "Here.")]
+
+
+ALT_KEYS = [("prompt", "completion"), ("instruction", "output"), ("query", "response")]
+
+
+@pytest.mark.parametrize("qkey,akey", ALT_KEYS)
+def test_known_alternative_keys(tmp_path, qkey, akey):
+    data = load_faq(_write(tmp_path, "faq.jsonl", _jsonl({qkey: "q", akey: "a"})))
+    assert _pairs(data) == [("q", "a")]
+
+
+def test_chat_messages_system_and_multi_turn(tmp_path):
+    single = _msgs(("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."))
+    multi = _msgs(("user", "Do you ship?"), ("assistant", "Yes."), ("user", "To Peru?"), ("assistant", "No."))
+    data = load_faq(_write(tmp_path, "chat.jsonl", _jsonl(single, multi)))
+    first, second = data.entries
+    assert first.messages == (("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."))
+    assert (first.question, first.answer) == ("Hi?", "Hello.")
+    assert len(second.messages) == 4
+    assert (second.question, second.answer) == ("To Peru?", "No.")  # the last user turn
+    assert second.as_messages()[2] == {"role": "user", "content": "To Peru?"}
+
+
+@pytest.mark.parametrize("name,text,fmt", [
+    ("a.json", "[]", "json"), ("a.JSONL", "{}", "jsonl"), ("a.csv", "x", "csv"), ("a.ndjson", "{}", "jsonl"),
+    ("a.txt", _jsonl(QA, QA2), "jsonl"),
+    ("a.txt", '[\n  {"question": "q", "answer": "a"}\n]\n', "json"),
+    ("a.txt", '{\n  "questions": []\n}\n', "json"),
+    ("a.txt", "Question,Answer\nq,a\n", "csv"),
+])
+def test_detect_format(name, text, fmt):
+    assert detect_format(Path(name), text) == fmt
+
+
+def test_auto_detects_jsonl_in_txt_file(tmp_path):
+    path = _write(tmp_path, "faq.txt", _jsonl(QA, QA2))
+    assert _pairs(load_faq(path)) == [("q", "a"), ("q2", "a2")]
+
+
+def test_explicit_format_overrides_suffix(tmp_path):
+    path = _write(tmp_path, "faq.data", "question,answer\nq,a\n")
+    assert _pairs(load_faq(path, fmt="csv")) == [("q", "a")]
+    with pytest.raises(DataError, match="unknown format 'xml'"):
+        load_faq(path, fmt="xml")
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("faq.csv", "Question,Answer\nq,a\n"),
+        ("faq.json", '{"questions": [{"question": "q", "answer": "a"}]}'),
+    ],
+)
+def test_utf8_bom_is_accepted(tmp_path, name, text):
+    data = load_faq(_write(tmp_path, name, "\ufeff".encode() + text.encode("utf-8")))
+    assert _pairs(data) == [("q", "a")]
+
+
+def test_exact_duplicates_dropped_and_counted(tmp_path):
+    path = _write(tmp_path, "faq.jsonl", _jsonl(QA, QA2, QA, dict(QA)))
+    data = load_faq(path)
+    assert _pairs(data) == [("q", "a"), ("q2", "a2")]
+    assert data.duplicates_dropped == 2
+    assert len(data.notes) == 1 and "dropped 2" in data.notes[0] and str(path) in data.notes[0]
+
+
+def test_near_duplicates_are_kept(tmp_path):
+    recs = [QA, {"question": "Q", "answer": "a"}, {"question": "q", "answer": "a."},
+            _msgs(("system", "s"), ("user", "q"), ("assistant", "a"))]
+    data = load_faq(_write(tmp_path, "faq.jsonl", _jsonl(*recs)))
+    assert len(data) == 4 and data.duplicates_dropped == 0 and data.notes == []
+
+
+# --- errors: each names the file, the record and the field ------------------------------------
+
+LATIN1 = "Question,Answer\nq,a\nCaf\xe9 open?,Oui\n".encode("latin-1")
+UTF16 = b"\xff\xfe" + '[{"question": "q"}]'.encode("utf-16-le")
+# id: (file name, content, fragments the message must hold besides the path)
+ERROR_CASES = {
+    "missing answer": ("faq.jsonl", _jsonl(QA, QA2, {"question": "q3"}), ["line 3", "'answer'", "missing"]),
+    "missing question": ("faq.json", json.dumps([QA, {"answer": "a2"}]),
+                         ["record 1", "'question'", "missing"]),
+    "blank answer": ("faq.json", json.dumps({"questions": [QA, {"question": "q2", "answer": " \t"}]}),
+                     ["questions[1]", "'answer'", "empty"]),
+    "null answer": ("faq.json", json.dumps([QA, {"question": "q2", "answer": None}]),
+                    ["record 1", "'answer'", "null"]),
+    "number answer": ("faq.jsonl", _jsonl(QA, {"question": "q2", "answer": 42}),
+                      ["line 2", "'answer'", "int"]),
+    "record not object": ("faq.jsonl", _jsonl(QA, 42), ["line 2", "int"]),
+    "bad jsonl line": ("faq.jsonl", _jsonl(QA) + '{"question": "q2", answer}\n', ["line 2", "invalid JSON"]),
+    "bad json doc": ("faq.json", '[\n {"question": "q", "answer": "a"},\n {"question": "q2" "answer": ""}\n]',
+                     ["line 3", "invalid JSON"]),
+    "latin-1 csv": ("faq.csv", LATIN1, ["line 3", "UTF-8"]),
+    "utf-16 bytes": ("faq.json", UTF16, ["line 1", "UTF-8"]),
+    "empty file": ("faq.json", "", ["is empty"]),
+    "blank file": ("faq.csv", "  \n\n", ["is empty"]),
+    "NUL bytes": ("faq.csv", b"Question,Answer\nq,a\x00\n", ["NUL"]),
+    "too many columns": ("faq.csv", "Question,Answer,Class\nq1,a1,c\nq2,a2,c,extra\n",
+                         ["line 3", "4 columns", "header has 3"]),
+    "csv empty answer": ("faq.csv", "Question,Answer\nq1,a1\nq2,\n", ["line 3", "'Answer'", "empty"]),
+    "csv no answer column": ("faq.csv", "Question,Class\nq1,c\n", ["line 2", "'answer'", "missing"]),
+    "unknown role": ("faq.jsonl", _jsonl(_msgs(("user", "q"), ("bot", "a"))),
+                     ["line 1", "'messages[1].role'", "'bot'"]),
+    "ends with user": ("faq.jsonl", _jsonl(QA, _msgs(("assistant", "hi"), ("user", "q"))),
+                       ["line 2", "'messages'", "end with an assistant"]),
+    "late system": ("faq.jsonl", _jsonl(_msgs(("user", "q"), ("system", "s"), ("assistant", "a"))),
+                    ["line 1", "'messages[1].role'", "system"]),
+    "empty content": ("faq.json", json.dumps([_msgs(("user", "q"), ("assistant", ""))]),
+                      ["record 0", "'messages[1].content'", "empty"]),
+    "top-level string": ("faq.json", '"just a string"', ["expected a list of records", "str"]),
+    "top-level number": ("faq.json", "42", ["expected a list of records", "int"]),
+    "no records": ("faq.json", "[]", ["holds no records"]),
+    "header only": ("faq.csv", "Question,Answer\n", ["holds no records"]),
+}
+
+
+@pytest.mark.parametrize("name,content,fragments", list(ERROR_CASES.values()), ids=list(ERROR_CASES))
+def test_invalid_input_raises_data_error(tmp_path, name, content, fragments):
+    path = _write(tmp_path, name, content)
+    with pytest.raises(DataError) as info:
+        load_faq(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_custom_field_missing_names_that_field(tmp_path):
+    path = _write(tmp_path, "faq.csv", "Frage,Text\nq,a\n")
+    with pytest.raises(DataError) as info:
+        load_faq(path, question_field="Frage", answer_field="Antwort")
+    assert (info.value.record, info.value.field) == ("line 2", "Antwort")
+    assert str(path) in str(info.value) and "found: Frage, Text" in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(DataError, match="no such file") as info:
+        load_faq(path)
+    assert info.value.file == str(path) and str(path) in str(info.value)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(DataError, match="directory") as info:
+        load_faq(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+# --- split -------------------------------------------------------------------------------------
+
+
+def _entries(n: int) -> list[FaqEntry]:
+    return [FaqEntry((("user", f"q{i}"), ("assistant", f"a{i}")), f"record {i}") for i in range(n)]
+
+
+def test_split_sizes_disjoint_and_complete():
+    entries = _entries(79)
+    train, evals = split(entries, 0.1, seed=42)
+    assert (len(train), len(evals)) == (71, 8)  # round(79 * 0.1) = 8
+    assert not set(train) & set(evals)
+    assert sorted(train + evals, key=entries.index) == entries
+    assert train == [e for e in entries if e in train]  # input order is kept
+
+
+def test_split_is_deterministic_per_seed():
+    entries = _entries(79)
+    assert split(entries, 0.1, seed=1) == split(list(entries), 0.1, seed=1)
+    assert split(entries, 0.1, seed=1)[1] != split(entries, 0.1, seed=2)[1]
+
+
+SPLIT_SIZES = [(79, 0.0, 0), (10, 0.5, 5), (3, 0.01, 1), (2, 0.9, 1), (1, 0.5, 0)]
+
+
+@pytest.mark.parametrize("n,fraction,n_eval", SPLIT_SIZES)
+def test_split_edge_sizes(n, fraction, n_eval):
+    train, evals = split(_entries(n), fraction, seed=0)
+    assert len(evals) == n_eval and len(train) == n - n_eval
+
+
+# --- bundled and shared reference data ---------------------------------------------------------
+
+
+def test_bundled_faq():
+    path = bundled_faq_path()
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert set(raw) == {"questions"}
+    assert all(set(r) == {"question", "answer"} for r in raw["questions"])
+    data = load_faq(path)
+    assert len(data) >= 80
+    assert len(data) == len({(r["question"].strip(), r["answer"].strip()) for r in raw["questions"]})
+
+
+def _shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"shared reference file {path} not present")
+    return path
+
+
+def test_shared_ecommerce_faq():
+    path = _shared("ecommerce_faq.json")
+    raw = json.loads(path.read_text(encoding="utf-8"))["questions"]
+    data = load_faq(path)
+    assert len(raw) == 79
+    assert len(data) + data.duplicates_dropped == 79
+    assert len(data) == len({(r["question"].strip(), r["answer"].strip()) for r in raw})
+
+
+def test_shared_bank_faq_csv():
+    path = _shared("bank_faq.csv")
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {"Question", "Answer", "Class"}
+    assert len(rows) == 1499  # as documented in shared/data/README.md
+    unique = {(r["Question"].strip(), r["Answer"].strip()) for r in rows}
+    data = load_faq(path)
+    assert len(data) == len(unique)
+    assert data.duplicates_dropped == len(rows) - len(unique) > 0
+    assert data.entries[0].question == rows[0]["Question"].strip()
+
+
+# --- write_jsonl ---------------------------------------------------------------------------------
+
+
+def test_write_jsonl_round_trip(tmp_path):
+    entries = [
+        FaqEntry((("user", 'Is "Café" open?'), ("assistant", "Yes,\nuntil 9 p.m. ✓"))),
+        FaqEntry((("system", "Be brief."), ("user", "q"), ("assistant", "a"))),
+        FaqEntry((("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2"))),
+    ]
+    path = tmp_path / "out" / "nested" / "faq.jsonl"
+    write_jsonl(entries, path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3
+    assert json.loads(lines[0]) == {"question": 'Is "Café" open?', "answer": "Yes,\nuntil 9 p.m. ✓"}
+    assert set(json.loads(lines[1])) == {"messages"}
+    assert [e.messages for e in load_faq(path).entries] == [e.messages for e in entries]

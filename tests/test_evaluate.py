@@ -1,0 +1,185 @@
+"""Evaluation: each metric on hand-made cases, eval-set building and its errors, the report, the forgetting flag."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from faqtune.cli import main
+from faqtune.config import load_config
+from faqtune.errors import DataError
+from faqtune.evaluate import (
+    EvalSet,
+    build_eval_set,
+    forgetting_flagged,
+    is_decline,
+    score_answers,
+    text_perplexity,
+)
+from faqtune.generate import Answer
+from faqtune.run import RunDir
+
+POOL = ["Returns are accepted within 45 days of delivery.",
+        "Standard shipping costs $5.99 and takes 3 to 5 business days.",
+        "You can reset your password from the login page."]
+
+
+def _answer(text, stopped=True, n=10):
+    return Answer(text, stopped, n, 20, raw=text)
+
+
+def test_score_answers_known_values():
+    es = EvalSet(["q1", "q2", "q3"], POOL, POOL, "hand-made")
+    answers = [
+        _answer(POOL[0]),                                      # exactly its own reference
+        _answer(POOL[2]),                                      # another FAQ entry's answer
+        _answer("blah " * 30, stopped=False, n=128),           # never stops
+    ]
+    figures, rows = score_answers(answers, [0.1, 0.2, 0.3], es)
+    assert [r["match"] for r in rows] == [True, False, False]
+    assert figures["answer_accuracy"] == pytest.approx(1 / 3)
+    assert figures["exact_match"] == pytest.approx(1 / 3)
+    assert rows[0]["rouge_l"] == 1.0 and rows[0]["token_f1"] == 1.0
+    assert rows[2]["rouge_l"] == 0.0
+    assert figures["stop_rate"] == pytest.approx(2 / 3)
+    assert figures["mean_answer_tokens"] == pytest.approx((10 + 10 + 128) / 3)
+    assert figures["latency_p50_s"] == pytest.approx(0.2)
+    assert figures["latency_p95_s"] == pytest.approx(0.29)
+    assert figures["tokens_per_second"] == pytest.approx(148 / 0.6)
+    assert figures["template_leaks"] == 0
+
+
+def test_template_leaks_are_counted():
+    es = EvalSet(["q"], POOL[:1], POOL, "x")
+    figures, _ = score_answers([Answer("Fine.", True, 5, 5, raw="Fine.\n<human>: more?")], [0.1], es)
+    assert figures["template_leaks"] == 1
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("I'm sorry, I can only help with questions about Northwind Outfitters orders.", True),
+    ("Sorry, but I can't help with that request.", True),
+    ("I am unable to answer questions outside of our store.", True),
+    ("Returns are accepted within 45 days.", False),
+    ("Our sorry-free guarantee covers all shoes.", False),
+])
+def test_is_decline(text, expected):
+    assert is_decline(text) is expected
+
+
+def test_forgetting_flag():
+    assert forgetting_flagged(10.0, 12.5, 0.2) is True
+    assert forgetting_flagged(10.0, 11.5, 0.2) is False
+    assert forgetting_flagged(10.0, 9.0, 0.0) is False
+
+
+def _run(tmp_path, faq_rows, eval_rows):
+    run = RunDir(tmp_path / "run")
+    (run.root / "data").mkdir(parents=True)
+    faq = tmp_path / "faq.json"
+    faq.write_text(json.dumps({"questions": faq_rows}))
+    for path, rows in ((run.train_split, faq_rows), (run.eval_split, eval_rows)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, {"data.path": str(faq), "output_dir": str(run.root)})
+    return run, cfg
+
+
+ROWS = [{"question": f"Question {i}?", "answer": a} for i, a in enumerate(POOL)]
+
+
+def test_default_eval_set_is_the_held_out_split(tmp_path):
+    run, cfg = _run(tmp_path, ROWS, ROWS[1:2])
+    es = build_eval_set(run, cfg)
+    assert es.questions == ["Question 1?"] and es.references == [POOL[1]]
+    assert set(POOL) <= set(es.pool)
+
+
+def test_questions_paired_by_id_and_by_order(tmp_path):
+    run, cfg = _run(tmp_path, ROWS, [])
+    by_id = tmp_path / "rephrased.jsonl"
+    by_id.write_text('{"id": 2, "question": "forgot pasword"}\n{"id": 0, "question": "send stuff back?"}\n')
+    es = build_eval_set(run, cfg, by_id)
+    assert es.references == [POOL[2], POOL[0]]
+    by_order = tmp_path / "qs.txt"
+    by_order.write_text("first?\nsecond?\n")
+    assert build_eval_set(run, cfg, by_order).references == POOL[:2]
+    with_answers = tmp_path / "qa.csv"
+    with_answers.write_text("Question,Answer\nWhat?,Own answer here.\n")
+    es = build_eval_set(run, cfg, with_answers)
+    assert es.references == ["Own answer here."] and "Own answer here." in es.pool
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"id": 7, "question": "x"}\n', "field 'id'"),
+    ('{"id": "zero", "question": "x"}\n', "field 'id'"),
+    ('{"answer": "x"}\n', "field 'question'"),
+    ('{"question": ""}\n', "field 'question'"),
+    ("".join(f'{{"question": "q{i}"}}\n' for i in range(5)), "more questions than the FAQ"),
+])
+def test_questions_file_errors_name_file_record_field(tmp_path, content, needle):
+    run, cfg = _run(tmp_path, ROWS, [])
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        build_eval_set(run, cfg, path)
+    assert str(path) in str(e.value) and "line " in str(e.value) and needle in str(e.value)
+
+
+def test_no_held_out_split_asks_for_questions(tmp_path):
+    run, cfg = _run(tmp_path, ROWS, [])
+    with pytest.raises(DataError, match="--questions"):
+        build_eval_set(run, cfg)
+
+
+def test_text_perplexity_matches_manual_loss(tiny_base, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    text = "Returns are accepted within 45 days of delivery. Shipping costs $5.99."
+    ids = torch.tensor([tiny_tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert text_perplexity(model, tiny_tokenizer, text, window=512) == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_base, tmp_path_factory):
+    run = tmp_path_factory.mktemp("evalrun") / "run"
+    assert main(["train", "--base", str(tiny_base), "--output", str(run), "--train.max_steps", "2",
+                 "--train.eval_steps", "1", "--lora.r", "4", "--mix", "general:0.2"]) == 0
+    return run
+
+
+def test_training_logs_eval_loss_and_mixes(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r][:2] == [1, 2]
+    mixed = (tiny_run / "data" / "mix.jsonl").read_text().splitlines()
+    train = (tiny_run / "data" / "train.jsonl").read_text().splitlines()
+    assert len(mixed) == round(len(train) * 0.2 / 0.8)
+
+
+def test_eval_cli_writes_the_report(tiny_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", str(tiny_run), "--compare-base", "--limit", "2", "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    assert "Answer accuracy" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["questions_evaluated"] == 2 and report["base"] is not None
+    for key in ("answer_accuracy", "stop_rate", "answer_perplexity", "offtopic_decline_rate", "latency_p95_s"):
+        assert key in report["tuned"] and key in report["base"]
+    md = (out / "report.md").read_text()
+    assert "| answer accuracy |" in md and "## Per question" in md and "## Forgetting" in md
+    for png in ("comparison.png", "loss_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fail_on_forgetting_exit_code(tiny_run, tmp_path, monkeypatch, capsys):
+    values = iter([20.0, 10.0])  # tuned first, then base: perplexity doubled
+    monkeypatch.setattr("faqtune.evaluate.text_perplexity", lambda *a, **k: next(values))
+    code = main(["eval", str(tiny_run), "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "r"),
+                 "--fail-on-forgetting"])
+    assert code == 1
+    assert "forgetting" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["forgetting"]["flagged"] is True
