@@ -60,12 +60,12 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = _f(1e-3, "peak learning rate (the guide's 2e-4 learns too slowly at alpha/r=0.25)")
+    learning_rate: float = _f(2e-3, "peak learning rate (the guide's 2e-4 learns too slowly at alpha/r=0.25)")
     lr_scheduler: str = _f("cosine", "transformers scheduler name: cosine | linear | constant | ...")
     warmup_ratio: float = _f(0.05, "share of the steps spent warming up the learning rate")
     batch_size: int = _f(4, "examples per device per micro-batch (packed into one sequence when packing)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    epochs: float = _f(8.0, "passes over the training data (ignored when max_steps > 0)")
+    epochs: float = _f(10.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = _f(-1, "optimizer steps; > 0 overrides epochs")
     optimizer: str = _f("paged_adamw_8bit", "transformers optim name, e.g. paged_adamw_8bit | adamw_torch")
     weight_decay: float = _f(0.0, "AdamW weight decay")
