@@ -112,16 +112,21 @@ def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def id_tokenizer():
+    """A stand-in tokenizer: the rows are already token ids, so only pad/EOS (id 2) are needed."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eos>": 2}, unk_token="<eos>")),
+                                   eos_token="<eos>", pad_token="<eos>")
+
+
 def run_reference(base: Path, rows, steps: int, warmup: int, out: str) -> dict:
     from reference_recipe import load_reference_model, train_reference
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
 
     _reset_memory()
     model = load_reference_model(str(base))
-    # the reference tokenizes text itself; here it gets the same ids, so only a pad/eos token is needed
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eos>": 2}, unk_token="<eos>")),
-                                  eos_token="<eos>")
+    tok = id_tokenizer()
     timer = StepTimer(warmup)
     ids = [r["input_ids"] for r in rows]
     train_reference(model, tok, None, out, max_steps=steps + warmup, token_rows=ids, callbacks=[timer.callback])
@@ -141,12 +146,7 @@ def run_faqtune(base: Path, rows, steps: int, warmup: int, out: str, batch: int,
                              "train.gradient_accumulation_steps": accum, "train.packing": packing,
                              "train.save_steps": 10_000, "train.eval_steps": 0, "data.eval_fraction": 0})
     model = attach_lora(load_base_model(str(base), cfg), cfg)
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
-
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eos>": 2}, unk_token="<eos>")),
-                                  eos_token="<eos>", pad_token="<eos>")
-    trainer = _build_trainer(cfg, RunDir(out), model, tok, TokenizedSplit(rows), TokenizedSplit([]))
+    trainer = _build_trainer(cfg, RunDir(out), model, id_tokenizer(), TokenizedSplit(rows), TokenizedSplit([]))
     timer = StepTimer(warmup)
     trainer.add_callback(timer.callback)
     trainer.train()

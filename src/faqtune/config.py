@@ -60,7 +60,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = _f(2e-3, "peak learning rate (the guide's 2e-4 learns too slowly at alpha/r=0.25)")
+    learning_rate: float = _f(4e-3, "peak learning rate (the guide's 2e-4 learns too slowly at alpha/r=0.25)")
     lr_scheduler: str = _f("cosine", "transformers scheduler name: cosine | linear | constant | ...")
     warmup_ratio: float = _f(0.05, "share of the steps spent warming up the learning rate")
     batch_size: int = _f(4, "examples per device per micro-batch (packed into one sequence when packing)")
