@@ -1,0 +1,110 @@
+"""Training internals: the answer-only loss, optimizer and dtype choices, data mixing, 8-bit mode."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from faqtune import models
+from faqtune.config import load_config
+from faqtune.errors import ConfigError
+from faqtune.prompting import encode_conversation
+from faqtune.train import FaqTrainer, mix_entries, resolve_optimizer
+
+
+def test_answer_only_loss_equals_full_cross_entropy(tiny_base, tiny_tokenizer):
+    """Projecting only answer positions through the LM head must not change the loss."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    convs = [[{"role": "user", "content": f"Where is order {i}?"},
+              {"role": "assistant", "content": "It ships in two days. " * (i + 1)}] for i in range(3)]
+    rows = []
+    for c in convs:
+        enc = encode_conversation(tiny_tokenizer, c, 512)
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    for padding_free in (False, True):
+        batch = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.eos_token_id,
+                                                padding_free=padding_free)(rows)
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+        with torch.no_grad():
+            full = model(**batch, use_cache=False).loss
+            fake = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False),
+                                   _metrics=defaultdict(lambda: defaultdict(list)))
+            ours = FaqTrainer.compute_loss(fake, model, dict(batch))
+        assert torch.allclose(full, ours, atol=1e-5), (padding_free, full, ours)
+        assert 0 <= fake._metrics["eval"]["mean_token_accuracy"][0] <= 1
+
+
+def test_paged_optimizer_falls_back_on_cpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    assert resolve_optimizer("paged_adamw_8bit") == "adamw_torch_fused"
+    assert "adamw_torch_fused" in capsys.readouterr().err
+    assert resolve_optimizer("adamw_8bit") == "adamw_8bit"  # an explicit non-paged choice is kept
+    assert resolve_optimizer("adamw_torch") == "adamw_torch"
+
+
+@pytest.mark.parametrize("bf16_seconds,expected", [(0.001, torch.bfloat16), (0.01, torch.float32)])
+def test_auto_compute_dtype_is_measured_and_cached(tmp_path, monkeypatch, bf16_seconds, expected):
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    monkeypatch.setenv("FAQTUNE_HOME", str(tmp_path))
+    models.cpu_bf16_is_fast.cache_clear()
+    monkeypatch.setattr(models, "_matmul_seconds", lambda dtype, reps=5: bf16_seconds if dtype == torch.bfloat16
+                        else 0.004)
+    try:
+        assert models.resolve_compute_dtype("auto") == expected
+        cached = json.loads((tmp_path / "hardware.json").read_text())
+        assert list(cached.values())[0]["bf16_fast"] is (expected == torch.bfloat16)
+    finally:
+        models.cpu_bf16_is_fast.cache_clear()
+    assert models.resolve_compute_dtype("fp32") == torch.float32
+
+
+def test_fp16_is_refused_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        models.resolve_compute_dtype("fp16")
+
+
+def test_bnb_config_is_built_in_one_place():
+    cfg = load_config(None, {"quantization.quant_type": "fp4", "quantization.double_quant": "false",
+                             "quantization.compute_dtype": "fp32"})
+    bnb = models.build_bnb_config(cfg.quantization)
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "fp4" and not bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.float32
+    assert models.build_bnb_config(load_config(None, {"quantization.mode": "none"}).quantization) is None
+    assert models.build_bnb_config(load_config(None, {"quantization.mode": "8bit"}).quantization).load_in_8bit
+    lora = models.build_lora_config(load_config(None, {"lora.target_modules": "q_proj,v_proj"}).lora)
+    assert set(lora.target_modules) == {"q_proj", "v_proj"} and lora.r == 64 and lora.lora_alpha == 16
+
+
+def test_mix_share_is_deterministic():
+    cfg = load_config(None, {"data.mix": "general:0.2"})
+    a, b = mix_entries(cfg, 80), mix_entries(cfg, 80)
+    assert len(a) == 20 and a == b
+    more = mix_entries(load_config(None, {"data.mix": "general:0.75"}), 80)
+    assert len(more) == 240  # the 120 bundled examples are repeated rather than under-weighted
+
+
+def test_bad_mix_spec_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.mix"):
+        load_config(None, {"data.mix": "general:1.5"})
+
+
+def test_nf4_double_quant_storage(tiny_base):
+    """The 4-bit base really is NF4 with double quantization (bits per parameter near 4.127 + block overhead)."""
+    import bitsandbytes as bnb
+
+    cfg = load_config(None, {"quantization.compute_dtype": "fp32"})
+    model = models.load_base_model(str(tiny_base), cfg)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert all(m.weight.quant_state.nested for m in layers)
