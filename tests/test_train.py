@@ -108,3 +108,35 @@ def test_nf4_double_quant_storage(tiny_base):
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
     assert all(m.weight.quant_state.nested for m in layers)
+
+
+def test_evaluation_during_training_keeps_4bit_layers_differentiable(tiny_base, tmp_path, monkeypatch):
+    """bitsandbytes repacks 4-bit weights for CPU inference in eval mode, cutting the backward pass; training
+    with held-out evaluations must keep every 4-bit layer in its trainable layout."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    import faqtune.train as train_mod
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            seen.append(any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers))
+            seen.append(all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n))
+
+    cfg = load_config(None, {"base_model": str(tiny_base), "output_dir": str(tmp_path / "run"),
+                             "train.max_steps": 4, "train.eval_steps": 1, "lora.r": 4})
+    original = train_mod._build_trainer
+
+    def with_probe(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(Probe())
+        return trainer
+
+    monkeypatch.setattr(train_mod, "_build_trainer", with_probe)
+    train_mod.train(cfg)
+    assert len(seen) == 8
+    assert seen[0::2] == [False] * 4  # never repacked for inference, even after evaluations
+    assert all(seen[1::2])

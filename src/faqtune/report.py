@@ -88,11 +88,13 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
     xs = range(len(BAR_KEYS))
     width = 0.38 if base else 0.6
     if base:
-        ax.bar([x - width / 2 for x in xs], base, width, label="base", color="#9aa5b1")
-    ax.bar([x + (width / 2 if base else 0) for x in xs], tuned, width, label="tuned", color="#2f6fdf")
+        bars = ax.bar([x - width / 2 for x in xs], base, width, label="base", color="#9aa5b1")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    bars = ax.bar([x + (width / 2 if base else 0) for x in xs], tuned, width, label="tuned", color="#2f6fdf")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
