@@ -140,3 +140,14 @@ def test_evaluation_during_training_keeps_4bit_layers_differentiable(tiny_base, 
     assert len(seen) == 8
     assert seen[0::2] == [False] * 4  # never repacked for inference, even after evaluations
     assert all(seen[1::2])
+
+
+def test_8bit_mode_trains_and_answers(tiny_base, tmp_path, capsys):
+    from faqtune.cli import main
+
+    run = tmp_path / "run8"
+    assert main(["train", "--base", str(tiny_base), "--output", str(run), "--quantization.mode", "8bit",
+                 "--train.max_steps", "2", "--lora.r", "4", "--train.eval_steps", "0"]) == 0
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert "mode: 8bit" in (run / "config.yaml").read_text()
+    assert main(["ask", str(run), "How do I return an item?", "--max-new-tokens", "4"]) == 0
