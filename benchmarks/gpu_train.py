@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -78,28 +79,22 @@ def example_rows(vocab: int, n: int = 88) -> list[dict[str, list[int]]]:
         return rows
 
 
-class StepTimer:
-    """A TrainerCallback that times optimizer steps after a warm-up."""
+class StepTimer(TrainerCallback):
+    """Times optimizer steps after a warm-up (synchronizing the GPU around each step)."""
 
     def __init__(self, warmup: int):
-        from transformers import TrainerCallback
-
         self.warmup, self.times, self._t = warmup, [], None
-        outer = self
 
-        class _CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                outer._t = time.perf_counter()
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kw):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                if state.global_step > outer.warmup:
-                    outer.times.append(time.perf_counter() - outer._t)
-
-        self.callback = _CB()
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if state.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._t)
 
 
 def _reset_memory():
@@ -129,7 +124,7 @@ def run_reference(base: Path, rows, steps: int, warmup: int, out: str) -> dict:
     tok = id_tokenizer()
     timer = StepTimer(warmup)
     ids = [r["input_ids"] for r in rows]
-    train_reference(model, tok, None, out, max_steps=steps + warmup, token_rows=ids, callbacks=[timer.callback])
+    train_reference(model, tok, None, out, max_steps=steps + warmup, token_rows=ids, callbacks=[timer])
     per_step_tokens = 4 * sum(map(len, ids)) / len(ids)
     del model
     return {"tokens_per_s": per_step_tokens * len(timer.times) / sum(timer.times), "peak_gib": _peak_gib()}
@@ -148,7 +143,7 @@ def run_faqtune(base: Path, rows, steps: int, warmup: int, out: str, batch: int,
     model = attach_lora(load_base_model(str(base), cfg), cfg)
     trainer = _build_trainer(cfg, RunDir(out), model, id_tokenizer(), TokenizedSplit(rows), TokenizedSplit([]))
     timer = StepTimer(warmup)
-    trainer.add_callback(timer.callback)
+    trainer.add_callback(timer)
     trainer.train()
     per_step_tokens = batch * accum * sum(len(r["input_ids"]) for r in rows) / len(rows)
     del trainer, model

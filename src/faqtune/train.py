@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from faqtune import data as data_mod
 from faqtune.config import FaqtuneConfig, parse_mix
@@ -173,8 +173,6 @@ def resolve_optimizer(name: str) -> str:
 
 
 def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool):
-    from trl import SFTConfig
-
     t = cfg.train
     on_gpu = torch.cuda.is_available()
     compute = resolve_compute_dtype(cfg.quantization.compute_dtype)
@@ -288,6 +286,7 @@ def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
+
     args = _training_args(cfg, run, has_eval=bool(eval_tok.rows))
     trainer = FaqTrainer(
         model=model,
