@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from faqtune.grounding import cite
+
 HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
 
 
@@ -33,7 +35,10 @@ def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int =
         if question == "/help":
             print(HELP, file=sys.stderr)
             continue
-        answer = bot.ask(question, history[-max_turns:])[0].text
+        reply = bot.ask(question, history[-max_turns:])[0]
+        answer = reply.text
         print(("bot> " if interactive else "") + answer, file=stdout, flush=True)
+        if interactive and cite(reply):
+            print(cite(reply), file=sys.stderr)
         history.append((question, answer))
     return 0

@@ -137,18 +137,39 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _answerer(run_dir: str, args: argparse.Namespace, base_only: bool = False):
-    from faqtune.generate import Answerer
+    from faqtune.grounding import make_answerer
     from faqtune.models import load_for_inference
 
     cfg = _run_config(run_dir, args)
     model, tokenizer, cfg = load_for_inference(run_dir, base_only=base_only, cfg=cfg)
-    return Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+    return make_answerer(run_dir, model, tokenizer, cfg, grounded=not args.no_grounding)
 
 
 def cmd_ask(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.grounding import cite
+
     bot = _answerer(args.run_dir, args, base_only=args.base_only)
     answers = bot.ask(args.question)
     print("\n\n".join(a.text for a in answers))
+    sources = [cite(a) for a in answers]
+    if any(sources):  # stderr: stdout stays the answer alone, for piping
+        print("\n".join(dict.fromkeys(s for s in sources if s)), file=sys.stderr)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.config import load_config
+    from faqtune.data import load_faq
+    from faqtune.grounding import build_index
+
+    overrides: dict[str, object] = {"grounding.embedder": args.embedder} if args.embedder else {}
+    if args.threshold is not None:
+        overrides["grounding.threshold"] = args.threshold
+    cfg = load_config(None, overrides)
+    faq = load_faq(args.faq)
+    index = build_index(args.out, faq.entries, cfg)
+    print(f"indexed {len(index)} entries of {args.faq} into {args.out} with {index.embedder} "
+          f"(declines below similarity {index.threshold:.3f})")
     return 0
 
 
@@ -189,12 +210,23 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.serve import ServeLimits, serve
+
+    names = ("queue_size", "max_batch_size", "max_body_bytes", "max_messages", "max_tokens_cap")
+    limits = ServeLimits(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    return serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] = {
     "train": (cmd_train, "fine-tune a LoRA adapter on an FAQ (QLoRA, 4-bit base)"),
     "ask": (cmd_ask, "answer one question with a trained run"),
     "chat": (cmd_chat, "interactive chat with a trained run (reads piped stdin too)"),
     "eval": (cmd_eval, "measure answers, stops, declines and forgetting, base vs tuned; write a report"),
+    "index": (cmd_index, "build or rebuild the retrieval index of an FAQ (e.g. into RUN_DIR/index after "
+                         "adding entries: no retraining needed for them to be found)"),
     "demo": (cmd_demo, "train on the bundled FAQ and compare base vs tuned answers"),
+    "serve": (cmd_serve, "serve runs over an OpenAI-compatible HTTP API, with a chat page"),
 }
 
 
@@ -221,7 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ask":
             p.add_argument("question")
         p.add_argument("--base-only", action="store_true", help="answer with the untuned base model")
+        p.add_argument("--no-grounding", action="store_true",
+                       help="answer without retrieved FAQ entries (a run trained with grounding expects them)")
         _add_gen_flags(p)
+
+    p = parsers["index"]
+    p.add_argument("faq", help="FAQ file: JSON, JSONL or CSV")
+    p.add_argument("--out", required=True, help="index folder (a run's RUN_DIR/index to update the run)")
+    p.add_argument("--embedder", help="sentence-embedding model: alias, id or folder [default: all-MiniLM-L6-v2]")
+    p.add_argument("--threshold", type=float, help="decline below this similarity [default: calibrated]")
 
     p = parsers["eval"]
     p.add_argument("run_dir", help="a run directory written by `faqtune train`")
@@ -241,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["demo"]
     p.add_argument("--output", default="runs/demo", help="run directory of the demo [default: runs/demo]")
     p.add_argument("--retrain", action="store_true", help="train again even if the run already exists")
+
+    p = parsers["serve"]
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="runs to serve, each by its folder's name or as NAME=RUN_DIR; all share one base model, "
+                        "which is served too")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1, this machine]")
+    p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ [default: $FAQTUNE_API_KEY]")
+    p.add_argument("--queue-size", type=int, help="requests that may wait for the model; more get 429 [default: 64]")
+    p.add_argument("--max-batch-size", type=int, help="requests answered together in one batch [default: 8]")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 [default: 1000000]")
+    p.add_argument("--max-messages", type=int, help="messages per request [default: 64]")
+    p.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask for [default: 1024]")
     return parser
 
 

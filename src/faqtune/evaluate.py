@@ -225,7 +225,15 @@ def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[s
     off_answers, _ = answer_all(bot, offtopic)
     figures["offtopic_decline_rate"] = sum(is_decline(a.text) for a in off_answers) / len(off_answers)
     figures["false_decline_rate"] = sum(is_decline(a.text) for a in answers) / max(1, len(answers))
-    return {"figures": figures, "rows": rows, "offtopic": [a.text for a in off_answers]}
+    for row, a in zip(rows, answers, strict=True):
+        row["source"] = a.source
+    # a citation is right when the cited entry's answer is the reference
+    cited = [(a.source["id"], ref) for a, ref in zip(answers, es.references, strict=True) if a.source]
+    right = None
+    if cited and getattr(bot, "index", None) is not None:
+        texts = bot.index.answers([i for i, _ in cited])
+        right = sum(texts.get(i) == ref for i, ref in cited) / len(cited)
+    return {"figures": figures, "rows": rows, "offtopic": [a.text for a in off_answers], "citations_right": right}
 
 
 def _forgetting_side(bot: Answerer, model, tokenizer) -> dict[str, Any]:
@@ -244,11 +252,47 @@ def forgetting_flagged(base_ppl: float, tuned_ppl: float, threshold: float) -> b
     return tuned_ppl / base_ppl - 1 > threshold
 
 
+def _accuracy(answers: list[Answer], es: EvalSet) -> float:
+    return sum(matches_own_answer(a.text, ref, es.pool) for a, ref in zip(answers, es.references, strict=True)) / max(
+        1, len(answers))
+
+
+def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: list[str],
+                           tuned: dict[str, Any]) -> dict[str, Any]:
+    """(a) the tuned model without grounding, (b) retrieval alone (top-1 answer verbatim), (c) tuned +
+    grounded (the `tuned` figures already measured), with off-topic and false decline rates."""
+    from faqtune.grounding import retrieval_only
+
+    plain = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+    ungrounded = plain.ask_many(es.questions)
+    top1 = retrieval_only(bot.index, es.questions)
+    gated = retrieval_only(bot.index, es.questions, bot.threshold, cfg.grounding.decline_message)
+    gated_off = retrieval_only(bot.index, offtopic, bot.threshold, cfg.grounding.decline_message)
+    f = tuned["figures"]
+    return {
+        "threshold": bot.threshold,
+        "tuned_without_grounding": {"answer_accuracy": _accuracy(ungrounded, es),
+                                    "false_decline_rate": sum(is_decline(a.text) for a in ungrounded) / max(
+                                        1, len(ungrounded))},
+        "retrieval_only": {"answer_accuracy": _accuracy(top1, es),
+                           "answer_accuracy_with_threshold": _accuracy(gated, es),
+                           "offtopic_decline_rate": sum(a.declined for a in gated_off) / max(1, len(offtopic)),
+                           "false_decline_rate": sum(a.declined for a in gated) / max(1, len(gated))},
+        "tuned_grounded": {k: f[k] for k in ("answer_accuracy", "offtopic_decline_rate", "false_decline_rate")},
+        "citations_right": tuned["citations_right"],
+    }
+
+
 def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopic: list[str],
-                 forgetting_threshold: float) -> dict[str, Any]:
-    """The whole evaluation of a loaded base+adapter (PeftModel); base figures via disable_adapter()."""
-    bot = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+                 forgetting_threshold: float, bot: Answerer | None = None) -> dict[str, Any]:
+    """The whole evaluation of a loaded base+adapter (PeftModel); base figures via disable_adapter().
+
+    `bot` answers (default: a plain Answerer); a GroundedAnswerer adds the grounding side-by-side figures.
+    """
+    bot = bot or Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
     tuned = _measure_side(bot, model, tokenizer, es, offtopic, cfg)
+    grounding = grounding_side_by_side(bot, model, tokenizer, cfg, es, offtopic, tuned) if hasattr(
+        bot, "index") else None
     tuned_forget = _forgetting_side(bot, model, tokenizer)
     with model.disable_adapter():
         base = _measure_side(bot, model, tokenizer, es, offtopic, cfg) if compare_base else None
@@ -268,6 +312,7 @@ def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopi
         "offtopic_questions": len(offtopic),
         "tuned": tuned["figures"],
         "base": base["figures"] if base else None,
+        "grounding": grounding,
         "forgetting": {
             "base": {k: v for k, v in base_forget.items() if k != "general_answers"},
             "tuned": {k: v for k, v in tuned_forget.items() if k != "general_answers"},

@@ -17,6 +17,8 @@ class Answer:
     new_tokens: int
     prompt_tokens: int
     raw: str = ""  # the generated text before cleaning (special tokens kept), to count template leaks
+    source: dict | None = None  # grounding: {"id", "question", "score"} of the FAQ entry it came from
+    declined: bool = False  # grounding: no FAQ entry was close enough, so the bot declined
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:

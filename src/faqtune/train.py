@@ -250,6 +250,8 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     if mixed:
         data_mod.write_jsonl(mixed, run.mix_split)
         _say(f"data: mixing in {len(mixed)} general example(s) from {', '.join(cfg.data.mix)}")
+    if cfg.grounding.mode == "retrieval":
+        train_entries, eval_entries = _ground(cfg, run, faq.entries, train_entries, eval_entries)
 
     base = resolve_base(cfg.base_model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
@@ -280,6 +282,20 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     if eval_tok.rows:
         trainer.evaluate()
     return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last)
+
+
+def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train_entries, eval_entries):
+    """Index the whole FAQ in the run and put retrieved entries into the training prompts."""
+    from faqtune.grounding import INDEX_DIR, build_index, ground_entries
+
+    started = time.time()
+    index = build_index(run.root / INDEX_DIR, faq, cfg, seed=cfg.data.seed)
+    position = {id(e): i for i, e in enumerate(faq)}
+    _say(f"grounding: indexed {len(faq)} entries in {time.time() - started:.1f}s "
+         f"(decline below similarity {index.threshold:.3f})")
+    grounded = [ground_entries(index, split, [position[id(e)] for e in split], cfg, seed=cfg.data.seed + k)
+                for k, split in enumerate((train_entries, eval_entries))]
+    return grounded[0], grounded[1]
 
 
 def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):

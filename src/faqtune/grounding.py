@@ -1,0 +1,210 @@
+"""Grounded answers: the retrieved FAQ entries go into the prompt, at training and at inference.
+
+Training (`ground_entries`) shows each question with its top-k retrieved entries -- the right one at a
+random place among real distractors, or withheld with a decline as the target -- so the model learns to
+answer from the entries and to say so when none fits. Inference (`GroundedAnswerer`) retrieves for each
+question, declines below the run's calibrated similarity threshold, and cites the entry it answered from.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+
+from faqtune.config import FaqtuneConfig, GenerationConfig
+from faqtune.data import FaqEntry
+from faqtune.generate import Answer, Answerer
+from faqtune.metrics import rouge_l
+from faqtune.retrieval import FaqIndex, Hit
+
+INDEX_DIR = "index"  # inside a run directory
+INSTRUCTION = "Answer the customer's question from the FAQ entries above. If none of them answers it, say so."
+_STOPWORDS = set(
+    "a an the i me my we our you your is are am was were be been do does did can could would should will "
+    "how what when where which who why to of in on for with at by from it its this that there if or and "
+    "have has had get please any some".split()
+)
+
+
+def grounded_question(question: str, hits: list[Hit]) -> str:
+    """The user turn the model sees: the entries, the instruction, then the customer's question."""
+    shown = "\n\n".join(f"[{i}] Q: {h.question}\nA: {h.answer}" for i, h in enumerate(hits, 1))
+    return f"FAQ entries:\n{shown}\n\n{INSTRUCTION}\nQuestion: {question}"
+
+
+# --- question noise: realistic customer spellings of an FAQ question (training and calibration) -----------
+
+def keywords(question: str) -> str:
+    words = re.findall(r"[\w'-]+", question.lower())
+    kept = [w for w in words if w not in _STOPWORDS]
+    return " ".join(kept or words)
+
+
+def typo(question: str, rng: random.Random) -> str:
+    words = question.split()
+    long = [i for i, w in enumerate(words) if len(w) > 3]
+    if not long:
+        return question
+    i = rng.choice(long)
+    w = words[i]
+    j = rng.randrange(1, len(w) - 1)
+    words[i] = w[:j] + w[j + 1:] if rng.random() < 0.5 else w[:j - 1] + w[j] + w[j - 1] + w[j + 1:]
+    return " ".join(words)
+
+
+def casual(question: str) -> str:
+    return re.sub(r"[?.!]+$", "", question.strip()).lower()
+
+
+def noisy(question: str, rng: random.Random) -> str:
+    """One of: keywords only, a typo, lower case without punctuation (or two of them)."""
+    style = rng.randrange(4)
+    if style == 0:
+        return keywords(question)
+    if style == 1:
+        return typo(question, rng)
+    if style == 2:
+        return casual(question)
+    return typo(casual(question), rng)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg: FaqtuneConfig,
+                   seed: int) -> list[FaqEntry]:
+    """Training conversations with retrieved entries in the prompt (see the module docstring).
+
+    Only single-turn Q/A entries are grounded; multi-turn conversations are kept as they are.
+    """
+    g = cfg.grounding
+    rng = random.Random(seed)
+    single = [(e, i) for e, i in zip(entries, ids, strict=True) if len(e.messages) == 2 or
+              (len(e.messages) == 3 and e.messages[0][0] == "system")]
+    asked = [noisy(e.question, rng) if rng.random() < g.noisy_share else e.question for e, _ in single]
+    found = index.search_many(asked, k=g.top_k + 1, hybrid=g.hybrid)
+    out = [e for e in entries if all(e is not s for s, _ in single)]
+    for (entry, own_id), question, hits in zip(single, asked, found, strict=True):
+        others = [h for h in hits if h.id != own_id]
+        if rng.random() < g.absent_share:
+            shown, target = others[:g.top_k], g.decline_message
+        else:
+            own = next((h for h in hits if h.id == own_id), None) or Hit(own_id, entry.question, entry.answer, 1.0)
+            shown = others[:g.top_k - 1]
+            shown.insert(rng.randrange(len(shown) + 1), own)
+            target = entry.answer
+        messages = tuple(m for m in entry.messages if m[0] == "system")
+        messages += (("user", grounded_question(question, shown)), ("assistant", target))
+        out.append(FaqEntry(messages, entry.record))
+    return out
+
+
+def _packaged(name: str) -> Path:
+    return Path(str(resources.files("faqtune") / "data" / name))
+
+
+def calibrate(index: FaqIndex, entries: list[FaqEntry], seed: int, off_topic: list[str] | None = None) -> float:
+    """The decline threshold: separates noisy spellings of the FAQ's own questions (in scope) from a
+    bundled set of off-topic questions kept apart from the evaluation's off-topic set."""
+    from faqtune.retrieval import calibrate_threshold
+
+    rng = random.Random(seed)
+    in_scope = [noisy(e.question, rng) for e in entries] + [keywords(e.question) for e in entries]
+    if off_topic is None:
+        off_topic = [q.strip() for q in _packaged("offtopic_calibration.txt").read_text(encoding="utf-8").splitlines()
+                     if q.strip()]
+    return calibrate_threshold(index, in_scope, off_topic)
+
+
+def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, seed: int = 0) -> FaqIndex:
+    """Index `entries` (ids = FAQ positions) and store the threshold: the configured one, else calibrated."""
+    index = FaqIndex.build(entries, root, cfg.grounding.embedder)
+    threshold = cfg.grounding.threshold
+    index.set_threshold(calibrate(index, entries, seed) if threshold is None else threshold)
+    return index
+
+
+# --- inference --------------------------------------------------------------------------------------------
+
+class GroundedAnswerer(Answerer):
+    """An Answerer that retrieves for the last user turn, declines below the threshold, and cites."""
+
+    def __init__(self, model, tokenizer, gen: GenerationConfig, system_prompt: str | None, index: FaqIndex,
+                 cfg: FaqtuneConfig):
+        super().__init__(model, tokenizer, gen, system_prompt)
+        self.index, self.grounding = index, cfg.grounding
+        self.threshold = cfg.grounding.threshold if cfg.grounding.threshold is not None else index.threshold
+
+    def retrieve(self, question: str) -> list[Hit]:
+        return self.index.search(question, k=self.grounding.top_k, hybrid=self.grounding.hybrid)
+
+    def decline(self) -> Answer:
+        return Answer(self.grounding.decline_message, True, 0, 0, self.grounding.decline_message, None, True)
+
+    def answer_batch(self, conversations: list[list[dict[str, str]]],
+                     gen: GenerationConfig | None = None) -> list[list[Answer]]:
+        gen = gen or self.gen
+        questions = [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in conversations]
+        found = self.index.search_many(questions, k=self.grounding.top_k, hybrid=self.grounding.hybrid)
+        out: list[list[Answer] | None] = [None] * len(conversations)
+        todo = []
+        for i, (conv, question, hits) in enumerate(zip(conversations, questions, found, strict=True)):
+            if not hits or hits[0].score < self.threshold:
+                out[i] = [self.decline() for _ in range(gen.num_return_sequences)]
+                continue
+            last = max(j for j, m in enumerate(conv) if m["role"] == "user")
+            grounded = [dict(m) for m in conv]
+            grounded[last]["content"] = grounded_question(question, hits)
+            todo.append((i, grounded, hits))
+        if todo:
+            generated = super().answer_batch([g for _, g, _ in todo], gen)
+            for (i, _, hits), group in zip(todo, generated, strict=True):
+                out[i] = [self._cite(a, hits) for a in group]
+        return out  # type: ignore[return-value]
+
+    def _cite(self, answer: Answer, hits: list[Hit]) -> Answer:
+        """The entry the answer came from: the shown entry its text overlaps most (None for a decline)."""
+        overlap = [rouge_l(answer.text, h.answer) for h in hits]
+        best = max(range(len(hits)), key=overlap.__getitem__)
+        if overlap[best] < 0.3 and rouge_l(answer.text, self.grounding.decline_message) >= 0.5:
+            return replace(answer, source=None, declined=True)
+        return replace(answer, source={**hits[best].citation(), "overlap": round(overlap[best], 4)})
+
+
+def open_run_index(run_root: str | Path) -> FaqIndex | None:
+    """The run's index when it was trained with grounding, else None."""
+    root = Path(run_root) / INDEX_DIR
+    return FaqIndex(root) if (root / "index.json").exists() else None
+
+
+def make_answerer(run_root: str | Path, model, tokenizer, cfg: FaqtuneConfig, grounded: bool = True) -> Answerer:
+    """The run's answerer: grounded when the run was trained with retrieval (and `grounded`), else plain."""
+    index = open_run_index(run_root) if grounded and cfg.grounding.mode == "retrieval" else None
+    if index is None:
+        return Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+    return GroundedAnswerer(model, tokenizer, cfg.generation, cfg.data.system_prompt, index, cfg)
+
+
+def retrieval_only(index: FaqIndex, questions: list[str], threshold: float | None = None,
+                   decline: str = "") -> list[Answer]:
+    """Baseline (b): the top-1 entry's answer verbatim (a decline below `threshold` when given)."""
+    out = []
+    for hits in index.search_many(questions, k=1):
+        top = hits[0] if hits else None
+        if top is None or (threshold is not None and top.score < threshold):
+            out.append(Answer(decline, True, 0, 0, decline, None, True))
+        else:
+            out.append(Answer(top.answer, True, 0, 0, top.answer, top.citation()))
+    return out
+
+
+def cite(answer) -> str:
+    """One line naming the FAQ entry an answer came from (or why there is none)."""
+    if answer.declined:
+        return "source: none (no FAQ entry fits; declined)"
+    if answer.source is None:
+        return ""
+    s = answer.source
+    return f"source: FAQ entry #{s['id']} \"{s['question']}\" (similarity {s['score']:.2f})"

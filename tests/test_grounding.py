@@ -1,0 +1,150 @@
+"""Retrieval and grounding: the LanceDB index, noisy questions, grounded training examples, the answerer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from faqtune import data as data_mod
+from faqtune.config import load_config
+from faqtune.errors import FaqtuneError
+from faqtune.grounding import (
+    GroundedAnswerer,
+    build_index,
+    casual,
+    ground_entries,
+    grounded_question,
+    keywords,
+    noisy,
+    retrieval_only,
+    typo,
+)
+from faqtune.retrieval import FaqIndex, embedder_path
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return data_mod.load_faq(data_mod.bundled_faq_path()).entries
+
+
+@pytest.fixture(scope="module")
+def index(bundled, tmp_path_factory):
+    return build_index(tmp_path_factory.mktemp("index"), bundled, load_config(None))
+
+
+def test_embedded_embedder_is_found_offline_in_its_wheel():
+    path = embedder_path("all-MiniLM-L6-v2")
+    assert path.endswith("model") and (__import__("pathlib").Path(path) / "model.safetensors").exists()
+    assert embedder_path("/some/folder") == "/some/folder"  # anything else is passed through
+
+
+def test_index_finds_each_entry_by_its_own_question(index, bundled):
+    hits = index.search_many([e.question for e in bundled], k=3)
+    assert len(index) == len(bundled)
+    assert sum(h[0].id == i for i, h in enumerate(hits)) == len(bundled)
+    assert all(h[0].score > 0.4 and h[0].score >= h[1].score for h in hits)
+    assert hits[5][0].citation() == {"id": 5, "question": bundled[5].question, "score": round(hits[5][0].score, 4)}
+
+
+def test_index_reopens_from_disk_with_its_threshold(index):
+    again = FaqIndex(index.root)
+    assert again.threshold == index.threshold and 0.1 < again.threshold < 0.9
+    assert again.search("forgot my password")[0].question == index.search("forgot my password")[0].question
+
+
+def test_index_answers_lookup(index, bundled):
+    assert index.answers([3, 7]) == {3: bundled[3].answer, 7: bundled[7].answer}
+
+
+def test_rephrased_questions_mostly_find_their_entry(index):
+    rows = [json.loads(line) for line in
+            (data_mod.bundled_faq_path().parent / "ecommerce_faq_rephrased.jsonl").read_text().splitlines()]
+    hits = index.search_many([r["question"] for r in rows], k=3)
+    top3 = sum(r["id"] in [h.id for h in found] for r, found in zip(rows, hits, strict=True)) / len(rows)
+    assert top3 > 0.85  # measured 0.93 with all-MiniLM-L6-v2 (question and answer vectors)
+
+
+def test_threshold_separates_offtopic_from_faq_questions(index):
+    from faqtune.evaluate import read_offtopic
+
+    offtopic = read_offtopic(None)  # the evaluation's set: never used for calibration
+    declined = sum(h[0].score < index.threshold for h in index.search_many(offtopic, k=1)) / len(offtopic)
+    assert declined >= 0.8
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(FaqtuneError, match="holds no FAQ index"):
+        FaqIndex(tmp_path)
+
+
+def test_noise_styles_are_deterministic_and_realistic():
+    q = "How do I reset my password?"
+    assert keywords(q) == "reset password"
+    assert casual(q) == "how do i reset my password"
+    t = typo(q, random.Random(1))
+    assert t != q and len(t.split()) == len(q.split())
+    assert sum(a != b for a, b in zip(t.split(), q.split(), strict=True)) == 1
+    assert noisy(q, random.Random(3)) == noisy(q, random.Random(3))
+
+
+def test_grounded_training_examples_hide_the_right_entry_for_declines(index, bundled):
+    cfg = load_config(None, {"grounding.absent_share": "0.3", "grounding.top_k": "3"})
+    ids = list(range(40))
+    out = ground_entries(index, bundled[:40], ids, cfg, seed=0)
+    assert len(out) == 40
+    declines = [e for e in out if e.answer == cfg.grounding.decline_message]
+    answered = [e for e in out if e.answer != cfg.grounding.decline_message]
+    assert 5 <= len(declines) <= 20
+    for e, own in zip(out, bundled[:40], strict=True):
+        prompt = e.question
+        assert prompt.count("\nA: ") == 3 and prompt.endswith("Question: " + prompt.rsplit("Question: ", 1)[1])
+        shows_own = f"A: {own.answer}" in prompt
+        assert shows_own == (e.answer == own.answer)  # the right entry is shown iff the target is its answer
+    positions = {e.question.split("\n\n").index(next(p for p in e.question.split("\n\n") if own.answer in p))
+                 for e, own in zip(out, bundled[:40], strict=True) if e in answered}
+    assert len(positions) > 1  # the right entry is not always first
+
+
+def test_grounded_question_lists_entries_then_the_question(index):
+    hits = index.search("gift card balance", k=2)
+    text = grounded_question("gift card balance", hits)
+    assert text.startswith("FAQ entries:\n[1] Q: ") and "\n\n[2] Q: " in text
+    assert text.endswith("Question: gift card balance")
+
+
+def test_retrieval_only_baseline_and_threshold(index, bundled):
+    answers = retrieval_only(index, [bundled[2].question, "How many moons does Jupiter have?"],
+                             threshold=index.threshold, decline="no")
+    assert answers[0].text == bundled[2].answer and answers[0].source["id"] == 2
+    assert answers[1].declined and answers[1].text == "no"
+
+
+def test_grounded_answerer_declines_below_threshold_and_cites(tiny_base, index, bundled):
+    from faqtune.models import load_base_model, load_tokenizer
+
+    cfg = load_config(None, {"base_model": str(tiny_base), "quantization.mode": "none",
+                             "generation.max_new_tokens": "4"})
+    model, tok = load_base_model(str(tiny_base), cfg, quantize=False), load_tokenizer(str(tiny_base))
+    bot = GroundedAnswerer(model, tok, cfg.generation, None, index, cfg)
+    answers = [g[0] for g in bot.answer_batch([[{"role": "user", "content": bundled[4].question}],
+                                                [{"role": "user", "content": "Who painted the Mona Lisa?"}]])]
+    assert answers[1].declined and answers[1].text == cfg.grounding.decline_message and answers[1].new_tokens == 0
+    assert not answers[0].declined and answers[0].new_tokens > 0
+    assert answers[0].source["id"] in [h.id for h in index.search(bundled[4].question)]  # one of the shown
+    assert answers[0].prompt_tokens > 100  # the entries went into the prompt
+
+
+def test_index_command_builds_an_index_and_reports_bad_files(tmp_path, small_faq, capsys):
+    from faqtune.cli import main
+
+    out = tmp_path / "idx"
+    assert main(["index", str(small_faq), "--out", str(out), "--threshold", "0.3"]) == 0
+    assert "indexed 10 entries" in capsys.readouterr().out
+    idx = FaqIndex(out)
+    assert idx.threshold == 0.3 and idx.search("thing number 7")[0].id == 7
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    assert main(["index", str(bad), "--out", str(out)]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
