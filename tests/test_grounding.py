@@ -148,3 +148,62 @@ def test_index_command_builds_an_index_and_reports_bad_files(tmp_path, small_faq
     bad.write_text('{"question": "q"}\n')
     assert main(["index", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl" in capsys.readouterr().err
+
+
+def test_short_follow_ups_are_searched_with_the_previous_question():
+    from faqtune.grounding import retrieval_query
+
+    conv = [{"role": "user", "content": "Where is my order?"}, {"role": "assistant", "content": "..."},
+            {"role": "user", "content": "can I change it?"}]
+    assert retrieval_query(conv) == "Where is my order? can I change it?"
+    conv[-1]["content"] = "How do I change the delivery address of an order?"
+    assert retrieval_query(conv) == conv[-1]["content"]
+    assert retrieval_query(conv[:1]) == "Where is my order?"
+
+
+@pytest.fixture(scope="module")
+def grounded_run(tiny_base, tmp_path_factory):
+    from faqtune.cli import main
+
+    faq = tmp_path_factory.mktemp("gfaq") / "faq.json"
+    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done on page {i}."}
+            for i in range(10)]
+    faq.write_text(json.dumps({"questions": rows}))
+    run = tmp_path_factory.mktemp("gruns") / "run"
+    assert main(["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(run), "--train.max_steps",
+                 "2", "--lora.r", "8", "--data.eval_fraction", "0.2", "--grounding.top_k", "2"]) == 0
+    return run
+
+
+def test_grounded_run_has_its_index_and_grounded_examples(grounded_run):
+    idx = FaqIndex(grounded_run / "index")
+    assert len(idx) == 10 and 0 < idx.threshold < 1  # the whole FAQ, held-out entries included
+    shown = [json.loads(line) for line in (grounded_run / "data" / "train_grounded.jsonl").read_text().splitlines()]
+    assert len(shown) == 8
+    assert all(r["question"].startswith("FAQ entries:\n[1] Q: ") and r["question"].count("\nA: ") == 2
+               for r in shown)
+
+
+def test_ask_cites_the_entry_on_stderr_and_declines_offtopic(grounded_run, capsys):
+    from faqtune.cli import main
+
+    assert main(["ask", str(grounded_run), "How do I do thing number 3?", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "source: FAQ entry #" in err and "thing number" in err  # a random tiny model: any text
+    assert main(["ask", str(grounded_run), "Who painted the Mona Lisa?"]) == 0
+    out, err = capsys.readouterr()
+    assert "I'm sorry" in out and "declined" in err
+    assert main(["ask", str(grounded_run), "How do I do thing number 3?", "--no-grounding",
+                 "--max-new-tokens", "4"]) == 0
+    assert "source" not in capsys.readouterr().err
+
+
+def test_eval_of_a_grounded_run_reports_the_three_ways_side_by_side(grounded_run, capsys):
+    from faqtune.cli import main
+
+    assert main(["eval", str(grounded_run), "--limit", "2", "--max-new-tokens", "4"]) == 0
+    report = json.loads((grounded_run / "eval" / "report.json").read_text())
+    g = report["grounding"]
+    assert set(g) >= {"tuned_without_grounding", "retrieval_only", "tuned_grounded", "threshold"}
+    assert g["retrieval_only"]["answer_accuracy"] == 1.0  # held-out questions verbatim: their own entry first
+    assert 0 <= g["tuned_grounded"]["answer_accuracy"] <= 1

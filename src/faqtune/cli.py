@@ -188,6 +188,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.evaluate import build_eval_set, evaluate_run, read_offtopic
+    from faqtune.grounding import make_answerer
     from faqtune.models import load_for_inference
     from faqtune.report import write_report
     from faqtune.run import RunDir
@@ -199,7 +200,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         eval_set.questions, eval_set.references = eval_set.questions[: args.limit], eval_set.references[: args.limit]
     offtopic = read_offtopic(args.offtopic)[: args.limit or None]
     model, tokenizer, cfg = load_for_inference(run.root, cfg=cfg)
-    report = evaluate_run(model, tokenizer, cfg, eval_set, args.compare_base, offtopic, args.forgetting_threshold)
+    bot = make_answerer(run.root, model, tokenizer, cfg, grounded=not args.no_grounding)
+    report = evaluate_run(model, tokenizer, cfg, eval_set, args.compare_base, offtopic, args.forgetting_threshold,
+                          bot=bot)
     report["run_dir"] = str(run.root)
     md = write_report(report, args.out or run.root / "eval", run.metrics_path)
     print(md.read_text(encoding="utf-8").split("\n## Figures")[0].split("![")[0].strip())
@@ -276,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag forgetting when general-text perplexity rises more than this share [default: 0.2]")
     p.add_argument("--fail-on-forgetting", action="store_true", help="exit 1 when forgetting is flagged")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (quick checks)")
+    p.add_argument("--no-grounding", action="store_true", help="evaluate without retrieved FAQ entries")
     _add_gen_flags(p)
 
     p = parsers["demo"]

@@ -11,6 +11,7 @@ from importlib import resources
 from faqtune.config import load_config
 from faqtune.data import load_faq
 from faqtune.generate import Answerer
+from faqtune.grounding import cite, make_answerer
 from faqtune.models import load_for_inference
 from faqtune.run import RunDir
 from faqtune.train import train
@@ -33,6 +34,7 @@ def _demo_questions(run: RunDir) -> list[tuple[str, str, str]]:
         if entry.question in faq:
             picks.append(("rephrased", row["question"], entry.answer))
             break
+    picks.append(("off-topic", "How many moons does Jupiter have?", "(a polite decline)"))
     return picks
 
 
@@ -55,12 +57,13 @@ def run_demo(output: str, overrides: dict, retrain: bool = False, out=sys.stdout
     else:
         train(load_config(None, {"output_dir": output, **overrides}))
     model, tokenizer, cfg = load_for_inference(run.root)
-    bot = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+    bot = make_answerer(run.root, model, tokenizer, cfg)  # grounded when the run was trained so
+    plain = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
     picks = _demo_questions(run)
     questions = [q for _, q, _ in picks]
     tuned = bot.ask_many(questions)
     with model.disable_adapter():
-        base = bot.ask_many(questions)
+        base = plain.ask_many(questions)  # the untuned base as the guide starts: no retrieval
     width = min(shutil.get_terminal_size((120, 24)).columns, 160)
     rule = "=" * width
     print(rule, file=out)
@@ -70,7 +73,7 @@ def run_demo(output: str, overrides: dict, retrain: bool = False, out=sys.stdout
         print(f"Q ({kind}): {q}", file=out)
         print(textwrap.fill(f"reference: {ref}", width, subsequent_indent="  "), file=out)
         print("-" * width, file=out)
-        print(side_by_side(b.text, t.text, width), file=out)
+        print(side_by_side(b.text, t.text + (f"  [{cite(t)}]" if cite(t) else ""), width), file=out)
     print(rule, file=out)
     print(f"run directory: {run.root}   try: faqtune ask {run.root} \"How do I return an item?\"", file=out)
     return 0

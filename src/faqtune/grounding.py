@@ -128,6 +128,15 @@ def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, s
 
 # --- inference --------------------------------------------------------------------------------------------
 
+def retrieval_query(conversation: list[dict[str, str]], short: int = 6) -> str:
+    """What to search for: the last user turn, with the one before it when it is a short follow-up
+    ("can I change it?")."""
+    users = [m["content"] for m in conversation if m["role"] == "user"]
+    if len(users) > 1 and len(users[-1].split()) < short:
+        return f"{users[-2]} {users[-1]}"
+    return users[-1]
+
+
 class GroundedAnswerer(Answerer):
     """An Answerer that retrieves for the last user turn, declines below the threshold, and cites."""
 
@@ -147,7 +156,8 @@ class GroundedAnswerer(Answerer):
                      gen: GenerationConfig | None = None) -> list[list[Answer]]:
         gen = gen or self.gen
         questions = [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in conversations]
-        found = self.index.search_many(questions, k=self.grounding.top_k, hybrid=self.grounding.hybrid)
+        found = self.index.search_many([retrieval_query(c) for c in conversations], k=self.grounding.top_k,
+                                       hybrid=self.grounding.hybrid)
         out: list[list[Answer] | None] = [None] * len(conversations)
         todo = []
         for i, (conv, question, hits) in enumerate(zip(conversations, questions, found, strict=True)):

@@ -24,9 +24,11 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from faqtune import data as data_mod
+from faqtune.checkpoints import GracefulStop, SafeCheckpoints, interrupted_message, named_write_errors, \
+    resume_point, stop_on_signals
 from faqtune.config import FaqtuneConfig, parse_mix
 from faqtune.data import general_instructions_path
-from faqtune.errors import FaqtuneError
+from faqtune.errors import FaqtuneError, TrainingStopped
 from faqtune.models import (
     attach_lora,
     load_base_model,
@@ -136,7 +138,7 @@ def use_checkpointing(setting: str) -> bool:
     return torch.cuda.is_available() if setting == "auto" else setting == "true"
 
 
-class FaqTrainer(SFTTrainer):
+class FaqTrainer(SafeCheckpoints, SFTTrainer):
     """TRL's SFTTrainer whose loss projects only answer positions through the LM head.
 
     Position t predicts token t+1, so only positions whose next token is trained reach the (vocab-sized)
@@ -194,7 +196,7 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool):
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # faqtune rotates, after sealing the new checkpoint (checkpoints.SafeCheckpoints)
         eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
         eval_steps=t.eval_steps if t.eval_steps > 0 else None,
         load_best_model_at_end=t.keep_best,
@@ -235,9 +237,7 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     run = RunDir(cfg.output_dir)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    last = run.last_checkpoint() if resume else None
-    if resume and last is None:
-        raise FaqtuneError(f"{run.root}: --resume given but no checkpoint found in {run.checkpoints_dir}")
+    last = resume_point(run.checkpoints_dir, _say) if resume else None
     data_path = cfg.data.path or str(data_mod.bundled_faq_path())
     faq = data_mod.load_faq(data_path, cfg.data.format, cfg.data.question_field, cfg.data.answer_field)
     for note in faq.notes:
@@ -272,13 +272,19 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     tokenizer.save_pretrained(run.tokenizer_dir)
 
     model = load_base_model(base, cfg)
+    torch.manual_seed(cfg.train.seed)  # the LoRA init draws from torch's RNG: same seed, same adapter
     model = attach_lora(model, cfg)
     _say(trainable_report(model))
     trainer = _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok)
 
+    stop = GracefulStop()
+    trainer.add_callback(stop)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    with stop_on_signals(stop):
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     elapsed = time.time() - started
+    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise TrainingStopped(interrupted_message(stop, trainer.state, run.checkpoints_dir), stop.exit_code)
     if eval_tok.rows:
         trainer.evaluate()
     return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last)
@@ -295,6 +301,7 @@ def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train
          f"(decline below similarity {index.threshold:.3f})")
     grounded = [ground_entries(index, split, [position[id(e)] for e in split], cfg, seed=cfg.data.seed + k)
                 for k, split in enumerate((train_entries, eval_entries))]
+    data_mod.write_jsonl(grounded[0], run.root / "data" / "train_grounded.jsonl")  # what the model saw
     return grounded[0], grounded[1]
 
 
@@ -313,6 +320,7 @@ def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
     )
     from transformers.trainer_callback import PrinterCallback
 
+    trainer.keep_checkpoints = cfg.train.save_total_limit
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     trainer.add_callback(MetricsCallback(run.metrics_path))
     trainer.add_callback(ProgressCallback())
@@ -328,7 +336,9 @@ def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: 
         return {}
     tmp = run.root / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    with named_write_errors(run.adapter_dir, f"; the checkpoints are intact: free some space and resume with "
+                            f"`faqtune train --output {run.root} --resume`", cleanup=tmp):
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
     if run.adapter_dir.exists():
         shutil.rmtree(run.adapter_dir)
     os.replace(tmp, run.adapter_dir)
