@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][0](args, extra)
     except FaqtuneError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # e.g. 130/143 when training stopped on SIGINT/SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

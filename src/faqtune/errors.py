@@ -28,3 +28,15 @@ class DataError(FaqtuneError):
 
 class ModelError(FaqtuneError):
     """A base model or adapter that cannot be found or loaded."""
+
+
+class CheckpointError(FaqtuneError):
+    """A checkpoint or adapter that cannot be written or read (disk full, corrupt); names the path."""
+
+
+class TrainingStopped(FaqtuneError):
+    """Training stopped before its end (a signal, a non-finite loss); the message says how to go on."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        self.exit_code = exit_code
+        super().__init__(message)

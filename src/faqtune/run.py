@@ -32,12 +32,11 @@ class RunDir:
             raise FaqtuneError(f"{self.root}: not a faqtune run directory (no config.yaml)")
         return load_config(self.config_path)
 
-    def last_checkpoint(self) -> Path | None:
-        """Newest complete checkpoint (highest step holding trainer_state.json), or None."""
-        if not self.checkpoints_dir.is_dir():
-            return None
-        done = [
-            p for p in self.checkpoints_dir.glob("checkpoint-*")
-            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
-        ]
-        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    def last_checkpoint(self, checksums: bool = False) -> Path | None:
+        """Newest complete checkpoint (sealed by its manifest; file sizes checked, hashes when `checksums`).
+
+        Partial or corrupt ones are passed over; `checkpoints.scan` names them and why.
+        """
+        from faqtune.checkpoints import scan
+
+        return scan(self.checkpoints_dir, checksums).usable

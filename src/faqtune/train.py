@@ -23,9 +23,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from faqtune import checkpoints
 from faqtune import data as data_mod
-from faqtune.checkpoints import GracefulStop, SafeCheckpoints, interrupted_message, named_write_errors, \
-    resume_point, stop_on_signals
 from faqtune.config import FaqtuneConfig, parse_mix
 from faqtune.data import general_instructions_path
 from faqtune.errors import FaqtuneError, TrainingStopped
@@ -138,7 +137,7 @@ def use_checkpointing(setting: str) -> bool:
     return torch.cuda.is_available() if setting == "auto" else setting == "true"
 
 
-class FaqTrainer(SafeCheckpoints, SFTTrainer):
+class FaqTrainer(checkpoints.SafeCheckpoints, SFTTrainer):
     """TRL's SFTTrainer whose loss projects only answer positions through the LM head.
 
     Position t predicts token t+1, so only positions whose next token is trained reach the (vocab-sized)
@@ -237,7 +236,7 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     run = RunDir(cfg.output_dir)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    last = resume_point(run.checkpoints_dir, _say) if resume else None
+    last = checkpoints.resume_point(run.checkpoints_dir, _say) if resume else None
     data_path = cfg.data.path or str(data_mod.bundled_faq_path())
     faq = data_mod.load_faq(data_path, cfg.data.format, cfg.data.question_field, cfg.data.answer_field)
     for note in faq.notes:
@@ -277,14 +276,15 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     _say(trainable_report(model))
     trainer = _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok)
 
-    stop = GracefulStop()
+    stop = checkpoints.GracefulStop()
     trainer.add_callback(stop)
     started = time.time()
-    with stop_on_signals(stop):
+    with checkpoints.stop_on_signals(stop):
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     elapsed = time.time() - started
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
-        raise TrainingStopped(interrupted_message(stop, trainer.state, run.checkpoints_dir), stop.exit_code)
+        message = checkpoints.interrupted_message(stop, trainer.state, run.checkpoints_dir)
+        raise TrainingStopped(message, stop.exit_code)
     if eval_tok.rows:
         trainer.evaluate()
     return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last)
@@ -336,8 +336,8 @@ def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: 
         return {}
     tmp = run.root / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    with named_write_errors(run.adapter_dir, f"; the checkpoints are intact: free some space and resume with "
-                            f"`faqtune train --output {run.root} --resume`", cleanup=tmp):
+    advice = f"; the checkpoints are intact: free some space and resume with `faqtune train --output {run.root} --resume`"
+    with checkpoints.named_write_errors(run.adapter_dir, advice, cleanup=tmp):
         trainer.model.save_pretrained(tmp, safe_serialization=True)
     if run.adapter_dir.exists():
         shutil.rmtree(run.adapter_dir)

@@ -1,0 +1,318 @@
+"""Checkpoints that survive faults: sealed by a manifest, verified before resuming, stopped cleanly.
+
+The Trainer writes a checkpoint (adapter, optimizer, scheduler, RNG, trainer_state.json with the data
+position) file by file; a crash, a full disk or `kill -9` can stop it halfway. So a checkpoint counts only
+once faqtune has *sealed* it: every file fsynced, then `faqtune-manifest.json` (size and SHA-256 of each
+file) written to a temporary name, fsynced and renamed into place, last. A folder without a manifest, or
+whose files no longer match it, is partial or corrupt: it is named, set aside and the previous checkpoint
+used. Older checkpoints are rotated away only after the new one is sealed, so one good checkpoint always
+exists on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from faqtune.errors import CheckpointError, TrainingStopped
+
+MANIFEST = "faqtune-manifest.json"
+PREFIX = "checkpoint-"
+# What a resumable checkpoint holds (save_only_model=False): adapter, optimizer, scheduler, RNG, state.
+REQUIRED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+_CHUNK = 1 << 20
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """`checkpoint-40` -> 40; None for anything else (e.g. a set-aside `checkpoint-40.partial`)."""
+    tail = path.name[len(PREFIX):]
+    return int(tail) if path.name.startswith(PREFIX) and tail.isdigit() else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the data files were synced already
+    finally:
+        os.close(fd)
+
+
+def seal(folder: Path) -> Path:
+    """Mark a fully written checkpoint complete: fsync its files, then write the manifest atomically."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    tmp = folder / f".{MANIFEST}.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump({"format": 1, "step": checkpoint_step(folder), "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    _fsync(folder)
+    return folder / MANIFEST
+
+
+def unseal(folder: Path) -> None:
+    """Drop the manifest before a folder is (re)written, so a crash mid-write cannot pass for complete."""
+    with contextlib.suppress(FileNotFoundError):
+        (folder / MANIFEST).unlink()
+
+
+def problem(folder: Path, checksums: bool = True) -> str | None:
+    """Why `folder` is not a usable checkpoint, or None when it is (sizes always, hashes when `checksums`)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+    except FileNotFoundError:
+        return "partial: no manifest (the write did not finish)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"corrupt: {MANIFEST} is unreadable"
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        return f"incomplete: the manifest lists no {', '.join(missing)}"
+    for name, meta in files.items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"corrupt: {name} is missing"
+        if size != meta.get("size"):
+            return f"corrupt: {name} is {size} bytes, the manifest says {meta.get('size')}"
+        if checksums and _sha256(path) != meta.get("sha256"):
+            return f"corrupt: {name} does not match its SHA-256 checksum"
+    return None
+
+
+@dataclass
+class Scan:
+    """The newest usable checkpoint, and the newer ones that were not usable (with the reason)."""
+
+    usable: Path | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        return [f"{path}: {why}; skipped" for path, why in self.skipped]
+
+
+def scan(checkpoints_dir: Path, checksums: bool = True) -> Scan:
+    """Walk checkpoints newest first; stop at the first one that verifies."""
+    out = Scan()
+    if not checkpoints_dir.is_dir():
+        return out
+    found = sorted((p for p in checkpoints_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                   key=checkpoint_step, reverse=True)
+    for path in found:
+        why = problem(path, checksums)
+        if why is None:
+            out.usable = path
+            break
+        out.skipped.append((path, why))
+    return out
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a bad checkpoint out of the way (`checkpoint-40.partial`), so it is never mistaken or overwritten."""
+    target = path.with_name(path.name + ".partial")
+    if target.exists():
+        shutil.rmtree(target)  # an older bad copy of the same step
+    os.replace(path, target)
+    return target
+
+
+def rotate(checkpoints_dir: Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete the oldest sealed checkpoints beyond `keep` (never `protect`, the best one); returns them."""
+    sealed = sorted((p for p in checkpoints_dir.iterdir()
+                     if p.is_dir() and checkpoint_step(p) is not None and (p / MANIFEST).exists()),
+                    key=checkpoint_step)
+    doomed = [p for p in sealed[:-keep] if protect is None or p.resolve() != protect.resolve()] if keep else []
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """A short reason when `exc` is a failed file write (torch and safetensors do not raise OSError)."""
+    if isinstance(exc, OSError):
+        return "no space left on device" if exc.errno in _DISK_FULL else (exc.strerror or str(exc))
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError":
+        if "no space" in text or "disk quota" in text:
+            return "no space left on device"
+        if "write" in text and "fail" in text:
+            return "the write failed (is the disk full?)"
+    return None
+
+
+@contextlib.contextmanager
+def named_write_errors(path: Path, advice: str = "", cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a failed write under `path` (disk full, I/O error) into a CheckpointError naming it."""
+    try:
+        yield
+    except Exception as e:
+        why = _write_failure(e)
+        if why is None:
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise CheckpointError(f"{path}: cannot write ({why}){advice}") from e
+
+
+def resume_point(checkpoints_dir: Path, say) -> Path:
+    """The checkpoint to resume from; newer partial or corrupt ones are named (via `say`) and set aside."""
+    found = scan(checkpoints_dir)
+    for path, why in found.skipped:
+        moved = set_aside(path)
+        say(f"checkpoint {path.name} is {why}; set aside as {moved.name}"
+            + (f", resuming from {found.usable.name}" if found.usable else ""))
+    if found.usable is None:
+        raise CheckpointError(f"{checkpoints_dir.parent}: --resume given but no complete checkpoint in "
+                              f"{checkpoints_dir}" + (" (all were partial or corrupt)" if found.skipped else ""))
+    return found.usable
+
+
+def _previous(checkpoints_dir: Path, before: Path) -> str:
+    usable = scan(checkpoints_dir, checksums=False).usable
+    if usable is not None and usable != before:
+        return f"the previous checkpoint {usable} is intact; free some space and resume with " \
+               f"`faqtune train --output {checkpoints_dir.parent} --resume`"
+    return "no earlier checkpoint exists; free some space and train again"
+
+
+class SafeCheckpoints:
+    """Trainer mixin: sealed checkpoints, rotation after sealing, named write errors, non-finite loss stops.
+
+    Set `keep_checkpoints` (the run's `train.save_total_limit`) and give the Trainer `save_total_limit=None`:
+    the Trainer's own rotation runs before faqtune seals, and could leave no complete checkpoint behind.
+    """
+
+    keep_checkpoints: int | None = None
+
+    def _save_checkpoint(self, model, trial):
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX}{self.state.global_step}"
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingStopped(
+                f"training stopped: the adapter weights became nan/inf at step {self.state.global_step} "
+                f"({bad[0]}); {folder.name} was not written. {self._advice(folder.parent)}"
+            )
+        unseal(folder)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                seal(folder)
+        except Exception as e:
+            why = _write_failure(e)
+            if why is None:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)  # half a checkpoint is useless, and the disk may be full
+            raise CheckpointError(f"{folder}: cannot write the checkpoint ({why}); "
+                                  f"{_previous(folder.parent, folder)}") from e
+        if self.args.should_save and self.keep_checkpoints:
+            best = self.state.best_model_checkpoint
+            rotate(folder.parent, self.keep_checkpoints, Path(best) if best else None)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # PEFT's load_adapter re-casts the adapter to fp32 (autocast_adapter_dtype), while TRL trains QLoRA
+        # adapters in bf16 (trl sft_trainer, peft#2889): restore the trained dtype, or a resumed run
+        # computes differently from an uninterrupted one.
+        dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in self.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Checked before the optimizer step, so the weights (and the checkpoints) stay finite.
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            raise TrainingStopped(
+                f"training stopped: the loss is {loss.float().mean().item()} at step {step} "
+                f"(train.learning_rate={self.args.learning_rate:g} may be too high). "
+                f"{self._advice(Path(self.args.output_dir))}"
+            )
+        return loss
+
+    def _advice(self, checkpoints_dir: Path) -> str:
+        usable = scan(checkpoints_dir, checksums=False).usable
+        if usable is None:
+            return "No checkpoint was written before it."
+        return f"The last good checkpoint is {usable} (resume: `faqtune train --output {checkpoints_dir.parent} " \
+               "--resume`)."
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGINT/SIGTERM: finish the current optimizer step, write a checkpoint, then stop training."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now, without a checkpoint
+            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: finishing the current step and writing a checkpoint "
+              f"({name} again stops at once, without one)", file=__import__("sys").stderr, flush=True)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.received or 0)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: GracefulStop) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to `stop` while training (main thread only, as Python requires)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def interrupted_message(stop: GracefulStop, state, checkpoints_dir: Path) -> str:
+    usable = scan(checkpoints_dir, checksums=False).usable
+    where = f"checkpoint saved to {usable}" if usable else "no checkpoint could be written"
+    return (f"{signal.Signals(stop.received).name}: training stopped after step {state.global_step} of "
+            f"{state.max_steps}; {where}. Resume with: faqtune train --output {checkpoints_dir.parent} --resume")
