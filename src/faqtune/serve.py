@@ -1,0 +1,556 @@
+"""`faqtune serve`: an OpenAI-compatible chat API and a chat page over trained runs (FastAPI + uvicorn).
+
+    POST /v1/chat/completions   OpenAI's request and response (stream: true -> server-sent events)
+    GET  /v1/models             every served adapter by name, and the bare base
+    GET  /                      a small chat page (static HTML + JS shipped in the package)
+    GET  /healthz               liveness, queue and worker figures
+
+Extra response field: when an answer comes from an FAQ entry (grounding), its choice carries
+`faqtune_citation` = {"id", "question", "score"} (in the last chunk of a stream).
+
+The ASGI layers, outside in: `Gate` (API key, body size, one log line per request, no traceback to a client),
+FastAPI (routes, validation), and the `BatchWorker` thread that generates (see serve_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from faqtune.errors import ConfigError, FaqtuneError
+from faqtune.prompting import encode_prompt, with_system
+from faqtune.serve_engine import BatchWorker, GenSettings, Job, QueueFull, Result, ServedModels, WorkerStopped
+
+log = logging.getLogger("faqtune.serve")
+STATIC = Path(__file__).parent / "static"
+ROLES = {"system", "developer", "user", "assistant"}  # developer: OpenAI's newer name for system
+
+
+@dataclass
+class ServeLimits:
+    queue_size: int = 64  # requests waiting for the worker; more get 429
+    max_batch_size: int = 8  # requests answered together in one batch
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 64
+    max_tokens_cap: int = 1024
+    max_n: int = 8
+
+    def validate(self) -> None:
+        problems = [f"`--{k.replace('_', '-')}` must be > 0, got {v}" for k, v in vars(self).items() if v <= 0]
+        if problems:
+            raise ConfigError(problems)
+
+
+# --- errors in OpenAI's shape ------------------------------------------------------------------------------
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+INTERNAL = ("internal server error (the server log has the details)", "server_error", None, "internal_error")
+
+
+# --- the outermost layer -----------------------------------------------------------------------------------
+
+class Gate:
+    """API key (401), body size (413) and one log line per request; a last net so no trace reaches a client."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), []
+        state = scope.setdefault("state", {})
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            refusal = self._check_key(scope)
+            if refusal is None:
+                receive, refusal = await self._read_body(scope, receive)
+            await (refusal or self.app)(scope, receive, send_logged)
+        except Exception:
+            if not status:  # the app's catch-all already answered (and logged) when a response started
+                log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                await error_response(500, *INTERNAL)(scope, receive, send_logged)
+        finally:
+            log.info("%s %s %s %.3fs model=%s", scope["method"], scope["path"], status[0] if status else 499,
+                     time.perf_counter() - start, state.get("faqtune_model", "-"))
+
+    def _check_key(self, scope) -> JSONResponse | None:
+        if self.api_key is None or not scope["path"].startswith("/v1/"):
+            return None
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.api_key):
+            return None
+        message = "missing API key" if not given else "invalid API key"
+        return error_response(401, f"{message}: send 'Authorization: Bearer KEY'", "invalid_request_error",
+                              None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, scope, receive):
+        """Read the whole body up front (it is small), refusing it past the limit; replay it to the app."""
+        too_large = error_response(413, f"request body larger than {self.max_body_bytes} bytes",
+                                   "invalid_request_error", None, "request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return receive, too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, Response(status_code=499)  # the client went away while sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return receive, too_large
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: only http.disconnect is left
+
+        return replay, None
+
+
+# --- request schema (types checked here -> 422; values checked below -> 400) --------------------------------
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat request; fields it has that a local FAQ bot cannot honour (tools, logprobs...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    messages: list[Message]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+def _messages(req: ChatRequest, limits: ServeLimits) -> list[dict[str, str]]:
+    if not req.messages:
+        raise APIError(400, "`messages` must hold at least one message", param="messages")
+    if len(req.messages) > limits.max_messages:
+        raise APIError(400, f"too many messages: {len(req.messages)} > {limits.max_messages}", param="messages")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise APIError(400, f"messages[{i}].role {m.role!r} is not supported (system, user, assistant)",
+                           param=f"messages[{i}].role")
+        if m.content is None:
+            raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
+        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    return out
+
+
+def _settings(req: ChatRequest, default_tokens: int, limits: ServeLimits, entry) -> GenSettings:
+    gen = entry.answerer.gen
+    temperature = gen.temperature if req.temperature is None else req.temperature
+    top_p = gen.top_p if req.top_p is None else req.top_p
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+    checks = [
+        (not 0 <= temperature <= 2, "temperature", f"`temperature` must be between 0 and 2, got {temperature}"),
+        (not 0 < top_p <= 1, "top_p", f"`top_p` must be in (0, 1], got {top_p}"),
+        (not 1 <= req.n <= limits.max_n, "n", f"`n` must be between 1 and {limits.max_n}, got {req.n}"),
+        (len(stop) > 4 or not all(stop), "stop", "`stop` takes up to 4 non-empty strings"),
+        (max_tokens is not None and max_tokens < 1, "max_tokens", f"`max_tokens` must be >= 1, got {max_tokens}"),
+        (max_tokens is not None and max_tokens > limits.max_tokens_cap, "max_tokens",
+         f"`max_tokens` is {max_tokens}, above this server's cap of {limits.max_tokens_cap}"),
+    ]
+    for bad, param, message in checks:
+        if bad:
+            raise APIError(400, message, param=param)
+    return GenSettings(max_tokens or default_tokens, float(temperature), float(top_p), req.n, tuple(stop))
+
+
+# --- responses ---------------------------------------------------------------------------------------------
+
+def _usage(result: Result) -> dict[str, int]:
+    completion = sum(c.completion_tokens for c in result.choices)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion}
+
+
+def completion_body(rid: str, created: int, model: str, result: Result) -> dict[str, Any]:
+    choices = []
+    for c in result.choices:
+        choice = {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                  "finish_reason": c.finish_reason}
+        if c.source is not None:
+            choice["faqtune_citation"] = c.source
+        choices.append(choice)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage(result)}
+
+
+def _sse(obj: Any) -> bytes:
+    import json
+
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+class JobStream(Response):
+    """Server-sent events for one job: OpenAI chunks, `[DONE]` last; a disconnect cancels the generation."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, worker: BatchWorker, job: Job, rid: str, created: int, include_usage: bool):
+        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]  # chunked
+        self.worker, self.job, self.include_usage = worker, job, include_usage
+        self.head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": job.model}
+
+    def chunk(self, choices: list[dict], **extra) -> bytes:
+        return _sse({**self.head, "choices": choices, **extra})
+
+    async def events(self):
+        n = self.job.settings.n
+        yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None} for i in range(n)])
+        while True:
+            kind, payload = await self.job.events.get()
+            if kind == "delta":
+                index, text = payload
+                yield self.chunk([{"index": index, "delta": {"content": text}, "logprobs": None,
+                                   "finish_reason": None}])
+            elif kind == "error":
+                yield _sse(error_body(*INTERNAL))
+                break
+            elif kind == "gone":
+                return
+            else:
+                yield from_result(self, payload)
+                break
+        yield b"data: [DONE]\n\n"
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        watcher = asyncio.ensure_future(self._watch(receive))
+        try:
+            async for data in self.events():
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            if not watcher.done():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client closed the connection under a send
+            pass
+        finally:
+            watcher.cancel()
+            self.worker.cancel(self.job)  # no-op once the job finished
+
+    async def _watch(self, receive) -> None:
+        """On disconnect: cancel the generation at once, and wake the event loop above to end the response."""
+        await _wait_disconnect(receive)
+        self.worker.cancel(self.job)
+        self.job.events.put_nowait(("gone", None))
+
+
+def from_result(stream: JobStream, result: Result) -> bytes:
+    """The closing chunk(s): each choice's remaining text, finish reason and citation; then usage."""
+    data = b""
+    for c in result.choices:
+        rest = c.text[len(c.streamed):] if c.text.startswith(c.streamed) else ""
+        choice = {"index": c.index, "delta": {"content": rest} if rest else {}, "logprobs": None,
+                  "finish_reason": c.finish_reason}
+        if c.source is not None:
+            choice["faqtune_citation"] = c.source
+        last = c is result.choices[-1]
+        data += stream.chunk([choice], **({"usage": _usage(result)} if last else {}))
+    if stream.include_usage:
+        data += stream.chunk([], usage=_usage(result))
+    return data
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _await_result(worker: BatchWorker, job: Job, request: Request) -> Result | None:
+    """The job's result, or None when the client disconnects first (the job is then cancelled)."""
+    getter = asyncio.ensure_future(_final_event(job))
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            kind, payload = getter.result()
+            if kind == "error":
+                raise APIError(500, *INTERNAL)
+            return payload
+        return None
+    finally:
+        getter.cancel()
+        watcher.cancel()
+        worker.cancel(job)
+
+
+async def _final_event(job: Job):
+    while True:
+        kind, payload = await job.events.get()
+        if kind != "delta":
+            return kind, payload
+
+
+# --- the app -----------------------------------------------------------------------------------------------
+
+def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key: str | None = None):
+    """The ASGI app serving `models`; the worker thread runs from startup to shutdown."""
+    limits = limits or ServeLimits()
+    limits.validate()
+    worker = BatchWorker(models, limits.queue_size, limits.max_batch_size)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="faqtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker, app.state.models = worker, models
+    _add_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    created = int(time.time())
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/healthz")
+    async def healthz():
+        snap = worker.snapshot()
+        return JSONResponse({"status": "ok" if snap["alive"] else "down", **snap},
+                            status_code=200 if snap["alive"] else 503)
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "faqtune",
+                 "parent": None if e.adapter is None else _base_name(models)} for name, e in models.entries.items()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        name = req.model or models.names[0]
+        request.scope["state"]["faqtune_model"] = name
+        entry = models.entries.get(name)
+        if entry is None:
+            raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(models.names)}",
+                           param="model", code="model_not_found")
+        messages = with_system(_messages(req, limits), entry.system_prompt)
+        prompt_tokens = len(encode_prompt(entry.count_tokenizer, messages))
+        room = entry.context_length - prompt_tokens
+        if room < 1:
+            raise APIError(400, f"the prompt is {prompt_tokens} tokens; this model's context is "
+                                f"{entry.context_length}", param="messages", code="context_length_exceeded")
+        settings = _settings(req, min(entry.answerer.gen.max_new_tokens, limits.max_tokens_cap, room), limits, entry)
+        if settings.max_new_tokens > room:
+            raise APIError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({settings.max_new_tokens}) exceed "
+                                f"this model's context of {entry.context_length}", param="max_tokens",
+                           code="context_length_exceeded")
+        job = Job(name, messages, settings, req.stream, asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({limits.queue_size} requests queued); retry in "
+                                f"{e.retry_after} s", "rate_limit_error", None, "queue_full",
+                           {"Retry-After": str(e.retry_after)}) from None
+        except WorkerStopped:
+            raise APIError(503, "the server is shutting down", "server_error", None, "unavailable") from None
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return JobStream(worker, job, rid, now, include_usage)
+        result = await _await_result(worker, job, request)
+        if result is None:
+            return Response(status_code=499)  # nobody is listening; logged as such
+        return JSONResponse(completion_body(rid, now, name, result))
+
+    return Gate(app, api_key, limits.max_body_bytes)
+
+
+def _base_name(models: ServedModels) -> str | None:
+    return next((name for name, e in models.entries.items() if e.adapter is None), None)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        return error_response(422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
+                              code="invalid_type")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, None,
+                              getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, *INTERNAL)
+
+
+# --- running it --------------------------------------------------------------------------------------------
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port, or one clear error (address in use, unknown host...)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise FaqtuneError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+class ServerThread:
+    """A uvicorn server on a background thread (tests, benchmarks): `with ServerThread(app) as url: ...`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = bind_socket(host, port)  # port 0: a free port, known before the server starts
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+def resolve_api_key(given: str | None) -> str | None:
+    """--api-key, else $FAQTUNE_API_KEY, else none (no key asked)."""
+    return given or os.environ.get("FAQTUNE_API_KEY") or None
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each line (tests and tools swap it), like logging's last resort."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging() -> None:
+    """One line per request (and warnings) on stderr, for `faqtune serve`."""
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: ServeLimits | None = None) -> int:
+    """Load the runs and serve them until interrupted."""
+    import uvicorn
+
+    from faqtune.serve_engine import load_served_models
+
+    limits = limits or ServeLimits()
+    limits.validate()
+    configure_logging()
+    api_key = resolve_api_key(api_key)
+    sock = bind_socket(host, port)  # before the slow part: a busy port fails at once
+    models = load_served_models(run_specs)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
+    log.info("serving %s on http://%s:%d (chat page: /, API: /v1)", ", ".join(models.names), host, port)
+    config = uvicorn.Config(create_app(models, limits, api_key), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,467 @@
+"""The engine behind `faqtune serve`: every run's adapter on one shared base, and one worker that batches.
+
+One base model is loaded (4-bit as trained); each run's LoRA adapter is loaded onto it with PEFT under its own
+adapter name, and the bare base is served with the adapters disabled. A single worker thread owns the model:
+it takes queued requests, groups those with the same model and generation settings into one left-padded batch
+and answers them through `Answerer.answer_batch`, the one answering path of the project. A `StoppingCriteria`
+watches every decoding step to stream each row's new text, apply `stop` strings and stop the rows of clients
+that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from faqtune.errors import FaqtuneError, ModelError
+from faqtune.generate import Answer, Answerer
+from faqtune.prompting import TEMPLATE_MARKERS
+
+log = logging.getLogger("faqtune.serve")
+
+
+# --- the served models -------------------------------------------------------------------------------------
+
+@dataclass
+class ServedModel:
+    """One name a client can ask for: a run's adapter, or the bare base (adapter None)."""
+
+    name: str
+    answerer: Answerer
+    adapter: str | None  # PEFT adapter name on the shared model; None = adapters disabled
+    count_tokenizer: Any  # a second tokenizer instance, for the HTTP side's prompt checks (not the worker's)
+    context_length: int
+    system_prompt: str | None = None
+    run_dir: Path | None = None
+
+
+class HookedModel:
+    """The shared model as the Answerers see it: `generate` also gets the current batch's stopping criteria.
+
+    `Answerer.answer_batch` takes no generate() arguments; wrapping the model keeps it the single answering path
+    (grounding and any other change made there applies to the server too) while the worker adds streaming,
+    stop strings and cancellation per batch.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.stopping: StoppingCriteria | None = None
+
+    def generate(self, *args, **kwargs):
+        if self.stopping is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([self.stopping, *kwargs.get("stopping_criteria", [])])
+        return self.model.generate(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+class ServedModels:
+    """The name -> model table, and the switch between adapters on the one shared model."""
+
+    def __init__(self, entries: dict[str, ServedModel], peft_model=None, hooked: HookedModel | None = None):
+        self.entries, self.peft_model, self.hooked = entries, peft_model, hooked
+        self.lock = threading.Lock()  # two workers (e.g. two apps in one process) never interleave batches
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    @contextlib.contextmanager
+    def activate(self, entry: ServedModel, stopping: StoppingCriteria | None):
+        """Select the entry's adapter (or none) and install the batch's stopping criteria, for one batch."""
+        with self.lock:
+            if self.hooked is not None:
+                self.hooked.stopping = stopping
+            try:
+                if self.peft_model is None:
+                    yield
+                elif entry.adapter is None:
+                    with self.peft_model.disable_adapter():
+                        yield
+                else:
+                    self.peft_model.set_adapter(entry.adapter, inference_mode=True)
+                    yield
+            finally:
+                if self.hooked is not None:
+                    self.hooked.stopping = None
+
+
+def parse_run_specs(specs: list[str]) -> list[tuple[str, Path]]:
+    """`RUN_DIR` or `NAME=RUN_DIR` -> (name, folder); the name defaults to the folder's name."""
+    out: list[tuple[str, Path]] = []
+    problems: list[str] = []
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or Path(spec).exists():
+            name, path = Path(spec).resolve().name, spec
+        name = name.strip()
+        if not name or any(c.isspace() for c in name):
+            problems.append(f"{spec!r}: a model name must be non-empty and without spaces (NAME=RUN_DIR)")
+        elif name in [n for n, _ in out]:
+            problems.append(f"two runs are named {name!r}: name them apart with NAME=RUN_DIR")
+        else:
+            out.append((name, Path(path)))
+    if problems:
+        raise ModelError("\n".join(problems))
+    return out
+
+
+def base_display_name(base_model: str) -> str:
+    """The name the bare base is served under: an alias or hub id as written, a folder by its name."""
+    return Path(base_model).name if Path(base_model).expanduser().exists() else base_model
+
+
+def build_answerer(model, tokenizer, cfg, run_dir: Path | None) -> Answerer:
+    """The one place the server builds an Answerer (a run's, or the bare base's when run_dir is None)."""
+    system_prompt = cfg.data.system_prompt if run_dir is not None else None
+    return Answerer(model, tokenizer, cfg.generation, system_prompt)
+
+
+def _check_runs(specs: list[str]):
+    """Read every run's config; one error listing every problem (missing runs, adapters, mixed bases)."""
+    from faqtune.models import resolve_base
+    from faqtune.run import RunDir
+
+    runs, problems = [], []
+    for name, path in parse_run_specs(specs):
+        run = RunDir(path)
+        try:
+            cfg = run.load_config()
+        except FaqtuneError as e:
+            problems.append(str(e))
+            continue
+        if not (run.adapter_dir / "adapter_config.json").exists():
+            problems.append(f"{path}: no adapter/adapter_config.json (did training finish?)")
+            continue
+        runs.append((name, run, cfg))
+    if problems:
+        raise ModelError("cannot serve:\n" + "\n".join(f"  - {p}" for p in problems))
+    if not runs:
+        raise ModelError("cannot serve: give at least one run directory")
+    resolved = {cfg.base_model: resolve_base(cfg.base_model) for _, _, cfg in runs}
+    kinds = {(str(Path(resolved[cfg.base_model]).resolve()) if Path(resolved[cfg.base_model]).exists()
+              else resolved[cfg.base_model], cfg.quantization.mode, cfg.quantization.quant_type) for _, _, cfg in runs}
+    if len(kinds) > 1:
+        lines = [f"  - {name}: base_model {cfg.base_model} ({cfg.quantization.mode})" for name, _, cfg in runs]
+        raise ModelError("runs served together must share the same base model and quantization; got:\n"
+                         + "\n".join(lines) + "\nserve them with separate `faqtune serve` commands")
+    return runs, resolved[runs[0][2].base_model]
+
+
+def load_served_models(specs: list[str]) -> ServedModels:
+    """Load the shared base once, every run's adapter onto it, and an Answerer per name (plus the bare base)."""
+    from peft import PeftModel
+
+    from faqtune.models import load_base_model, load_tokenizer
+
+    runs, base = _check_runs(specs)
+    first_cfg = runs[0][2]
+    base_name = base_display_name(first_cfg.base_model)
+    if base_name in [name for name, _, _ in runs]:
+        raise ModelError(f"the run name {base_name!r} is the base model's name: rename the run with NAME=RUN_DIR")
+    model = load_base_model(base, first_cfg)
+    for i, (name, run, _) in enumerate(runs):
+        # internal adapter names: PEFT keeps adapters in module dicts, where a user's name (dots...) may not fit
+        if i == 0:
+            model = PeftModel.from_pretrained(model, str(run.adapter_dir), adapter_name=f"run{i}")
+        else:
+            model.load_adapter(str(run.adapter_dir), adapter_name=f"run{i}")
+        log.info("adapter %s loaded from %s", name, run.root)
+    model.eval()
+    model.config.use_cache = True
+    hooked = HookedModel(model)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+
+    entries: dict[str, ServedModel] = {}
+    for i, (name, run, cfg) in enumerate(runs):
+        tok_source = str(run.tokenizer_dir) if run.tokenizer_dir.exists() else base
+        answerer = build_answerer(hooked, load_tokenizer(tok_source), cfg, run.root)
+        entries[name] = ServedModel(name, answerer, f"run{i}", load_tokenizer(tok_source), context,
+                                    answerer.system_prompt, run.root)
+    answerer = build_answerer(hooked, load_tokenizer(base), first_cfg, None)
+    entries[base_name] = ServedModel(base_name, answerer, None, load_tokenizer(base), context)
+    return ServedModels(entries, model, hooked)
+
+
+# --- jobs and the batching worker --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Generation settings of a request; requests with equal settings (and model) share a batch."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    n: int = 1
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    completion_tokens: int
+    streamed: str = ""  # the text already sent as deltas (a prefix of `text`)
+    source: dict | None = None
+    declined: bool = False
+
+
+@dataclass
+class Result:
+    choices: list[Choice]
+    prompt_tokens: int
+
+
+@dataclass
+class Job:
+    """One request, from the HTTP side to the worker and back (events cross threads via the event loop)."""
+
+    model: str
+    messages: list[dict[str, str]]
+    settings: GenSettings
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.settings)
+
+    def emit(self, kind: str, payload: Any) -> None:
+        """("delta", (choice index, text)) | ("done", Result) | ("error", message), to the request's coroutine."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            pass
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class WorkerStopped(Exception):
+    pass
+
+
+@dataclass
+class _Row:
+    job: Job
+    choices: list[int]  # choice indices this generated row feeds (several when greedy n > 1 is replicated)
+    tokens: list[int] = field(default_factory=list)
+    ended: bool = False
+    stop_hit: bool = False  # ended on a stop string (which `clean` may have stripped, e.g. "\n\n")
+    sent: str = ""
+
+
+def streamable(text: str, markers: tuple[str, ...]) -> str:
+    """The part of a partial answer that is safe to send: what `clean` and the stop strings will keep.
+
+    Cut at the first marker or stop string; hold back a tail that may still grow into one, trailing whitespace
+    (the final answer is stripped) and an incomplete UTF-8 character.
+    """
+    cuts = [i for i in (text.find(m) for m in markers) if i != -1]
+    text = text[:min(cuts)] if cuts else text
+    hold = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), hold, -1):
+            if text.endswith(m[:k]):
+                hold = k
+                break
+    text = text[:len(text) - hold]
+    return text.rstrip().rstrip("\ufffd").lstrip()
+
+
+class BatchMonitor(StoppingCriteria):
+    """Called by generate() after every decoding step: streams new text, applies stop strings, stops rows of
+    cancelled requests (only those rows: the rest of the batch goes on)."""
+
+    def __init__(self, rows: list[_Row], tokenizer, stop_ids: list[int], stops: tuple[str, ...]):
+        self.rows, self.tokenizer, self.stop_ids, self.stops = rows, tokenizer, set(stop_ids), stops
+        self.markers = tuple(TEMPLATE_MARKERS) + stops
+        self.cancelled_rows = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        # input_ids: (rows, prompt + generated so far)
+        if input_ids.shape[0] != len(self.rows):  # generate() was called on another batch: only cancel
+            stop = all(r.job.cancelled.is_set() for r in self.rows)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        last = input_ids[:, -1].tolist()
+        done = []
+        for row, token in zip(self.rows, last, strict=True):
+            if not row.ended and row.job.cancelled.is_set():
+                row.ended = True
+                self.cancelled_rows += 1
+            elif not row.ended:
+                if token in self.stop_ids:
+                    row.ended = True
+                else:
+                    row.tokens.append(token)
+                    self._watch_text(row)
+            done.append(row.ended)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _watch_text(self, row: _Row) -> None:
+        if not (row.job.stream or self.stops):
+            return
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        if self.stops and any(s in text for s in self.stops):
+            row.ended = row.stop_hit = True
+        if row.job.stream:
+            safe = streamable(text, self.markers)
+            if len(safe) > len(row.sent) and safe.startswith(row.sent):
+                for index in row.choices:
+                    row.job.emit("delta", (index, safe[len(row.sent):]))
+                row.sent = safe
+
+
+def finish_choice(answer: Answer, index: int, stops: tuple[str, ...], row: _Row | None) -> Choice:
+    """An Answer -> an API choice: cut at the first stop string; finish "stop" on EOS or a stop string."""
+    text, hit = answer.text, bool(row and row.stop_hit)
+    cuts = [i for i in (text.find(s) for s in stops) if i != -1]
+    if cuts:
+        text, hit = text[:min(cuts)], True
+    finish = "stop" if answer.stopped or hit else "length"
+    streamed = row.sent if row else ""
+    return Choice(index, text, finish, answer.new_tokens, streamed, answer.source, answer.declined)
+
+
+class BatchWorker:
+    """The one thread that generates: a bounded queue in, batches of same-model same-settings requests out."""
+
+    def __init__(self, models: ServedModels, queue_size: int = 64, max_batch_size: int = 8):
+        self.models, self.queue_size, self.max_batch_size = models, queue_size, max_batch_size
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._running: list[Job] = []
+        self._batch_seconds = 1.0  # moving average, for Retry-After
+        self.stats = {"batches": 0, "completed": 0, "cancelled": 0, "stopped_mid_generation": 0,
+                      "largest_batch": 0, "errors": 0}
+
+    # -- the HTTP side --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="faqtune-generate", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in [*self._queue, *self._running]:
+                job.cancelled.set()
+                job.emit("error", "the server is shutting down")  # nobody waits forever
+            self._queue.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise WorkerStopped()
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(self.retry_after())
+            self._queue.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if queued, else its rows stop at the next decoding step."""
+        with self._cond:
+            if job.finished or job.cancelled.is_set():
+                return
+            job.cancelled.set()
+            self.stats["cancelled"] += 1
+            if job in self._queue:
+                self._queue.remove(job)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained by one batch's worth (a hint, at least 1)."""
+        batches = len(self._queue) / max(1, self.max_batch_size) + 1
+        return max(1, math.ceil(self._batch_seconds * batches))
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            return {"queued": len(self._queue), "busy": bool(self._running), "alive": self.alive, **self.stats}
+
+    # -- the worker thread ----------------------------------------------------------------------------------
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._queue.popleft()
+            batch = [first] + [j for j in self._queue if j.key == first.key][: self.max_batch_size - 1]
+            for job in batch[1:]:
+                self._queue.remove(job)
+            self._running = batch
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            start = time.perf_counter()
+            try:
+                self._run_batch(batch)
+            except Exception:  # a failed batch answers its requests with an error, and the worker goes on
+                log.exception("generation failed for a batch of %d request(s)", len(batch))
+                self.stats["errors"] += 1
+                for job in batch:
+                    job.emit("error", "generation failed")
+            finally:
+                seconds = time.perf_counter() - start
+                with self._cond:
+                    for job in batch:
+                        job.finished = True
+                    self._running = []
+                    self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+                    self.stats["batches"] += 1
+                    self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        batch = [job for job in batch if not job.cancelled.is_set()]
+        if not batch:
+            return
+        entry = self.models.entries[batch[0].model]
+        s = batch[0].settings
+        # greedy decoding gives n equal answers: generate one and replicate it
+        n_gen = s.n if s.temperature > 0 else 1
+        gen = replace(entry.answerer.gen, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                      top_p=s.top_p, num_return_sequences=n_gen)
+        per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
+        rows = [_Row(job, choices) for job in batch for choices in per_row]
+        monitor = BatchMonitor(rows, entry.answerer.tokenizer, entry.answerer.stop_ids, s.stop)
+        with self.models.activate(entry, monitor):
+            groups = entry.answerer.answer_batch([job.messages for job in batch], gen)
+        self.stats["stopped_mid_generation"] += monitor.cancelled_rows
+        for i, (job, answers) in enumerate(zip(batch, groups, strict=True)):
+            if job.cancelled.is_set():
+                continue
+            job_rows = rows[i * len(per_row):(i + 1) * len(per_row)]
+            choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s.stop, job_rows[k if n_gen > 1 else 0])
+                       for k in range(s.n)]
+            self.stats["completed"] += 1
+            job.emit("done", Result(choices, answers[0].prompt_tokens))
