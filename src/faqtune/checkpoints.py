@@ -193,8 +193,8 @@ def resume_point(checkpoints_dir: Path, say) -> Path:
         say(f"checkpoint {path.name} is {why}; set aside as {moved.name}"
             + (f", resuming from {found.usable.name}" if found.usable else ""))
     if found.usable is None:
-        raise CheckpointError(f"{checkpoints_dir.parent}: --resume given but no complete checkpoint in "
-                              f"{checkpoints_dir}" + (" (all were partial or corrupt)" if found.skipped else ""))
+        raise CheckpointError(f"{checkpoints_dir.parent}: --resume given but no checkpoint found in {checkpoints_dir}"
+                              + (f"; {len(found.skipped)} partial or corrupt one(s) set aside" if found.skipped else ""))
     return found.usable
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,7 +152,7 @@ def validate(cfg: FaqtuneConfig) -> None:
 
     def need(ok: bool, key: str, rule: str, value: Any) -> None:
         if not ok:
-            problems.append(f"`{key}` must be {rule}, got {value!r}")
+            problems.append(f"`{key}` must be {rule}, got {_show(value)}")
 
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
@@ -217,11 +220,11 @@ def validate(cfg: FaqtuneConfig) -> None:
 def parse_mix(spec: str) -> tuple[str, float]:
     """'FILE[:SHARE]' -> (FILE, SHARE); SHARE defaults to 0.1 and must be in (0, 1)."""
     path, sep, share = spec.rpartition(":")
-    if not sep or not share.replace(".", "", 1).isdigit():
+    if not sep or not re.fullmatch(r"[0-9]*\.?[0-9]+", share):  # ASCII digits only ('²' is a digit too)
         path, share = spec, "0.1"
     value = float(share)
     if not path or not 0 < value < 1:
-        raise ValueError(f"`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1, got {spec!r}")
+        raise ValueError(f"`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1, got {_show(spec)}")
     return path, value
 
 
@@ -265,6 +268,15 @@ def suggest(name: str, siblings: list[str] | None = None) -> str:
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 80, 80
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for messages (YAML aliases can make a value enormous)."""
+    return _SHORT.repr(value)
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML/CLI value into the field's type; raise ValueError with a clear message."""
     hint = annotation
@@ -286,12 +298,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"`{key}`: unsupported value {value!r}")
+        raise ValueError(errors[0] if errors else f"`{key}`: unsupported value {_show(value)}")
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ValueError(f"`{key}` must be a list, got {value!r}")
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ValueError(f"`{key}` must be a list of strings, got {_show(value)}")
         return [str(v) for v in value]
     if hint is bool:
         if isinstance(value, bool):
@@ -300,35 +312,38 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in {"false", "no", "0", "off"}:
             return False
-        raise ValueError(f"`{key}` must be true or false, got {value!r}")
+        raise ValueError(f"`{key}` must be true or false, got {_show(value)}")
     if hint is int:
         if isinstance(value, bool):
-            raise ValueError(f"`{key}` must be an integer, got {value!r}")
+            raise ValueError(f"`{key}` must be an integer, got {_show(value)}")
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
         try:
+            if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+                return int(value)
             as_float = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"`{key}` must be an integer, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # not a number, or too many digits
+            raise ValueError(f"`{key}` must be an integer, got {_show(value)}") from None
         if not as_float.is_integer():
-            raise ValueError(f"`{key}` must be an integer, got {value!r}")
+            raise ValueError(f"`{key}` must be an integer, got {_show(value)}")
         return int(as_float)
     if hint is float:
         if isinstance(value, bool):
-            raise ValueError(f"`{key}` must be a number, got {value!r}")
+            raise ValueError(f"`{key}` must be a number, got {_show(value)}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"`{key}` must be a number, got {value!r}") from None
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"`{key}` must be a number, got {_show(value)}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"`{key}` must be a finite number, got {_show(value)}")
+        return number
     if hint is str:
         if value is None:
             raise ValueError(f"`{key}` must be set (got an empty value)")
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, (dict, list)):
-            raise ValueError(f"`{key}` must be a string, got {value!r}")
+            raise ValueError(f"`{key}` must be a string, got {_show(value)}")
         return str(value)
     raise ValueError(f"`{key}`: unsupported type {hint!r}")
 
@@ -345,7 +360,7 @@ def _apply(cfg: Any, values: dict[str, Any], prefix: str, problems: list[str], s
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                problems.append(f"{source}: `{dotted}` must be a mapping, got {value!r}")
+                problems.append(f"{source}: `{dotted}` must be a mapping, got {_show(value)}")
                 continue
             _apply(current, value, dotted + ".", problems, source)
             continue
@@ -388,6 +403,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError([f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})"]) from None
+        except RecursionError:
+            raise ConfigError([f"{path}: invalid YAML (nested too deeply)"]) from None
+        except ValueError as e:  # PyYAML's int() of a number with more than 4300 digits
+            raise ConfigError([f"{path}: invalid YAML ({str(e).split(';')[0]})"]) from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):

@@ -21,6 +21,7 @@ from faqtune.errors import DataError
 QUESTION_KEYS = ("question", "questions", "prompt", "query", "instruction", "input")
 ANSWER_KEYS = ("answer", "answers", "response", "completion", "output")
 ROLES = ("system", "user", "assistant")
+CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) would refuse a long answer
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ def read_text(path: Path) -> str:
         raise DataError(str(path), "is a directory, expected a file") from None
     except OSError as e:
         raise DataError(str(path), f"cannot be read ({e.strerror})") from None
+    except ValueError:  # e.g. an embedded NUL byte in the path
+        raise DataError(str(path), "is not a valid file path") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -106,6 +109,11 @@ def text_field(value: Any, file: str, record: str, field_name: str) -> str:
     value = value.strip()
     if not value:
         raise DataError(file, "is empty", record, field_name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. from the JSON escape "\ud800"
+        raise DataError(file, f"holds an invalid character {value[e.start]!r} (a lone UTF-16 surrogate)",
+                        record, field_name) from None
     return value
 
 
@@ -153,11 +161,20 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
     return FaqEntry((("user", q), ("assistant", a)), record)
 
 
-def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
+def parse_json(text: str, file: str, record: str | None = None) -> Any:
+    """json.loads with every failure as a DataError (syntax, nesting too deep, numbers too long)."""
     try:
-        doc = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", f"line {e.lineno}") from None
+        raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", record or f"line {e.lineno}") from None
+    except RecursionError:
+        raise DataError(file, "invalid JSON: nested too deeply", record) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(file, f"invalid JSON: {str(e).split(';')[0]}", record) from None
+
+
+def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
+    doc = parse_json(text, file)
     if isinstance(doc, dict):
         lists = {k: v for k, v in doc.items() if isinstance(v, list)}
         key = pick_key(list(lists), None, ("questions", "data", "faq", "faqs", "items", "records"))
@@ -179,14 +196,11 @@ def _iter_jsonl(text: str, file: str) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(io.StringIO(text), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", f"line {n}") from None
-        yield f"line {n}", obj
+        yield f"line {n}", parse_json(line, file, f"line {n}")
 
 
 def _iter_csv(text: str, file: str) -> Iterator[tuple[str, Any]]:
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # long answers are truncated later
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -222,7 +236,7 @@ def detect_format(path: Path, text: str) -> str:
         try:
             json.loads(first)
             return "jsonl" if head == "{" and "\n" in text.strip() else "json"
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; json errors get reported later
             return "json"
     return "csv"
 

@@ -23,7 +23,12 @@ class DataError(FaqtuneError):
         self.file, self.record, self.field = str(file), record, field
         where = self.file + (f" {record}" if record else "")
         what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}: {what}{message}")
+        super().__init__(one_line(f"{where}: {what}{message}"))
+
+
+def one_line(text: str) -> str:
+    """Escape line breaks and other unprintable characters (user data can hold any), so a message stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class ModelError(FaqtuneError):

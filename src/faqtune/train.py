@@ -279,8 +279,13 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     stop = checkpoints.GracefulStop()
     trainer.add_callback(stop)
     started = time.time()
-    with checkpoints.stop_on_signals(stop):
-        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    try:
+        with checkpoints.stop_on_signals(stop):
+            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    finally:  # close the progress bar even on an error, so the message gets a line of its own
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):
+                callback.on_train_end(trainer.args, trainer.state, trainer.control)
     elapsed = time.time() - started
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
         message = checkpoints.interrupted_message(stop, trainer.state, run.checkpoints_dir)
