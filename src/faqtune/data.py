@@ -192,8 +192,18 @@ def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
         yield prefix % i, obj
 
 
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text` split on "\\n" only, without a copy of the whole text (io.StringIO makes one)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
+
+
 def _iter_jsonl(text: str, file: str) -> Iterator[tuple[str, Any]]:
-    for n, line in enumerate(io.StringIO(text), start=1):
+    for n, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         yield f"line {n}", parse_json(line, file, f"line {n}")

@@ -180,11 +180,19 @@ def build_lora_config(lora: LoraConfig):
 
 
 def _from_pretrained(loader: Any, ident: str, **kwargs: Any) -> Any:
-    """Call a transformers loader, turning 'not found / offline' into one clear sentence."""
+    """Call a transformers loader, turning 'not found / offline / unsafe' into one clear sentence."""
     try:
         return loader.from_pretrained(ident, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(f"{ident} ships its own model code, which runs only with `trust_remote_code: true` "
+                         "(set it only for a model you trust)") from None
     except OSError as e:
         if Path(ident).exists():
+            if kwargs.get("use_safetensors") and not list(Path(ident).glob("*.safetensors")):
+                raise ModelError(f"{ident} holds no .safetensors weights; faqtune does not load pickled weights "
+                                 "(pytorch_model.bin can run code when loaded): convert them to safetensors") from None
             raise ModelError(f"could not load {ident}: {str(e).splitlines()[0]}") from None
         raise ModelError(
             f"could not load '{ident}' from the Hugging Face Hub (offline, or no such model): "
@@ -315,6 +323,9 @@ def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: Faqtun
         adapter_dir = run.root if flat else run.adapter_dir
         if not (adapter_dir / "adapter_config.json").exists():
             raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
+        if not (adapter_dir / "adapter_model.safetensors").exists():  # PEFT would fall back to a pickled .bin
+            raise ModelError(f"{adapter_dir}: no adapter_model.safetensors; faqtune loads adapters only from "
+                             "safetensors, never from pickled weights such as adapter_model.bin")
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     model.config.use_cache = True
