@@ -336,7 +336,10 @@ class Exploding:
 
         self.tokenizer, self.gen, self.system_prompt, self.stop_ids = tokenizer, GenerationConfig(), None, [0]
 
-    def answer_batch(self, conversations, gen=None):
+    def prepare(self, conversations):
+        return [(c, None) for c in conversations]
+
+    def generate(self, conversations, gen=None):
         raise RuntimeError("secret internals at /srv/model")
 
 
@@ -461,7 +464,26 @@ def test_chat_page_in_a_browser(server, client):
         browser.find_element(By.ID, "send").click()
         bubble = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.assistant[data-state='done'], .msg.error"))
         assert "error" not in bubble.get_attribute("class"), bubble.text
-        assert bubble.text == expected.choices[0].message.content
+        content = expected.choices[0].message.content
+        citation = (expected.choices[0].model_extra or {}).get("faqtune_citation")
+        assert citation is not None  # the served runs are grounded: the page shows where the answer came from
+        note = bubble.find_element(By.CSS_SELECTOR, ".citation").text
+        assert note == f"source: FAQ #{citation['id']}: {citation['question']}"
+        assert bubble.text.replace(note, "").strip() == content.strip()
         assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == QUESTION
     finally:
         browser.quit()
+
+
+def test_grounded_runs_cite_their_entry_and_decline_offtopic_without_generating(client):
+    answer = client.chat.completions.create(model="second", messages=[{"role": "user", "content": QUESTION}])
+    citation = answer.choices[0].model_extra["faqtune_citation"]
+    assert isinstance(citation["id"], int) and citation["question"] and 0 < citation["score"] <= 1
+    off = [{"role": "user", "content": "Who painted the Mona Lisa?"}]
+    declined = client.chat.completions.create(model="second", messages=off)
+    assert declined.choices[0].message.content.startswith("I'm sorry")
+    assert not declined.choices[0].model_extra.get("faqtune_citation")
+    assert declined.usage.completion_tokens == 0
+    chunks = list(client.chat.completions.create(model="second", messages=off, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        declined.choices[0].message.content

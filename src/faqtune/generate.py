@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -61,11 +62,34 @@ class Answerer:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    @torch.inference_mode()
+    # Hooks for answerers that change the prompt or answer without generating (grounding): `prepare` gives
+    # each conversation to generate from (None: answer it with `unanswered` instead) and a context that
+    # `finish` gets back with the generated answer.
+    def prepare(self, conversations: list[list[dict[str, str]]]) -> list[tuple[list[dict[str, str]] | None, Any]]:
+        return [(c, None) for c in conversations]
+
+    def finish(self, answer: Answer, context: Any) -> Answer:
+        return answer
+
+    def unanswered(self, context: Any) -> Answer:
+        raise NotImplementedError
+
     def answer_batch(self, conversations: list[list[dict[str, str]]],
                      gen: GenerationConfig | None = None) -> list[list[Answer]]:
         """Answer several conversations at once (left-padded batch); one list of answers per conversation."""
         gen = gen or self.gen
+        prepared = self.prepare(conversations)
+        todo = [i for i, (conv, _) in enumerate(prepared) if conv is not None]
+        generated = self.generate([prepared[i][0] for i in todo], gen) if todo else []
+        out = [[self.unanswered(ctx) for _ in range(gen.num_return_sequences)] if conv is None else []
+               for conv, ctx in prepared]
+        for i, group in zip(todo, generated, strict=True):
+            out[i] = [self.finish(a, prepared[i][1]) for a in group]
+        return out
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[list[dict[str, str]]], gen: GenerationConfig) -> list[list[Answer]]:
+        """Generate for conversations as given (left-padded batch): one list of answers per conversation."""
         prompts = [encode_prompt(self.tokenizer, msgs) for msgs in conversations]
         width = max(len(p) for p in prompts)
         device = next(self.model.parameters()).device

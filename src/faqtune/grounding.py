@@ -149,33 +149,29 @@ class GroundedAnswerer(Answerer):
     def retrieve(self, question: str) -> list[Hit]:
         return self.index.search(question, k=self.grounding.top_k, hybrid=self.grounding.hybrid)
 
-    def decline(self) -> Answer:
-        return Answer(self.grounding.decline_message, True, 0, 0, self.grounding.decline_message, None, True)
+    def unanswered(self, context) -> Answer:
+        """The decline, said without generating: no FAQ entry is similar enough."""
+        msg = self.grounding.decline_message
+        return Answer(msg, True, 0, 0, msg, None, True)
 
-    def answer_batch(self, conversations: list[list[dict[str, str]]],
-                     gen: GenerationConfig | None = None) -> list[list[Answer]]:
-        gen = gen or self.gen
-        questions = [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in conversations]
+    def prepare(self, conversations: list[list[dict[str, str]]]):
+        """Retrieve for each conversation; below the threshold -> (None, None) (declined), else the
+        conversation with the entries put into its last user turn, and the entries shown."""
         found = self.index.search_many([retrieval_query(c) for c in conversations], k=self.grounding.top_k,
                                        hybrid=self.grounding.hybrid)
-        out: list[list[Answer] | None] = [None] * len(conversations)
-        todo = []
-        for i, (conv, question, hits) in enumerate(zip(conversations, questions, found, strict=True)):
+        out = []
+        for conv, hits in zip(conversations, found, strict=True):
             if not hits or hits[0].score < self.threshold:
-                out[i] = [self.decline() for _ in range(gen.num_return_sequences)]
+                out.append((None, None))
                 continue
             last = max(j for j, m in enumerate(conv) if m["role"] == "user")
             grounded = [dict(m) for m in conv]
-            grounded[last]["content"] = grounded_question(question, hits)
-            todo.append((i, grounded, hits))
-        if todo:
-            generated = super().answer_batch([g for _, g, _ in todo], gen)
-            for (i, _, hits), group in zip(todo, generated, strict=True):
-                out[i] = [self._cite(a, hits) for a in group]
-        return out  # type: ignore[return-value]
+            grounded[last]["content"] = grounded_question(conv[last]["content"], hits)
+            out.append((grounded, hits))
+        return out
 
-    def _cite(self, answer: Answer, hits: list[Hit]) -> Answer:
-        """The entry the answer came from: the shown entry its text overlaps most (None for a decline)."""
+    def finish(self, answer: Answer, hits: list[Hit]) -> Answer:
+        """Cite the entry the answer came from: the shown entry its text overlaps most (none for a decline)."""
         overlap = [rouge_l(answer.text, h.answer) for h in hits]
         best = max(range(len(hits)), key=overlap.__getitem__)
         if overlap[best] < 0.3 and rouge_l(answer.text, self.grounding.decline_message) >= 0.5:

@@ -3,7 +3,7 @@
 One base model is loaded (4-bit as trained); each run's LoRA adapter is loaded onto it with PEFT under its own
 adapter name, and the bare base is served with the adapters disabled. A single worker thread owns the model:
 it takes queued requests, groups those with the same model and generation settings into one left-padded batch
-and answers them through `Answerer.answer_batch`, the one answering path of the project. A `StoppingCriteria`
+and answers them through the Answerer's prepare -> generate -> finish, the one answering path of the project. A `StoppingCriteria`
 watches every decoding step to stream each row's new text, apply `stop` strings and stop the rows of clients
 that went away.
 """
@@ -49,7 +49,7 @@ class ServedModel:
 class HookedModel:
     """The shared model as the Answerers see it: `generate` also gets the current batch's stopping criteria.
 
-    `Answerer.answer_batch` takes no generate() arguments; wrapping the model keeps it the single answering path
+    `Answerer.generate` takes no generate() arguments; wrapping the model keeps it the single answering path
     (grounding and any other change made there applies to the server too) while the worker adds streaming,
     stop strings and cancellation per batch.
     """
@@ -127,9 +127,13 @@ def base_display_name(base_model: str) -> str:
 
 
 def build_answerer(model, tokenizer, cfg, run_dir: Path | None) -> Answerer:
-    """The one place the server builds an Answerer (a run's, or the bare base's when run_dir is None)."""
-    system_prompt = cfg.data.system_prompt if run_dir is not None else None
-    return Answerer(model, tokenizer, cfg.generation, system_prompt)
+    """The one place the server builds an Answerer: a run's (grounded when it was trained with retrieval:
+    it retrieves, declines below the threshold and cites), or the bare base's when run_dir is None."""
+    if run_dir is None:
+        return Answerer(model, tokenizer, cfg.generation, None)
+    from faqtune.grounding import make_answerer
+
+    return make_answerer(run_dir, model, tokenizer, cfg)
 
 
 def _check_runs(specs: list[str]):
@@ -447,6 +451,17 @@ class BatchWorker:
             return
         entry = self.models.entries[batch[0].model]
         s = batch[0].settings
+        # grounding declines some questions without generating: answer those now, generate for the rest
+        prepared = entry.answerer.prepare([job.messages for job in batch])
+        for job, (conv, ctx) in zip(batch, prepared, strict=True):
+            if conv is None:
+                answer = entry.answerer.unanswered(ctx)
+                self.stats["completed"] += 1
+                job.emit("done", Result([finish_choice(answer, k, s.stop, None) for k in range(s.n)], 0))
+        kept = [(job, conv, ctx) for job, (conv, ctx) in zip(batch, prepared, strict=True) if conv is not None]
+        if not kept:
+            return
+        batch = [job for job, _, _ in kept]
         # greedy decoding gives n equal answers: generate one and replicate it
         n_gen = s.n if s.temperature > 0 else 1
         gen = replace(entry.answerer.gen, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -455,7 +470,9 @@ class BatchWorker:
         rows = [_Row(job, choices) for job in batch for choices in per_row]
         monitor = BatchMonitor(rows, entry.answerer.tokenizer, entry.answerer.stop_ids, s.stop)
         with self.models.activate(entry, monitor):
-            groups = entry.answerer.answer_batch([job.messages for job in batch], gen)
+            groups = entry.answerer.generate([conv for _, conv, _ in kept], gen)
+        groups = [[entry.answerer.finish(a, ctx) for a in group] for group, (_, _, ctx) in zip(groups, kept,
+                                                                                                strict=True)]
         self.stats["stopped_mid_generation"] += monitor.cancelled_rows
         for i, (job, answers) in enumerate(zip(batch, groups, strict=True)):
             if job.cancelled.is_set():
