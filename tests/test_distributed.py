@@ -97,3 +97,21 @@ def test_quant_storage_follows_the_compute_dtype_under_fsdp(monkeypatch):
     assert build_bnb_config(q).bnb_4bit_quant_storage == torch.uint8
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
     assert build_bnb_config(q).bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_sharded_qlora_keeps_one_dtype_per_layer(tiny_base, monkeypatch):
+    """Under FSDP the base keeps the storage dtype (no fp32 upcast of norms), or FSDP refuses to flatten."""
+    import torch
+
+    from faqtune.config import load_config
+    from faqtune.models import attach_lora, load_base_model
+
+    cfg = load_config(None, {"quantization.compute_dtype": "bf16", "lora.r": "4"})
+
+    def base_dtypes():
+        model = attach_lora(load_base_model(str(tiny_base), cfg), cfg)
+        return {p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point()}
+
+    assert torch.float32 in base_dtypes()  # single process: norms upcast for stable k-bit training
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert base_dtypes() == {torch.bfloat16}  # packed 4-bit weights stored as bf16 too

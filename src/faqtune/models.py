@@ -161,7 +161,7 @@ def build_bnb_config(q: QuantizationConfig):
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=dtype,
         # FSDP shards the packed weights together with the rest only when they share a dtype (QLoRA + FSDP)
-        bnb_4bit_quant_storage=dtype if os.environ.get("ACCELERATE_USE_FSDP") == "true" else torch.uint8,
+        bnb_4bit_quant_storage=dtype if _fsdp() else torch.uint8,
     )
 
 
@@ -234,6 +234,11 @@ def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _fsdp() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (it sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP") == "true"
+
+
 def keep_4bit_layers_trainable(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference while the model is being trained.
 
@@ -260,7 +265,10 @@ def attach_lora(model, cfg: FaqtuneConfig):
 
     if cfg.quantization.mode != "none":
         # gradient checkpointing itself is switched on by the Trainer (activation_checkpointing)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if not _fsdp():
+            # It upcasts norms and embeddings to fp32; FSDP flattens one dtype per wrapped unit ("Must flatten
+            # tensors with uniform dtype", measured), so a sharded base keeps them in the storage dtype (as TRL does).
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_layers_trainable(model)
     return get_peft_model(model, build_lora_config(cfg.lora))
 
