@@ -68,7 +68,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.05, "share of the steps spent warming up the learning rate")
     batch_size: int = _f(4, "examples per device per micro-batch (packed into one sequence when packing)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    epochs: float = _f(10.0, "passes over the training data (ignored when max_steps > 0)")
+    epochs: float | None = _f(None, "passes over the training data (ignored when max_steps > 0); default: 10 for "
+                                    "pure fine-tuning, 3 with grounding (copying from shown entries is learnt sooner)")
     max_steps: int = _f(-1, "optimizer steps; > 0 overrides epochs")
     optimizer: str = _f("paged_adamw_8bit", "transformers optim name, e.g. paged_adamw_8bit | adamw_torch")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -85,6 +86,13 @@ class TrainConfig:
     save_total_limit: int = _f(3, "checkpoints kept")
     seed: int = _f(42, "training seed")
     num_threads: int = _f(0, "CPU threads for torch (0: leave torch's default)")
+
+
+def effective_epochs(cfg: Any) -> float:
+    """`train.epochs`, or its default for the grounding mode."""
+    if cfg.train.epochs is not None:
+        return cfg.train.epochs
+    return 3.0 if cfg.grounding.mode == "retrieval" else 10.0
 
 
 @dataclass
@@ -176,7 +184,7 @@ def validate(cfg: FaqtuneConfig) -> None:
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1", t.gradient_accumulation_steps)
-    need(t.max_steps > 0 or t.epochs > 0, "train.epochs", "> 0 when train.max_steps is not set", t.epochs)
+    need(t.epochs is None or t.epochs > 0, "train.epochs", "> 0", t.epochs)
     need(t.logging_steps >= 1, "train.logging_steps", ">= 1", t.logging_steps)
     need(t.eval_steps >= 0, "train.eval_steps", ">= 0", t.eval_steps)
     if t.keep_best and (t.eval_steps == 0 or t.save_steps % max(1, t.eval_steps) or cfg.data.eval_fraction == 0):

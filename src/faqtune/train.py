@@ -25,7 +25,7 @@ from trl import SFTConfig, SFTTrainer
 
 from faqtune import checkpoints
 from faqtune import data as data_mod
-from faqtune.config import FaqtuneConfig, parse_mix
+from faqtune.config import FaqtuneConfig, effective_epochs, parse_mix
 from faqtune.data import general_instructions_path
 from faqtune.errors import FaqtuneError, TrainingStopped
 from faqtune.models import (
@@ -184,7 +184,7 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool):
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=max(1, t.batch_size),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.epochs,
+        num_train_epochs=effective_epochs(cfg),
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
