@@ -258,3 +258,15 @@ def test_gguf_refuses_what_it_cannot_write():
     with pytest.raises(ModelError, match="splits text"):
         _pre_tokenizer_name({"type": "Whitespace"})
     assert _pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt2"
+
+
+def test_push_includes_the_faq_index_of_a_grounded_run(tiny_run, tmp_path):
+    from faqtune.export import stage_adapter
+    from faqtune.run import RunDir
+
+    run = tmp_path / "grounded"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "index").mkdir()
+    (run / "index" / "faq.lance").write_text("x")
+    staged = stage_adapter(RunDir(run), RunDir(run).load_config(), tmp_path / "staged")
+    assert (staged / "index" / "faq.lance").exists()

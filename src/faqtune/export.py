@@ -185,6 +185,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
         raise FaqtuneError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
     run = RunDir(run_dir)
     cfg = run.load_config()
+    if not (run.adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FaqtuneError(f"{out} exists and is not empty; choose another OUT_DIR or remove it")
@@ -416,6 +418,8 @@ def stage_adapter(run: RunDir, cfg, dest: Path) -> Path:
     (dest / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
     for path in run.tokenizer_dir.iterdir():
         shutil.copy2(path, dest)
+    if (run.root / "index").is_dir():  # a grounded run answers from its FAQ index: `faqtune ask REPO` opens it
+        shutil.copytree(run.root / "index", dest / "index", dirs_exist_ok=True)
     _write_shared_config(cfg, dest)
     return dest
 
