@@ -15,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -89,7 +90,7 @@ def problem(folder: Path, checksums: bool = True) -> str | None:
         if not isinstance(files, dict):
             raise TypeError
     except FileNotFoundError:
-        return "partial: no manifest (the write did not finish)"
+        return "partial: no manifest (the write did not finish, or a faqtune without manifests wrote it)"
     except (OSError, ValueError, KeyError, TypeError):
         return f"corrupt: {MANIFEST} is unreadable"
     missing = [name for name in REQUIRED if name not in files]
@@ -138,9 +139,12 @@ def scan(checkpoints_dir: Path, checksums: bool = True) -> Scan:
 def set_aside(path: Path) -> Path:
     """Rename a bad checkpoint out of the way (`checkpoint-40.partial`), so it is never mistaken or overwritten."""
     target = path.with_name(path.name + ".partial")
-    if target.exists():
-        shutil.rmtree(target)  # an older bad copy of the same step
-    os.replace(path, target)
+    try:
+        if target.exists():
+            shutil.rmtree(target)  # an older bad copy of the same step
+        os.replace(path, target)
+    except OSError:
+        return path  # e.g. a read-only folder: left in place (unsealed, it is never resumed from)
     return target
 
 
@@ -190,7 +194,7 @@ def resume_point(checkpoints_dir: Path, say) -> Path:
     found = scan(checkpoints_dir)
     for path, why in found.skipped:
         moved = set_aside(path)
-        say(f"checkpoint {path.name} is {why}; set aside as {moved.name}"
+        say(f"checkpoint {path.name} is {why}; " + (f"set aside as {moved.name}" if moved != path else "skipped")
             + (f", resuming from {found.usable.name}" if found.usable else ""))
     if found.usable is None:
         raise CheckpointError(f"{checkpoints_dir.parent}: --resume given but no checkpoint found in {checkpoints_dir}"
@@ -249,6 +253,15 @@ class SafeCheckpoints:
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
 
+    def restore(self, checkpoint: Path):
+        """Load a final checkpoint's adapter and state without training (nothing is left to train)."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        return TrainOutput(self.state.global_step, float("nan"), {})
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Checked before the optimizer step, so the weights (and the checkpoints) stay finite.
@@ -269,6 +282,17 @@ class SafeCheckpoints:
                "--resume`)."
 
 
+def is_final(checkpoint: Path, max_steps: int, epochs: float) -> bool:
+    """Whether `checkpoint` ends the training that `max_steps` (or `epochs`, when max_steps <= 0) asks for."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        step, planned = int(state["global_step"]), int(state["max_steps"])
+        same_plan = max_steps > 0 or int(state["num_train_epochs"]) == math.ceil(epochs)  # the Trainer ceils
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return step >= (max_steps if max_steps > 0 else planned) and same_plan
+
+
 class GracefulStop(TrainerCallback):
     """On SIGINT/SIGTERM: finish the current optimizer step, write a checkpoint, then stop training."""
 
@@ -276,6 +300,12 @@ class GracefulStop(TrainerCallback):
         self.received: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process must stop after the same step, or the others wait forever in the next all-reduce.
+            flag = torch.tensor([0.0 if self.received is None else 1.0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and self.received is None:
+                self.received = signal.SIGTERM  # another process was signalled
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True

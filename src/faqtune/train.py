@@ -276,9 +276,23 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     _say(trainable_report(model))
     trainer = _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok)
 
+    started = time.time()
+    if last is not None and checkpoints.is_final(last, cfg.train.max_steps, effective_epochs(cfg)):
+        # transformers would train one step past the end; the run only lacks its adapter (crash after the end)
+        _say(f"{last.name} is the end of training: writing the adapter from it")
+        result = trainer.restore(last)
+    else:
+        result = _fit(trainer, run, last)
+    elapsed = time.time() - started
+    if eval_tok.rows:
+        trainer.evaluate()
+    return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last)
+
+
+def _fit(trainer, run: RunDir, last: Path | None):
+    """trainer.train, stopping cleanly (checkpoint, then TrainingStopped) on SIGINT/SIGTERM."""
     stop = checkpoints.GracefulStop()
     trainer.add_callback(stop)
-    started = time.time()
     try:
         with checkpoints.stop_on_signals(stop):
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -286,13 +300,10 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback):
                 callback.on_train_end(trainer.args, trainer.state, trainer.control)
-    elapsed = time.time() - started
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
-        message = checkpoints.interrupted_message(stop, trainer.state, run.checkpoints_dir)
-        raise TrainingStopped(message, stop.exit_code)
-    if eval_tok.rows:
-        trainer.evaluate()
-    return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last)
+        raise TrainingStopped(checkpoints.interrupted_message(stop, trainer.state, run.checkpoints_dir),
+                              stop.exit_code)
+    return result
 
 
 def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train_entries, eval_entries):

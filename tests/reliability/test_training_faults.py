@@ -196,7 +196,10 @@ def test_disk_full_while_writing_the_adapter(train_argv, reference, tmp_path, mo
     assert problem(run / "checkpoints" / "checkpoint-10") is None
     monkeypatch.undo()
 
-    assert resume(run) == 0  # nothing left to train: the adapter is written from the last checkpoint
+    assert resume(run) == 0
+    assert "checkpoint-10 is the end of training: writing the adapter from it" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10  # not one step past the end
+    assert sealed(run) == ["checkpoint-4", "checkpoint-8", "checkpoint-10"]
     assert_same_adapter(run, reference)
 
 
