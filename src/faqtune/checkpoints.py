@@ -202,12 +202,13 @@ def resume_point(checkpoints_dir: Path, say) -> Path:
     return found.usable
 
 
-def _previous(checkpoints_dir: Path, before: Path) -> str:
+def _previous(checkpoints_dir: Path, before: Path, why: str) -> str:
+    fix = "free some space" if "disk" in why or "space" in why else "fix that"
     usable = scan(checkpoints_dir, checksums=False).usable
     if usable is not None and usable != before:
-        return f"the previous checkpoint {usable} is intact; free some space and resume with " \
+        return f"the previous checkpoint {usable} is intact; {fix} and resume with " \
                f"`faqtune train --output {checkpoints_dir.parent} --resume`"
-    return "no earlier checkpoint exists; free some space and train again"
+    return f"no earlier checkpoint exists; {fix} and train again"
 
 
 class SafeCheckpoints:
@@ -238,7 +239,7 @@ class SafeCheckpoints:
                 raise
             shutil.rmtree(folder, ignore_errors=True)  # half a checkpoint is useless, and the disk may be full
             raise CheckpointError(f"{folder}: cannot write the checkpoint ({why}); "
-                                  f"{_previous(folder.parent, folder)}") from e
+                                  f"{_previous(folder.parent, folder, why)}") from e
         if self.args.should_save and self.keep_checkpoints:
             best = self.state.best_model_checkpoint
             rotate(folder.parent, self.keep_checkpoints, Path(best) if best else None)
