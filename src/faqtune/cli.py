@@ -254,8 +254,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] 
     "ask": (cmd_ask, "answer one question with a trained run"),
     "chat": (cmd_chat, "interactive chat with a trained run (reads piped stdin too)"),
     "eval": (cmd_eval, "measure answers, stops, declines and forgetting, base vs tuned; write a report"),
-    "index": (cmd_index, "build or rebuild the retrieval index of an FAQ (e.g. into RUN_DIR/index after "
-                         "adding entries: no retraining needed for them to be found)"),
+    "index": (cmd_index, "build an FAQ's retrieval index (new entries need no retraining)"),
     "demo": (cmd_demo, "train on the bundled FAQ and compare base vs tuned answers"),
     "merge": (cmd_merge, "merge a run's adapter into its base: a standalone model, with a fidelity check"),
     "push": (cmd_push, "upload a run's adapter (or merged model) to the Hugging Face Hub with a model card"),

@@ -184,7 +184,8 @@ def validate(cfg: FaqtuneConfig) -> None:
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1", t.gradient_accumulation_steps)
-    need(t.epochs is None or t.epochs > 0, "train.epochs", "> 0", t.epochs)
+    need(t.epochs is None or t.epochs > 0 or t.max_steps > 0, "train.epochs", "> 0 when train.max_steps is not set",
+         t.epochs)
     need(t.logging_steps >= 1, "train.logging_steps", ">= 1", t.logging_steps)
     need(t.eval_steps >= 0, "train.eval_steps", ">= 0", t.eval_steps)
     if t.keep_best and (t.eval_steps == 0 or t.save_steps % max(1, t.eval_steps) or cfg.data.eval_fraction == 0):

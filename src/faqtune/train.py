@@ -249,13 +249,13 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     if mixed:
         data_mod.write_jsonl(mixed, run.mix_split)
         _say(f"data: mixing in {len(mixed)} general example(s) from {', '.join(cfg.data.mix)}")
-    if cfg.grounding.mode == "retrieval":
-        train_entries, eval_entries = _ground(cfg, run, faq.entries, train_entries, eval_entries)
 
     base = resolve_base(cfg.base_model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer):
         _say("the tokenizer has no chat template: using the guide's '<human>: / <assistant>:' format")
+    if cfg.grounding.mode == "retrieval":  # after the base resolved: a wrong base fails before the indexing
+        train_entries, eval_entries = _ground(cfg, run, faq.entries, train_entries, eval_entries)
     train_tok = tokenize_entries(tokenizer, train_entries + mixed, cfg)
     eval_tok = tokenize_entries(tokenizer, eval_entries, cfg)
     if not train_tok.rows:
