@@ -303,17 +303,20 @@ def verify_gguf(path: str | Path, model, tokenizer, prompts: list[list[dict[str,
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     loaded_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     reference = model.float()
-    diffs = []
+    diffs, same, positions = [], 0, 0
     for messages in prompts:
         ids = torch.tensor([encode_prompt(tokenizer, messages)])
         a = reference(input_ids=ids, use_cache=False).logits
         b = loaded(input_ids=ids, use_cache=False).logits
         diffs.append(float((a - b).abs().max()))
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        positions += ids.shape[1]
     train_ids = encode_conversation(tokenizer, conversation, 10**6).input_ids
     gguf_ids = encode_conversation(loaded_tok, conversation, 10**6).input_ids
     return {
         "prompts": len(prompts),
         "max_abs_logit_diff": max(diffs),
+        "top1_agreement": same / max(1, positions),  # share of prompt positions with the same next token
         "logit_scale": float(reference(input_ids=ids, use_cache=False).logits.abs().max()),
         "template_ids_equal": train_ids == gguf_ids,
         "template_tokens": len(train_ids),
@@ -368,7 +371,8 @@ def format_export(result: dict[str, Any]) -> str:
     v = result.get("verify")
     if v:
         lines.append(f"round trip (transformers loads the GGUF back): max |logit diff| {v['max_abs_logit_diff']:.2e} "
-                     f"over {v['prompts']} prompts (logits up to {v['logit_scale']:.1f}); chat-template token ids "
+                     f"over {v['prompts']} prompts (logits up to {v['logit_scale']:.1f}), same next token at "
+                     f"{100 * v['top1_agreement']:.1f}% of positions; chat-template token ids "
                      f"{'identical' if v['template_ids_equal'] else 'DIFFERENT'} ({v['template_tokens']} tokens); "
                      f"chat template {'identical' if v['chat_template_equal'] else 'DIFFERENT'}")
     return "\n".join(lines)

@@ -293,7 +293,8 @@ def fetch_adapter(ident: str) -> str:
         return snapshot_download(ident)
     except Exception as e:  # offline, no such repo, gated: one sentence
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"could not download the adapter '{ident}' from the Hugging Face Hub: {first}") from None
+        raise ModelError(f"'{ident}' is neither a local run or adapter folder nor a Hub repo that could be "
+                         f"downloaded ({first})") from None
 
 
 def adapter_folder_config(folder: str | Path, overrides: dict[str, Any] | None = None) -> FaqtuneConfig:
