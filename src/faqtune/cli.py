@@ -257,7 +257,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] 
     "index": (cmd_index, "build an FAQ's retrieval index (new entries need no retraining)"),
     "demo": (cmd_demo, "train on the bundled FAQ and compare base vs tuned answers"),
     "merge": (cmd_merge, "merge a run's adapter into its base: a standalone model, with a fidelity check"),
-    "push": (cmd_push, "upload a run's adapter (or merged model) to the Hugging Face Hub with a model card"),
+    "push": (cmd_push, "upload a run's adapter or merged model, with a model card, to the Hub"),
     "export-gguf": (cmd_export_gguf, "merge and write a GGUF (llama.cpp, Ollama) plus an Ollama Modelfile"),
     "serve": (cmd_serve, "serve runs over an OpenAI-compatible HTTP API, with a chat page"),
 }
