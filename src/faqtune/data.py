@@ -86,7 +86,8 @@ def read_text(path: Path) -> str:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(str(path), f"not valid UTF-8 (byte {e.start}); save the file as UTF-8", f"line {line}") from None
     if "\x00" in text:
-        raise DataError(str(path), "contains NUL bytes; is it a binary file?")
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataError(str(path), "contains NUL bytes; is it a binary file?", f"line {line}")
     if not text.strip():
         raise DataError(str(path), "is empty")
     return text

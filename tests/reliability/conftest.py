@@ -1,23 +1,24 @@
 """Fixtures of the reliability suite: a small FAQ, the tiny-Llama training settings, and one uninterrupted
-reference run that every faulted-then-resumed run must reproduce bit for bit."""
+reference run that every faulted-then-resumed run must reproduce bit for bit.
+
+(The suite is a package, so this conftest does not replace the root one in `sys.modules["conftest"]`.)
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
-from faqtune.checkpoints import MANIFEST
+from .support import SETTINGS
 
-# 10 optimizer steps over 12 examples (3 per epoch): checkpoints at 4 and 8 fall mid-epoch, so a resume has
-# to skip into the data; held-out loss at 5 and at the end; LoRA dropout on (the default 0.1) so the RNG
-# state matters too.
-STEPS, SAVE_STEPS = 10, 4
-SETTINGS = ["--train.max_steps", str(STEPS), "--train.save_steps", str(SAVE_STEPS), "--train.eval_steps", "5",
-            "--data.eval_fraction", "0.2", "--lora.r", "4", "--quantization.compute_dtype", "fp32",
-            "--grounding.mode", "none", "--train.logging_steps", "1"]
+# On CI the fuzzers replay the same examples (no flaky builds); elsewhere each run explores new ones.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
@@ -46,42 +47,3 @@ def reference(train_argv, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("reference") / "run"
     assert main(train_argv(run)) == 0
     return run
-
-
-def adapter_tensors(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-def adapter_difference(run: Path, reference: Path) -> float:
-    """Largest absolute difference between two runs' adapters (0.0: bitwise equal); keys must match."""
-    a, b = adapter_tensors(run), adapter_tensors(reference)
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def assert_same_adapter(run: Path, reference: Path) -> None:
-    import torch
-
-    a, b = adapter_tensors(run), adapter_tensors(reference)
-    assert a.keys() == b.keys()
-    unequal = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not unequal, f"{len(unequal)} tensor(s) differ, max |diff| {adapter_difference(run, reference)}"
-
-
-def sealed(run: Path) -> list[str]:
-    return sorted((p.name for p in (run / "checkpoints").glob("checkpoint-*") if (p / MANIFEST).exists()),
-                  key=lambda n: int(n.split("-")[-1]) if n.split("-")[-1].isdigit() else -1)
-
-
-def copy_run(run: Path, target: Path) -> Path:
-    shutil.copytree(run, target)
-    return target
-
-
-def error_line(err: str) -> str:
-    """The CLI's one-line error (progress output shares stderr)."""
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]

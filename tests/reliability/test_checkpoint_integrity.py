@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_adapter, copy_run, error_line, sealed
 
 from faqtune.checkpoints import MANIFEST, REQUIRED, problem, rotate, scan, seal
 from faqtune.cli import main
 from faqtune.run import RunDir
+
+from .support import assert_same_adapter, copy_run, error_line, sealed
 
 
 def test_a_finished_run_holds_sealed_checkpoints(reference):

@@ -9,17 +9,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, error_line, sealed
 from transformers import Trainer, TrainerCallback
 
 import faqtune.train as train_mod
 from faqtune.checkpoints import problem
 from faqtune.cli import main
+
+from .support import assert_same_adapter, error_line, sealed
 
 HARNESS = Path(__file__).with_name("harness.py")
 
@@ -57,7 +59,7 @@ def resume(run: Path) -> int:
 
 def test_kill_9_mid_run_then_resume_equals_uninterrupted(train_argv, reference, tmp_path):
     run, log = tmp_path / "run", tmp_path / "stderr.txt"
-    proc = start(train_argv(run), log, HARNESS_STEP_SLEEP="0.3")
+    proc = start(train_argv(run), log, HARNESS_STEP_SLEEP="0.2")
     wait_for(lambda: "checkpoint-4" in sealed(run) and logged_step(run) >= 6, proc, log)
     proc.kill()  # SIGKILL, between checkpoint-4 and checkpoint-8
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -88,7 +90,7 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(train_argv, re
 
 def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(train_argv, reference, tmp_path, capsys):
     run, log = tmp_path / "run", tmp_path / "stderr.txt"
-    proc = start(train_argv(run), log, HARNESS_STEP_SLEEP="0.3")
+    proc = start(train_argv(run), log, HARNESS_STEP_SLEEP="0.2")
     wait_for(lambda: logged_step(run) >= 2, proc, log)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
@@ -124,6 +126,8 @@ def add_callback(monkeypatch, callback: TrainerCallback) -> None:
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(train_argv, reference, tmp_path, monkeypatch, capsys):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only; SIGTERM would end the test run")
     run = tmp_path / "run"
     add_callback(monkeypatch, SignalAt(3, signal.SIGTERM))
     before = signal.getsignal(signal.SIGTERM)
