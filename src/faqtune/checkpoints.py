@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -321,7 +322,7 @@ class GracefulStop(TrainerCallback):
         self.received = signum
         name = signal.Signals(signum).name
         print(f"\n{name}: finishing the current step and writing a checkpoint "
-              f"({name} again stops at once, without one)", file=__import__("sys").stderr, flush=True)
+              f"({name} again stops at once, without one)", file=sys.stderr, flush=True)
 
     @property
     def exit_code(self) -> int:
