@@ -270,3 +270,14 @@ def test_push_includes_the_faq_index_of_a_grounded_run(tiny_run, tmp_path):
     (run / "index" / "faq.lance").write_text("x")
     staged = stage_adapter(RunDir(run), RunDir(run).load_config(), tmp_path / "staged")
     assert (staged / "index" / "faq.lance").exists()
+
+
+def test_merge_without_check_saves_the_dequantized_merge(tiny_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fast"
+    assert main(["merge", str(tiny_run), str(out), "--no-check", "--dtype", "fp16"]) == 0
+    assert "fidelity not measured" in capsys.readouterr().out
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["base_weights"] == "dequantized" and not report["checked"]
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float16
