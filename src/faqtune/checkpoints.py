@@ -203,6 +203,27 @@ def resume_point(checkpoints_dir: Path, say) -> Path:
     return found.usable
 
 
+def forget_after(metrics_path: Path, step: int) -> int:
+    """Drop the metrics.jsonl rows logged after `step`: a run resumed from checkpoint-`step` logs them again."""
+    try:
+        lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+
+    def after(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError):
+            return True  # a line cut short by the crash
+
+    kept = [line for line in lines if not after(line)]
+    if len(kept) < len(lines):
+        tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, metrics_path)
+    return len(lines) - len(kept)
+
+
 def _previous(checkpoints_dir: Path, before: Path, why: str) -> str:
     fix = "free some space" if "disk" in why or "space" in why else "fix that"
     usable = scan(checkpoints_dir, checksums=False).usable

@@ -237,6 +237,8 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     last = checkpoints.resume_point(run.checkpoints_dir, _say) if resume else None
+    if last is not None:  # the steps after the checkpoint are trained (and logged) again
+        checkpoints.forget_after(run.metrics_path, checkpoints.checkpoint_step(last))
     data_path = cfg.data.path or str(data_mod.bundled_faq_path())
     faq = data_mod.load_faq(data_path, cfg.data.format, cfg.data.question_field, cfg.data.answer_field)
     for note in faq.notes:
@@ -311,10 +313,23 @@ def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train
     from faqtune.grounding import INDEX_DIR, build_index, ground_entries
 
     started = time.time()
-    index = build_index(run.root / INDEX_DIR, faq, cfg, seed=cfg.data.seed)
+    main = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several processes: the main one indexes, the others read it
+        from accelerate import PartialState
+
+        from faqtune.retrieval import FaqIndex
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # on CPU accelerate needs telling
+        main = state.is_main_process
+        with state.main_process_first():
+            index = (build_index(run.root / INDEX_DIR, faq, cfg, seed=cfg.data.seed) if state.is_main_process
+                     else FaqIndex(run.root / INDEX_DIR))
+    else:
+        index = build_index(run.root / INDEX_DIR, faq, cfg, seed=cfg.data.seed)
     position = {id(e): i for i, e in enumerate(faq)}
-    _say(f"grounding: indexed {len(faq)} entries in {time.time() - started:.1f}s "
-         f"(decline below similarity {index.threshold:.3f})")
+    if main:
+        _say(f"grounding: indexed {len(faq)} entries in {time.time() - started:.1f}s "
+             f"(decline below similarity {index.threshold:.3f})")
     grounded = [ground_entries(index, split, [position[id(e)] for e in split], cfg, seed=cfg.data.seed + k)
                 for k, split in enumerate((train_entries, eval_entries))]
     data_mod.write_jsonl(grounded[0], run.root / "data" / "train_grounded.jsonl")  # what the model saw

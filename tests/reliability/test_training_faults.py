@@ -67,6 +67,8 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(train_argv, reference, 
 
     assert resume(run) == 0
     assert_same_adapter(run, reference)
+    losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == list(range(1, 11))  # steps 5-6+ logged once, not twice
 
 
 @pytest.mark.parametrize("where", ["optimizer", "seal"])
