@@ -65,6 +65,23 @@ def test_two_process_ddp_matches_one_process(tiny_base, faq, tmp_path):
     assert json.loads((ddp / "summary.json").read_text())["steps"] == 3
 
 
+def test_two_process_ddp_with_grounding_indexes_once(tiny_base, faq, tmp_path):
+    """The main process builds the run's index while the other waits, then both read it."""
+    run = tmp_path / "grounded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "faqtune",
+         "train", "--base", str(tiny_base), "--data", str(faq), "--output", str(run), "--train.max_steps", "1",
+         "--lora.r", "4", "--train.batch_size", "2", "--grounding.top_k", "2"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("grounding: indexed 12 entries") == 1
+    from faqtune.retrieval import FaqIndex
+
+    assert len(FaqIndex(run / "index")) == 12 and (run / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_python_dash_m_faqtune_is_the_launch_entry_point():
     proc = subprocess.run([sys.executable, "-m", "faqtune", "train", "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=60)
