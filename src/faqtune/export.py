@@ -62,7 +62,7 @@ def merge_adapter(run_dir: str | Path, base_weights: str = "dequantized", dtype:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from faqtune.models import _from_pretrained, resolve_base
+    from faqtune.models import _from_pretrained, resolve_base, safe_adapter_dir
 
     if base_weights not in ("dequantized", "original"):
         raise FaqtuneError(f"base weights must be 'dequantized' or 'original', got {base_weights!r}")
@@ -79,7 +79,7 @@ def merge_adapter(run_dir: str | Path, base_weights: str = "dequantized", dtype:
         with torch.no_grad():
             for key, value in weights.items():
                 state[key].copy_(value)
-    model = PeftModel.from_pretrained(model, str(run.adapter_dir)).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(safe_adapter_dir(run.adapter_dir))).merge_and_unload()
     with torch.no_grad():  # parameters only: buffers such as rope's inv_freq stay fp32, as from_pretrained keeps them
         for param in model.parameters():
             param.data = param.data.to(MERGE_DTYPES[dtype])

@@ -312,6 +312,18 @@ def adapter_folder_config(folder: str | Path, overrides: dict[str, Any] | None =
     return cfg
 
 
+def safe_adapter_dir(adapter_dir: str | Path) -> Path:
+    """An adapter folder checked before PEFT loads it: a config and safetensors weights (PEFT would fall back
+    to a pickled adapter_model.bin, which can run code when loaded)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"{adapter_dir}: no adapter_config.json (did training finish?)")
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        raise ModelError(f"{adapter_dir}: no adapter_model.safetensors; faqtune loads adapters only from "
+                         "safetensors, never from pickled weights such as adapter_model.bin")
+    return adapter_dir
+
+
 def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None):
     """Base (quantized as trained) + the run's adapter, ready to generate; returns (model, tokenizer, cfg).
 
@@ -330,12 +342,7 @@ def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: Faqtun
         from peft import PeftModel
 
         adapter_dir = run.root if flat else run.adapter_dir
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
-        if not (adapter_dir / "adapter_model.safetensors").exists():  # PEFT would fall back to a pickled .bin
-            raise ModelError(f"{adapter_dir}: no adapter_model.safetensors; faqtune loads adapters only from "
-                             "safetensors, never from pickled weights such as adapter_model.bin")
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = PeftModel.from_pretrained(model, str(safe_adapter_dir(adapter_dir)))
     model.eval()
     model.config.use_cache = True
     return model, tokenizer, cfg

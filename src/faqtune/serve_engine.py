@@ -171,7 +171,7 @@ def load_served_models(specs: list[str]) -> ServedModels:
     """Load the shared base once, every run's adapter onto it, and an Answerer per name (plus the bare base)."""
     from peft import PeftModel
 
-    from faqtune.models import load_base_model, load_tokenizer
+    from faqtune.models import load_base_model, load_tokenizer, safe_adapter_dir
 
     runs, base = _check_runs(specs)
     first_cfg = runs[0][2]
@@ -182,9 +182,9 @@ def load_served_models(specs: list[str]) -> ServedModels:
     for i, (name, run, _) in enumerate(runs):
         # internal adapter names: PEFT keeps adapters in module dicts, where a user's name (dots...) may not fit
         if i == 0:
-            model = PeftModel.from_pretrained(model, str(run.adapter_dir), adapter_name=f"run{i}")
+            model = PeftModel.from_pretrained(model, str(safe_adapter_dir(run.adapter_dir)), adapter_name=f"run{i}")
         else:
-            model.load_adapter(str(run.adapter_dir), adapter_name=f"run{i}")
+            model.load_adapter(str(safe_adapter_dir(run.adapter_dir)), adapter_name=f"run{i}")
         log.info("adapter %s loaded from %s", name, run.root)
     model.eval()
     model.config.use_cache = True
