@@ -121,6 +121,8 @@ class GroundingConfig:
     hybrid: bool = _f(False, "fuse LanceDB full-text ranking with the vector ranking (measured worse on "
                              "rephrased questions)")
     threshold: float | None = _f(None, "decline below this top-1 similarity (default: calibrated at training time)")
+    fallback: bool = _f(True, "when the model declines a question retrieval found in scope, answer with the top "
+                              "entry verbatim (cited as such)")
     decline_message: str = _f(DECLINE_MESSAGE, "what the bot says when no FAQ entry fits")
 
 

@@ -171,10 +171,21 @@ class GroundedAnswerer(Answerer):
         return out
 
     def finish(self, answer: Answer, hits: list[Hit]) -> Answer:
-        """Cite the entry the answer came from: the shown entry its text overlaps most (none for a decline)."""
+        """Cite the entry the answer came from: the shown entry its text overlaps most.
+
+        A model decline of a question retrieval found in scope (above the threshold) is answered with the
+        top entry verbatim when `grounding.fallback` is on (measured: a small model declines rephrased
+        questions it cannot match to an entry far more often than retrieval misses them)."""
+        from faqtune.evaluate import is_decline
+
         overlap = [rouge_l(answer.text, h.answer) for h in hits]
         best = max(range(len(hits)), key=overlap.__getitem__)
-        if overlap[best] < 0.3 and rouge_l(answer.text, self.grounding.decline_message) >= 0.5:
+        declined = overlap[best] < 0.3 and (is_decline(answer.text) or
+                                            rouge_l(answer.text, self.grounding.decline_message) >= 0.5)
+        if declined and self.grounding.fallback:
+            top = hits[0]
+            return replace(answer, text=top.answer, source={**top.citation(), "overlap": 1.0, "verbatim": True})
+        if declined:
             return replace(answer, source=None, declined=True)
         return replace(answer, source={**hits[best].citation(), "overlap": round(overlap[best], 4)})
 
