@@ -207,3 +207,23 @@ def test_eval_of_a_grounded_run_reports_the_three_ways_side_by_side(grounded_run
     assert set(g) >= {"tuned_without_grounding", "retrieval_only", "tuned_grounded", "threshold"}
     assert g["retrieval_only"]["answer_accuracy"] == 1.0  # held-out questions verbatim: their own entry first
     assert 0 <= g["tuned_grounded"]["answer_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_model_decline_of_an_in_scope_question_falls_back_to_the_top_entry(tiny_base, index, bundled, fallback):
+    from faqtune.generate import Answer
+    from faqtune.models import load_base_model, load_tokenizer
+
+    cfg = load_config(None, {"base_model": str(tiny_base), "quantization.mode": "none",
+                             "grounding.fallback": str(fallback).lower()})
+    model, tok = load_base_model(str(tiny_base), cfg, quantize=False), load_tokenizer(str(tiny_base))
+    bot = GroundedAnswerer(model, tok, cfg.generation, None, index, cfg)
+    hits = index.search(bundled[4].question)
+    said = cfg.grounding.decline_message
+    out = bot.finish(Answer(said, True, 20, 100, said), hits)
+    if fallback:
+        assert out.text == hits[0].answer and out.source["verbatim"] and out.source["id"] == hits[0].id
+    else:
+        assert out.declined and out.source is None and out.text == said
+    copied = bot.finish(Answer(hits[1].answer, True, 20, 100, hits[1].answer), hits)
+    assert copied.source["id"] == hits[1].id and copied.source["overlap"] == 1.0 and not copied.declined
