@@ -39,6 +39,7 @@ def _quiet() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; failures become one line
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
