@@ -22,20 +22,15 @@ from pathlib import Path
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
-from faqtune.evaluate import EvalSet, build_eval_set, is_decline, read_offtopic
+from faqtune.evaluate import build_eval_set, eval_accuracy, is_decline, read_offtopic
 from faqtune.generate import Answerer
 from faqtune.grounding import GroundedAnswerer, open_run_index, retrieval_only
-from faqtune.metrics import matches_own_answer
 from faqtune.models import load_for_inference
 from faqtune.run import RunDir
 from faqtune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def accuracy(answers, es: EvalSet) -> float:
-    return sum(matches_own_answer(a.text, r, es.pool) for a, r in zip(answers, es.references, strict=True)) / len(
-        answers)
 
 
 def trained(run_dir: Path, faq: str, mode: str, sets: list[str]) -> float:
@@ -78,7 +73,7 @@ def main() -> int:
     cited = [a for a in answers if a.source]
     texts = index.answers([a.source["id"] for a in cited])
     figures["c_tuned_grounded"] = {
-        "answer_accuracy": accuracy(answers, es),
+        "answer_accuracy": eval_accuracy(answers, es),
         "offtopic_decline_rate": sum(a.declined or is_decline(a.text) for a in off) / len(off),
         "false_decline_rate": sum(a.declined or is_decline(a.text) for a in answers) / len(answers),
         "citation_right": sum(texts[a.source["id"]] == r for a, r in zip(answers, es.references, strict=True)
@@ -89,8 +84,8 @@ def main() -> int:
     gated = retrieval_only(index, es.questions, bot.threshold, cfg.grounding.decline_message)
     gated_off = retrieval_only(index, offtopic, bot.threshold, cfg.grounding.decline_message)
     figures["b_retrieval_only"] = {
-        "answer_accuracy": accuracy(retrieval_only(index, es.questions), es),
-        "answer_accuracy_with_threshold": accuracy(gated, es),
+        "answer_accuracy": eval_accuracy(retrieval_only(index, es.questions), es),
+        "answer_accuracy_with_threshold": eval_accuracy(gated, es),
         "offtopic_decline_rate": sum(a.declined for a in gated_off) / len(gated_off),
         "false_decline_rate": sum(a.declined for a in gated) / len(gated),
     }
@@ -101,7 +96,7 @@ def main() -> int:
     answers = plain.ask_many(es.questions)
     off = plain.ask_many(offtopic)
     figures["a_tuned_without_grounding"] = {
-        "answer_accuracy": accuracy(answers, es),
+        "answer_accuracy": eval_accuracy(answers, es),
         "offtopic_decline_rate": sum(is_decline(a.text) for a in off) / len(off),
         "false_decline_rate": sum(is_decline(a.text) for a in answers) / len(answers),
         "stop_rate": sum(a.stopped for a in answers) / len(answers),

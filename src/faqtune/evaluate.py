@@ -23,7 +23,7 @@ import torch
 from faqtune import data as data_mod
 from faqtune.errors import DataError
 from faqtune.generate import Answer, Answerer
-from faqtune.metrics import matches_own_answer, rouge_l, token_f1, tokens
+from faqtune.metrics import answer_accuracy, matches_own_answer, rouge_l, token_f1, tokens
 from faqtune.prompting import IGNORE_INDEX, TEMPLATE_MARKERS, encode_conversation, with_system
 from faqtune.run import RunDir
 
@@ -252,9 +252,9 @@ def forgetting_flagged(base_ppl: float, tuned_ppl: float, threshold: float) -> b
     return tuned_ppl / base_ppl - 1 > threshold
 
 
-def _accuracy(answers: list[Answer], es: EvalSet) -> float:
-    return sum(matches_own_answer(a.text, ref, es.pool) for a, ref in zip(answers, es.references, strict=True)) / max(
-        1, len(answers))
+def eval_accuracy(answers: list[Answer], es: EvalSet) -> float:
+    """Answer accuracy of `answers` to the eval set's questions (metrics.answer_accuracy over its pool)."""
+    return answer_accuracy([a.text for a in answers], es.references, es.pool)
 
 
 def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: list[str],
@@ -271,11 +271,11 @@ def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: li
     f = tuned["figures"]
     return {
         "threshold": bot.threshold,
-        "tuned_without_grounding": {"answer_accuracy": _accuracy(ungrounded, es),
+        "tuned_without_grounding": {"answer_accuracy": eval_accuracy(ungrounded, es),
                                     "false_decline_rate": sum(is_decline(a.text) for a in ungrounded) / max(
                                         1, len(ungrounded))},
-        "retrieval_only": {"answer_accuracy": _accuracy(top1, es),
-                           "answer_accuracy_with_threshold": _accuracy(gated, es),
+        "retrieval_only": {"answer_accuracy": eval_accuracy(top1, es),
+                           "answer_accuracy_with_threshold": eval_accuracy(gated, es),
                            "offtopic_decline_rate": sum(a.declined for a in gated_off) / max(1, len(offtopic)),
                            "false_decline_rate": sum(a.declined for a in gated) / max(1, len(gated))},
         "tuned_grounded": {k: f[k] for k in ("answer_accuracy", "offtopic_decline_rate", "false_decline_rate")},

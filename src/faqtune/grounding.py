@@ -11,14 +11,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 
 from faqtune.config import FaqtuneConfig, GenerationConfig
 from faqtune.data import FaqEntry
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
-from faqtune.retrieval import FaqIndex, Hit
+from faqtune.retrieval import FaqIndex, Hit, calibrate_threshold
 
 INDEX_DIR = "index"  # inside a run directory
 INSTRUCTION = "Answer the customer's question from the FAQ entries above. If none of them answers it, say so."
@@ -101,19 +100,15 @@ def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg
     return out
 
 
-def _packaged(name: str) -> Path:
-    return Path(str(resources.files("faqtune") / "data" / name))
-
-
 def calibrate(index: FaqIndex, entries: list[FaqEntry], seed: int, off_topic: list[str] | None = None) -> float:
     """The decline threshold: separates noisy spellings of the FAQ's own questions (in scope) from a
     bundled set of off-topic questions kept apart from the evaluation's off-topic set."""
-    from faqtune.retrieval import calibrate_threshold
+    from faqtune.evaluate import packaged
 
     rng = random.Random(seed)
     in_scope = [noisy(e.question, rng) for e in entries] + [keywords(e.question) for e in entries]
     if off_topic is None:
-        off_topic = [q.strip() for q in _packaged("offtopic_calibration.txt").read_text(encoding="utf-8").splitlines()
+        off_topic = [q.strip() for q in packaged("offtopic_calibration.txt").read_text(encoding="utf-8").splitlines()
                      if q.strip()]
     return calibrate_threshold(index, in_scope, off_topic)
 
@@ -145,9 +140,6 @@ class GroundedAnswerer(Answerer):
         super().__init__(model, tokenizer, gen, system_prompt)
         self.index, self.grounding = index, cfg.grounding
         self.threshold = cfg.grounding.threshold if cfg.grounding.threshold is not None else index.threshold
-
-    def retrieve(self, question: str) -> list[Hit]:
-        return self.index.search(question, k=self.grounding.top_k, hybrid=self.grounding.hybrid)
 
     def unanswered(self, context) -> Answer:
         """The decline, said without generating: no FAQ entry is similar enough."""

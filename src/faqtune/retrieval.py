@@ -170,8 +170,7 @@ class FaqIndex:
             for column in ("vector", "answer_vector"):
                 for r in self.table.search(vec, vector_column_name=column).metric("cosine").limit(depth).to_list():
                     rows.setdefault(int(r["id"]), r)
-            score = {i: (float(np.dot(vec, r["vector"])) + float(np.dot(vec, r["answer_vector"]))) / 2
-                     for i, r in rows.items()}
+            score = {i: _mean_cosine(vec, r) for i, r in rows.items()}
             ranked = sorted(score, key=lambda i: -score[i])
             if hybrid:
                 fused = {i: 1.0 / (RRF_K + rank) for rank, i in enumerate(ranked)}
@@ -180,7 +179,7 @@ class FaqIndex:
                     fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
                     if i not in rows:
                         rows[i] = r
-                        score[i] = (float(np.dot(vec, r["vector"])) + float(np.dot(vec, r["answer_vector"]))) / 2
+                        score[i] = _mean_cosine(vec, r)
                 ranked = sorted(fused, key=lambda i: -fused[i])
             out.append([Hit(i, rows[i]["question"], rows[i]["answer"], score[i]) for i in ranked[:k]])
         return out
@@ -197,6 +196,11 @@ class FaqIndex:
         except (ValueError, RuntimeError) as e:  # a query the FTS parser rejects: dense ranking alone
             log.debug("full-text search skipped for %r: %s", query, e)
             return []
+
+
+def _mean_cosine(vec, row: dict) -> float:
+    """The ranking score: mean cosine of the (normalized) query to the entry's question and answer vectors."""
+    return (float(np.dot(vec, row["vector"])) + float(np.dot(vec, row["answer_vector"]))) / 2
 
 
 def _vector_column(vecs):
