@@ -132,3 +132,28 @@ def test_sharded_qlora_keeps_one_dtype_per_layer(tiny_base, monkeypatch):
     assert torch.float32 in base_dtypes()  # single process: norms upcast for stable k-bit training
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert base_dtypes() == {torch.bfloat16}  # packed 4-bit weights stored as bf16 too
+
+
+def test_fsdp_sharded_adapter_is_saved_whole(tiny_base, tmp_path):
+    """Under FSDP the adapter is gathered from the shards before it is written (it was written empty)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "fsdp_save_worker.py"), str(tiny_base), str(out)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    expected = torch.load(out / "expected.pt")
+    assert len(saved) == len(expected) > 0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out / "adapter")
+    params = dict(loaded.named_parameters())
+    for name, tensor in expected.items():
+        assert torch.equal(params[name], tensor), name  # every trained tensor comes back where it was

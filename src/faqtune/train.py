@@ -360,16 +360,49 @@ def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
     return trainer
 
 
+def _fsdp_adapter_state(trainer) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the adapter's tensors gathered from every process, as PEFT's file names them (process 0;
+    None elsewhere and without FSDP). Every process must call it: gathering is a collective.
+
+    PEFT's own save finds adapter tensors by module name, and FSDP's nested units put
+    `_fsdp_wrapped_module.` inside those names: it wrote an empty adapter (measured on an H200, reproduced on
+    CPU in tests/test_distributed.py). So the full state is gathered with accelerate and the LoRA tensors
+    picked by their parameter names."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    full = trainer.accelerator.get_state_dict(trainer.model)
+    name = f".{trainer.model.active_adapter}."
+    return {k.replace(name, "."): v.detach().contiguous().cpu() for k, v in full.items() if "lora_" in k and name in k}
+
+
+def _write_adapter(model, fsdp_state: dict[str, torch.Tensor] | None, folder: Path) -> None:
+    """A plain PEFT adapter folder: adapter_config.json + adapter_model.safetensors (+ PEFT's README)."""
+    if fsdp_state is None:
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    if not fsdp_state:
+        raise FaqtuneError("FSDP: no adapter tensors were gathered from the processes; the checkpoints keep the "
+                           "sharded model state")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.peft_config[model.active_adapter].save_pretrained(folder)
+    save_file(fsdp_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: float,
          resumed_from: Path | None = None) -> dict[str, Any]:
-    """Write adapter/ (plain PEFT, safetensors) and summary.json; print the final summary."""
+    """Write adapter/ (plain PEFT, safetensors) and summary.json; print the final summary.
+
+    Every process calls it: under FSDP the adapter's shards are gathered first (a collective)."""
+    fsdp_state = _fsdp_adapter_state(trainer)
     if not trainer.is_world_process_zero():
         return {}
     tmp = run.root / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     advice = f"; the checkpoints are intact: free some space and resume with `faqtune train --output {run.root} --resume`"
     with checkpoints.named_write_errors(run.adapter_dir, advice, cleanup=tmp):
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        _write_adapter(trainer.model, fsdp_state, tmp)
     if run.adapter_dir.exists():
         shutil.rmtree(run.adapter_dir)
     os.replace(tmp, run.adapter_dir)
