@@ -8,7 +8,7 @@ alone (top-1 entry's answer verbatim), (c) tuned + grounded; off-topic declines 
 
 Both runs train on every FAQ entry (the rephrasings are the held-out set; they are never trained on).
 Off-topic questions: the bundled evaluation set (the decline threshold is calibrated on a separate set).
-Writes benchmarks/results/<date>-grounding-<faq>.json.
+Writes benchmarks/results/<date>-grounding-<faq>.json (<faq>: `bundled` or the FAQ file's stem).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import datetime
 import json
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from faqtune import data as data_mod
@@ -52,7 +53,7 @@ def main() -> int:
                    help="override for the grounded run only (e.g. train.epochs=3)")
     args = p.parse_args()
 
-    name = Path(args.faq).stem
+    name = "bundled" if Path(args.faq).resolve() == data_mod.bundled_faq_path().resolve() else Path(args.faq).stem
     grounded_dir = Path(args.runs) / f"grounding-{name}-retrieval"
     none_dir = Path(args.none_run) if args.none_run else Path(args.runs) / f"grounding-{name}-none"
     seconds = {"retrieval": trained(grounded_dir, args.faq, "retrieval", args.set + args.grounded_set),
@@ -80,6 +81,13 @@ def main() -> int:
                               if a.source) / max(1, len(cited)),
         "stop_rate": sum(a.stopped for a in answers) / len(answers),
         "seconds_per_answer_batched": per_answer,
+    }
+    bot.grounding = replace(bot.grounding, fallback=False)
+    alone = bot.ask_many(es.questions)
+    figures["c_without_fallback"] = {
+        "answer_accuracy": eval_accuracy(alone, es),
+        "offtopic_decline_rate": figures["c_tuned_grounded"]["offtopic_decline_rate"],
+        "false_decline_rate": sum(a.declined or is_decline(a.text) for a in alone) / len(alone),
     }
     gated = retrieval_only(index, es.questions, bot.threshold, cfg.grounding.decline_message)
     gated_off = retrieval_only(index, offtopic, bot.threshold, cfg.grounding.decline_message)
@@ -113,6 +121,8 @@ def main() -> int:
     print(f"{'':28s} {'accuracy':>9s} {'off-topic declined':>19s} {'false declines':>15s}")
     for key, f in figures.items():
         print(f"{key:28s} {f['answer_accuracy']:9.3f} {f['offtopic_decline_rate']:19.3f} {f['false_decline_rate']:15.3f}")
+    print(f"{'b_retrieval_only, threshold':28s} {figures['b_retrieval_only']['answer_accuracy_with_threshold']:9.3f}"
+          "  (the like-for-like (b): (c) declines below the same threshold)")
     out = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-grounding-{name}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")
