@@ -1,6 +1,8 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): a PEFT model sharded with real
-FSDP (as transformers' Trainer wraps it: one unit per LoRA layer) is written by `train.save`."""
+FSDP (as transformers' Trainer wraps it: one unit per LoRA layer), on a plain or a 4-bit base (argv[3]),
+is written by `train.save`."""
 
+import os
 import sys
 from types import SimpleNamespace
 
@@ -13,13 +15,19 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import AutoModelForCausalLM
 
 from faqtune.config import load_config
+from faqtune.models import attach_lora, load_base_model
 from faqtune.run import RunDir
 from faqtune.train import save
 
 base, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
+if sys.argv[3] == "4bit":  # QLoRA + FSDP as faqtune loads it under `accelerate launch` (quant storage = bf16)
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    cfg = load_config(None, {"quantization.compute_dtype": "bf16", "lora.r": "4"})
+    model = attach_lora(load_base_model(base, cfg), cfg)
+else:
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
 for name, p in model.named_parameters():
     if "lora_B" in name:
         torch.nn.init.normal_(p)  # B starts at zero: give it values a lost tensor would show

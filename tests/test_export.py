@@ -281,3 +281,36 @@ def test_merge_without_check_saves_the_dequantized_merge(tiny_run, tmp_path, cap
     report = json.loads((out / "merge_report.json").read_text())
     assert report["base_weights"] == "dequantized" and not report["checked"]
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float16
+
+
+def test_ask_can_merge_in_memory(tiny_run):
+    """`generation.merged`: the adapter merged into the dequantized weights for answering, next-token logits
+    as the 4-bit model's (the trained weights), and no 4-bit or LoRA layer left."""
+    from faqtune.models import load_for_inference
+
+    trained, tok, _ = load_for_inference(tiny_run)
+    merged, _, _ = load_for_inference(tiny_run, merged="fp32")
+    assert type(merged).__name__ == "LlamaForCausalLM" and merged.dtype == torch.float32
+    assert not any("lora_" in n or p.dtype == torch.uint8 for n, p in merged.named_parameters())
+    ids = tok(QUESTION, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = trained(ids).logits.float(), merged(ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9 and (a - b).abs().max() < 0.05 * a.abs().max()
+    assert main(["ask", str(tiny_run), QUESTION, "--merged", "fp32"]) == 0
+
+
+def test_merged_dtype_and_parameter_count(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from faqtune.errors import ConfigError
+    from faqtune.models import _parameter_count, merged_dtype
+
+    config = json.loads((tiny_base / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert _parameter_count(config) == sum(p.numel() for p in model.parameters()) - norms
+    assert merged_dtype("none", str(tiny_base)) is None and merged_dtype("bf16", str(tiny_base)) == "bf16"
+    assert merged_dtype("auto", str(tiny_base)) in ("fp32", "bf16")  # CPU, and the tiny model fits
+    assert merged_dtype("auto", "no/such-folder") is None  # size unknown: keep the 4-bit base
+    with pytest.raises(ConfigError):
+        merged_dtype("fp8", str(tiny_base))

@@ -23,6 +23,7 @@ GEN_FLAGS = [
     ("--top-k", "top_k", int),
     ("--repetition-penalty", "repetition_penalty", float),
     ("--num-return-sequences", "num_return_sequences", int),
+    ("--merged", "merged", str),
 ]
 TRAIN_SHORTCUTS = {"data": "data.path", "base": "base_model", "output": "output_dir"}
 
@@ -146,7 +147,7 @@ def _answerer(run_dir: str, args: argparse.Namespace, base_only: bool = False):
 
     run_dir = fetch_adapter(run_dir)  # a Hub repo id (OWNER/NAME) is downloaded first
     cfg = _run_config(run_dir, args)
-    model, tokenizer, cfg = load_for_inference(run_dir, base_only=base_only, cfg=cfg)
+    model, tokenizer, cfg = load_for_inference(run_dir, base_only=base_only, cfg=cfg, merged=cfg.generation.merged)
     return make_answerer(run_dir, model, tokenizer, cfg, grounded=not args.no_grounding)
 
 

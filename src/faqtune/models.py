@@ -324,10 +324,14 @@ def safe_adapter_dir(adapter_dir: str | Path) -> Path:
     return adapter_dir
 
 
-def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None):
+def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None,
+                       merged: str = "none"):
     """Base (quantized as trained) + the run's adapter, ready to generate; returns (model, tokenizer, cfg).
 
     `run_dir` may also be an adapter folder as `faqtune push` uploads it (adapter and tokenizer side by side).
+    `merged` (fp32 | bf16 | auto) instead merges the adapter into the dequantized 4-bit weights in memory (the
+    weights it was trained against: `faqtune merge`'s fidelity) for faster generation; `auto` merges on CPU
+    when the merged model fits in a quarter of the free memory (see `merged_dtype`), else keeps the 4-bit base.
     """
     from faqtune.run import RunDir
 
@@ -337,6 +341,11 @@ def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: Faqtun
     base = resolve_base(cfg.base_model)
     tokenizer_dir = run.root if flat and (run.root / "tokenizer_config.json").exists() else run.tokenizer_dir
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.exists() else base)
+    dtype = merged_dtype(merged, base) if not (base_only or flat) else None
+    if dtype is not None:
+        from faqtune.export import merge_adapter
+
+        return merge_adapter(run.root, "dequantized", dtype, cfg=cfg), tokenizer, cfg
     model = load_base_model(base, cfg)
     if not base_only:
         from peft import PeftModel
@@ -346,3 +355,37 @@ def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: Faqtun
     model.eval()
     model.config.use_cache = True
     return model, tokenizer, cfg
+
+
+def merged_dtype(merged: str, base: str) -> str | None:
+    """The dtype to merge the adapter in for inference, or None to keep the 4-bit base + adapter.
+
+    `auto`: on CPU only (a GPU runs the 4-bit kernels fast and has little memory to spare), in bf16 where this
+    CPU computes it fast (measured), else fp32, when that model takes at most a quarter of the free memory."""
+    if merged in ("none", "fp32", "bf16"):
+        return None if merged == "none" else merged
+    if merged != "auto":
+        raise ConfigError([f"`generation.merged` must be auto, none, fp32 or bf16, got {merged!r}"])
+    if torch.cuda.is_available():
+        return None
+    dtype = "bf16" if cpu_bf16_is_fast() else "fp32"
+    try:
+        config = json.loads((Path(base) / "config.json").read_text())
+        params = _parameter_count(config)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unknown size: keep the 4-bit base
+    return dtype if params * (2 if dtype == "bf16" else 4) <= free / 4 else None
+
+
+def _parameter_count(config: dict) -> int:
+    """A Llama-like decoder's parameter count from its config.json (embeddings, attention, MLP, head)."""
+    h, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    inter = config.get("intermediate_size", 4 * h)
+    heads = config.get("num_attention_heads", 1)
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim", h // heads)
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    per_layer = attention + 3 * h * inter
+    head = 0 if config.get("tie_word_embeddings", False) else vocab * h
+    return vocab * h + layers * per_layer + head

@@ -1,0 +1,75 @@
+"""One answer's latency on CPU: the 4-bit base + adapter as trained vs the adapter merged into the dequantized
+weights (fp32 and bf16), side by side in one process on the same run and questions.
+
+    python benchmarks/latency.py RUN_DIR [--questions 20] [--faq FAQ]
+
+For each way of loading: p50 / mean seconds for one grounded answer (asked one at a time, as a user waits),
+mean answer tokens, load seconds, and answer accuracy over every FAQ question (the merge must not change the
+answers). Writes benchmarks/results/<date>-latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from faqtune.data import load_faq
+from faqtune.grounding import make_answerer
+from faqtune.metrics import answer_accuracy
+from faqtune.models import load_for_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(run: str, mode: str, questions: list[str], refs: list[str], n: int) -> dict:
+    started = time.perf_counter()
+    model, tok, cfg = load_for_inference(run, merged=mode)
+    loaded = time.perf_counter() - started
+    bot = make_answerer(run, model, tok, cfg)
+    bot.ask(questions[0])  # warm-up
+    seconds, tokens = [], []
+    for q in questions[:n]:
+        t = time.perf_counter()
+        a = bot.ask(q)[0]
+        seconds.append(time.perf_counter() - t)
+        tokens.append(a.new_tokens)
+    answers = [a.text for a in bot.ask_many(questions, batch_size=16)]
+    return {"load_s": loaded, "p50_s": statistics.median(seconds), "mean_s": statistics.fmean(seconds),
+            "mean_answer_tokens": statistics.fmean(tokens), "answer_accuracy": answer_accuracy(answers, refs, refs)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run")
+    p.add_argument("--faq", help="questions and references (default: the run's FAQ)")
+    p.add_argument("--questions", type=int, default=20, help="answered one at a time for the latency")
+    args = p.parse_args()
+    from faqtune.run import RunDir
+
+    faq = args.faq or RunDir(args.run).load_config().data.path
+    entries = load_faq(faq).entries
+    questions, refs = [e.question for e in entries], [e.answer for e in entries]
+    rows = {mode: measure(args.run, mode, questions, refs, args.questions) for mode in ("none", "fp32", "bf16")}
+    print(f"{'loading':22s} {'load s':>7s} {'p50 s':>6s} {'mean s':>7s} {'tokens':>7s} {'accuracy':>9s}")
+    for mode, r in rows.items():
+        name = "4-bit + adapter" if mode == "none" else f"merged, {mode}"
+        print(f"{name:22s} {r['load_s']:7.1f} {r['p50_s']:6.2f} {r['mean_s']:7.2f} {r['mean_answer_tokens']:7.1f} "
+              f"{r['answer_accuracy']:9.3f}")
+    speedup = rows["none"]["p50_s"] / min(rows["fp32"]["p50_s"], rows["bf16"]["p50_s"])
+    print(f"p50 speedup of the faster merge: {speedup:.2f}x")
+    result = {"run": args.run, "faq": str(faq), "rows": rows, "p50_speedup": speedup,
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=ROOT).stdout.strip()}
+    out = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-latency.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
