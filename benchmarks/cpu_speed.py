@@ -195,7 +195,8 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
     def with_probe(cfg_, run, model, tokenizer, train_tok, eval_tok):
         seen["rows"] = train_tok.rows  # the examples exactly as trained (grounded prompts included)
         trainer = built(cfg_, run, model, tokenizer, train_tok, eval_tok)
-        trainer.add_callback(Probe())
+        seen["probe"] = Probe()
+        trainer.add_callback(seen["probe"])
         return trainer
 
     ft._build_trainer = with_probe
@@ -233,7 +234,9 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
     answer_share = sum(sum(x != -100 for x in r["labels"]) for r in rows) / sum(len(r["labels"]) for r in rows)
     flops = train_flops(model.config, base_linear, lora, int(tokens), int(tokens * answer_share), mean_len)
     out.write_text(json.dumps({
-        "train_seconds": summary["train_seconds"], "setup_seconds": seen.get("setup_seconds", 0.0),
+        # training time without the probes' answering (the summary's wall clock includes it)
+        "train_seconds": summary["train_seconds"] - seen["probe"].paused,
+        "wall_seconds_with_probes": summary["train_seconds"], "setup_seconds": seen.get("setup_seconds", 0.0),
         "steps": summary["steps"], "real_tokens": int(tokens),
         "final_loss": summary["final_loss"], "train_flops": flops, "curve": curve,
         "answer_accuracy": score([a.text for a in batched], refs),
