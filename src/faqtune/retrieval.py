@@ -73,6 +73,19 @@ def load_embedder(name: str):
         raise ModelError(f"cannot load the embedding model {name!r}: {str(e).splitlines()[0]}") from e
 
 
+def release_embedders() -> None:
+    """Drop the loaded embedding models and hand freed heap pages back to the OS (glibc keeps them)."""
+    import ctypes
+    import gc
+
+    load_embedder.cache_clear()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by the process instead
+        pass
+
+
 def embed(name: str, texts: list[str], batch_size: int = 64) -> list[list[float]]:
     model = load_embedder(name)
     vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,

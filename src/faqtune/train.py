@@ -311,6 +311,7 @@ def _fit(trainer, run: RunDir, last: Path | None):
 def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train_entries, eval_entries):
     """Index the whole FAQ in the run and put retrieved entries into the training prompts."""
     from faqtune.grounding import INDEX_DIR, build_index, ground_entries
+    from faqtune.retrieval import release_embedders
 
     started = time.time()
     main = True
@@ -333,6 +334,7 @@ def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train
     grounded = [ground_entries(index, split, [position[id(e)] for e in split], cfg, seed=cfg.data.seed + k)
                 for k, split in enumerate((train_entries, eval_entries))]
     data_mod.write_jsonl(grounded[0], run.root / "data" / "train_grounded.jsonl")  # what the model saw
+    release_embedders()  # training needs no embedder: its memory goes back before the activations need it
     return grounded[0], grounded[1]
 
 
