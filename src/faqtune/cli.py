@@ -138,7 +138,18 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         config_path = str(saved) if saved.exists() else None  # resume with the run's own settings
     cfg = load_config(config_path, overrides)
     train(cfg, resume=args.resume)
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under a launcher, leave the process group together: exiting with gloo's threads still running
+    sometimes aborts a process after its work is done ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _answerer(run_dir: str, args: argparse.Namespace, base_only: bool = False):
