@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,25 @@ def test_merged_dtype_and_parameter_count(tiny_base):
     assert merged_dtype("auto", "no/such-folder") is None  # size unknown: keep the 4-bit base
     with pytest.raises(ConfigError):
         merged_dtype("fp8", str(tiny_base))
+
+
+def test_prompt_lookup_is_used_for_one_greedy_answer_and_changes_nothing(tiny_run):
+    from faqtune.generate import Answerer
+    from faqtune.models import load_for_inference
+
+    model, tok, cfg = load_for_inference(tiny_run, merged="fp32")  # fp32: the two decodings' sums agree
+    seen = []
+    generate = model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs.get("prompt_lookup_num_tokens"))
+        return generate(**kwargs)
+
+    model.generate = spy
+    bot = Answerer(model, tok, cfg.generation)
+    with_lookup = bot.ask(QUESTION)[0]
+    bot.ask_many([QUESTION, QUESTION])  # a batch: plain decoding
+    bot.gen = replace(cfg.generation, prompt_lookup=0)
+    plain = bot.ask(QUESTION)[0]
+    assert seen == [cfg.generation.prompt_lookup, None, None] and cfg.generation.prompt_lookup > 0
+    assert with_lookup.text == plain.text and with_lookup.new_tokens == plain.new_tokens

@@ -103,6 +103,9 @@ class GenerationConfig:
     top_k: int = _f(50, "top-k sampling (when sampling)")
     repetition_penalty: float = _f(1.0, "> 1 discourages repeats")
     num_return_sequences: int = _f(1, "answers per question (> 1 needs sampling)")
+    prompt_lookup: int = _f(10, "one greedy answer at a time: draft up to N tokens by copying from the prompt "
+                                "(prompt-lookup decoding; the answer is unchanged, grounded answers copy their entry); "
+                                "0 = off")
     merged: str = _f("auto", "ask/chat/demo: merge the adapter into the dequantized base in memory for faster "
                              "answers: auto (on CPU, when it fits) | none (4-bit as trained) | fp32 | bf16")
 
@@ -216,6 +219,7 @@ def validate(cfg: FaqtuneConfig) -> None:
     need(g.top_k >= 0, "generation.top_k", ">= 0", g.top_k)
     need(g.repetition_penalty > 0, "generation.repetition_penalty", "> 0", g.repetition_penalty)
     need(g.num_return_sequences >= 1, "generation.num_return_sequences", ">= 1", g.num_return_sequences)
+    need(g.prompt_lookup >= 0, "generation.prompt_lookup", ">= 0", g.prompt_lookup)
     need(g.merged in ("auto", "none", "fp32", "bf16"), "generation.merged", "auto, none, fp32 or bf16", g.merged)
     if g.num_return_sequences > 1 and g.temperature == 0:
         problems.append(
