@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import commit, write_result  # noqa: E402
+
 SHARED_FAQ = ROOT.parent / "shared" / "data" / "ecommerce_faq.json"
 BANK_FAQ = ROOT.parent / "shared" / "data" / "bank_faq.csv"
 SCHEDULE = (0.05, 0.1, 0.15, 0.25, 0.5, 1.0)  # shares of faqtune's steps at which accuracy is measured
@@ -348,8 +350,7 @@ def main() -> int:
     fp32 = peak["fp32"]
     result = {
         "date": str(datetime.date.today()),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=ROOT).stdout.strip(),
+        "commit": commit(),
         "machine": f"{os.cpu_count()} cores",
         "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
         "reference": {**ref, "peak_rss_gib": ref_rss, "flops_per_s": ref["train_flops"] / ref["train_seconds"]},
@@ -387,9 +388,7 @@ def main() -> int:
           f"{ours['batched_tokens_per_s']:.0f} tok/s")
     if args.scale:
         print("scale:", json.dumps(result["scale"], indent=1))
-    out = ROOT / "benchmarks" / "results" / f"{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    write_result(result)
     return 0
 
 

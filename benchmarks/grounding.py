@@ -14,12 +14,12 @@ Writes benchmarks/results/<date>-grounding-<faq>.json (<faq>: `bundled` or the F
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from common import commit, write_result
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -113,8 +113,7 @@ def main() -> int:
     result = {
         "faq": args.faq, "rephrased": args.rephrased, "questions": len(es.questions), "offtopic": len(offtopic),
         "threshold": threshold, "train_seconds": seconds, "figures": figures,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=ROOT).stdout.strip(),
+        "commit": commit(),
         "grounded_overrides": args.set + args.grounded_set,
     }
     print(f"\n{len(es.questions)} rephrased questions, {len(offtopic)} off-topic; threshold {threshold:.3f}")
@@ -123,9 +122,7 @@ def main() -> int:
         print(f"{key:28s} {f['answer_accuracy']:9.3f} {f['offtopic_decline_rate']:19.3f} {f['false_decline_rate']:15.3f}")
     print(f"{'b_retrieval_only, threshold':28s} {figures['b_retrieval_only']['answer_accuracy_with_threshold']:9.3f}"
           "  (the like-for-like (b): (c) declines below the same threshold)")
-    out = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-grounding-{name}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    write_result(result, f"-grounding-{name}")
     return 0
 
 

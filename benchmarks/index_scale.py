@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_result
+
 from faqtune.data import FaqEntry
 from faqtune.retrieval import FaqIndex, load_embedder
 
-ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["return", "exchange", "ship", "track", "cancel", "repair", "warranty", "gift wrap", "price match", "recycle"]
 THINGS = ["jacket", "tent", "boot", "backpack", "stove", "lamp", "kayak", "helmet", "glove", "bottle"]
 
@@ -79,9 +80,7 @@ def main() -> int:
         "index_disk_mib": disk / 2**20,
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / f"{result['date']}-index-scale-{args.n}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    write_result(result, f"-index-scale-{args.n}")
     return 0
 
 

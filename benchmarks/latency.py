@@ -12,19 +12,15 @@ answers). Writes benchmarks/results/<date>-latency.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import subprocess
 import time
-from pathlib import Path
+
+from common import write_result
 
 from faqtune.data import load_faq
 from faqtune.grounding import make_answerer
 from faqtune.metrics import answer_accuracy
 from faqtune.models import load_for_inference
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(run: str, mode: str, lookup: int, questions: list[str], refs: list[str], n: int) -> dict:
@@ -66,12 +62,7 @@ def main() -> int:
               f"{r['answer_accuracy']:9.3f}")
     speedup = rows["4-bit + adapter"]["p50_s"] / rows["defaults (merged auto, prompt lookup 10)"]["p50_s"]
     print(f"p50 speedup of the defaults over the model as trained: {speedup:.2f}x")
-    result = {"run": args.run, "faq": str(faq), "rows": rows, "p50_speedup": speedup,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip()}
-    out = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-latency.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    write_result({"run": args.run, "faq": str(faq), "rows": rows, "p50_speedup": speedup}, "-latency")
     return 0
 
 

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from common import write_result
+
 from faqtune.data import bundled_faq_path, load_faq
 from faqtune.serve import ServeLimits, ServerThread, create_app
 from faqtune.serve_engine import load_served_models
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mib() -> float:
@@ -79,9 +79,7 @@ def main() -> int:
               "warmup": args.warmup, "statuses": statuses, "rss_before_mib": before, "rss_after_mib": after,
               "rss_growth_mib": after - before, "seconds": seconds}
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / f"{result['date']}-serve-memory.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    write_result(result, "-serve-memory")
     return 0
 
 
