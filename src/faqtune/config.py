@@ -95,6 +95,9 @@ def effective_epochs(cfg: Any) -> float:
     return 3.0 if cfg.grounding.mode == "retrieval" else 10.0
 
 
+MERGED_CHOICES = ("auto", "none", "fp32", "bf16")  # generation.merged
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = _f(128, "longest answer in tokens")
@@ -159,6 +162,7 @@ _CHOICES = {
     "lora.bias": {"none", "all", "lora_only"},
     "train.gradient_checkpointing": {"auto", "true", "false"},
     "grounding.mode": {"retrieval", "none"},
+    "generation.merged": set(MERGED_CHOICES),
 }
 
 
@@ -220,7 +224,6 @@ def validate(cfg: FaqtuneConfig) -> None:
     need(g.repetition_penalty > 0, "generation.repetition_penalty", "> 0", g.repetition_penalty)
     need(g.num_return_sequences >= 1, "generation.num_return_sequences", ">= 1", g.num_return_sequences)
     need(g.prompt_lookup >= 0, "generation.prompt_lookup", ">= 0", g.prompt_lookup)
-    need(g.merged in ("auto", "none", "fp32", "bf16"), "generation.merged", "auto, none, fp32 or bf16", g.merged)
     if g.num_return_sequences > 1 and g.temperature == 0:
         problems.append(
             "`generation.num_return_sequences` > 1 needs sampling: set `generation.temperature` > 0"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from faqtune.config import FaqtuneConfig, LoraConfig, QuantizationConfig
+from faqtune.config import MERGED_CHOICES, FaqtuneConfig, LoraConfig, QuantizationConfig
 from faqtune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -362,10 +362,10 @@ def merged_dtype(merged: str, base: str) -> str | None:
 
     `auto`: on CPU only (a GPU runs the 4-bit kernels fast and has little memory to spare), in bf16 where this
     CPU computes it fast (measured), else fp32, when that model takes at most a quarter of the free memory."""
-    if merged in ("none", "fp32", "bf16"):
-        return None if merged == "none" else merged
+    if merged not in MERGED_CHOICES:
+        raise ConfigError([f"`generation.merged` must be one of {', '.join(MERGED_CHOICES)}, got {merged!r}"])
     if merged != "auto":
-        raise ConfigError([f"`generation.merged` must be auto, none, fp32 or bf16, got {merged!r}"])
+        return None if merged == "none" else merged
     if torch.cuda.is_available():
         return None
     dtype = "bf16" if cpu_bf16_is_fast() else "fp32"
