@@ -110,7 +110,7 @@ def test_nf4_double_quant_storage(tiny_base):
     assert all(m.weight.quant_state.nested for m in layers)
 
 
-def test_evaluation_during_training_keeps_4bit_layers_differentiable(tiny_base, tmp_path, monkeypatch):
+def test_evaluation_during_training_keeps_4bit_layers_differentiable(tiny_base, tmp_path):
     """bitsandbytes repacks 4-bit weights for CPU inference in eval mode, cutting the backward pass; training
     with held-out evaluations must keep every 4-bit layer in its trainable layout."""
     import bitsandbytes as bnb
@@ -128,15 +128,7 @@ def test_evaluation_during_training_keeps_4bit_layers_differentiable(tiny_base, 
 
     cfg = load_config(None, {"base_model": str(tiny_base), "output_dir": str(tmp_path / "run"),
                              "train.max_steps": 4, "train.eval_steps": 1, "lora.r": 4})
-    original = train_mod._build_trainer
-
-    def with_probe(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.add_callback(Probe())
-        return trainer
-
-    monkeypatch.setattr(train_mod, "_build_trainer", with_probe)
-    train_mod.train(cfg)
+    train_mod.train(cfg, callbacks=(Probe(),))
     assert len(seen) == 8
     assert seen[0::2] == [False] * 4  # never repacked for inference, even after evaluations
     assert all(seen[1::2])
@@ -151,3 +143,53 @@ def test_8bit_mode_trains_and_answers(tiny_base, tmp_path, capsys):
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert "mode: 8bit" in (run / "config.yaml").read_text()
     assert main(["ask", str(run), "How do I return an item?", "--max-new-tokens", "4"]) == 0
+
+
+class DtypeProbe:
+    """Records the dtype of every trainable parameter at each optimizer step (what the optimizer updates)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        seen = self.seen = []
+
+        class Probe(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                seen.append({p.dtype for p in model.parameters() if p.requires_grad})
+
+        self.callback = Probe()
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_adapters_train_in_the_compute_dtype(tiny_base, tmp_path, compute):
+    """TRL casts a quantized model's adapters to bf16 whatever the compute dtype (bf16 matmuls are ~120x slower
+    than fp32 on an AVX2-only CPU); every trainable parameter must train in the resolved compute dtype, and
+    resume must keep it."""
+    from faqtune.train import train
+
+    expected = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute]
+    overrides = {"base_model": str(tiny_base), "output_dir": str(tmp_path / "run"), "train.max_steps": 2,
+                 "train.eval_steps": 0, "train.save_steps": 1, "lora.r": 4,
+                 "quantization.compute_dtype": compute}
+    probe = DtypeProbe()
+    summary = train(load_config(None, overrides), callbacks=(probe.callback,))
+    assert probe.seen and all(dtypes == {expected} for dtypes in probe.seen), probe.seen
+    assert (summary["compute_dtype"], summary["adapter_dtype"]) == (compute, compute)
+    stored = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stored["adapter_dtype"] == compute
+    # resume from the step-1 checkpoint: the restored adapter and its optimizer keep the dtype
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-2")
+    resumed = DtypeProbe()
+    train(load_config(None, overrides), resume=True, callbacks=(resumed.callback,))
+    assert resumed.seen and all(dtypes == {expected} for dtypes in resumed.seen), resumed.seen
+
+
+def test_adapter_dtype_follows_compute_except_fp16():
+    q = load_config(None, {"quantization.compute_dtype": "fp32"}).quantization
+    assert models.resolve_adapter_dtype(q) == torch.float32
+    q.compute_dtype = "bf16"
+    assert models.resolve_adapter_dtype(q) == torch.bfloat16
+    q.adapter_dtype = "fp32"
+    assert models.resolve_adapter_dtype(q) == torch.float32

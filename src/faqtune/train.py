@@ -30,8 +30,10 @@ from faqtune.data import general_instructions_path
 from faqtune.errors import FaqtuneError, TrainingStopped
 from faqtune.models import (
     attach_lora,
+    cast_trainable,
     load_base_model,
     load_tokenizer,
+    resolve_adapter_dtype,
     resolve_base,
     resolve_compute_dtype,
     trainable_report,
@@ -231,8 +233,10 @@ def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
     cfg.save(run.config_path)
 
 
-def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune per `cfg`; returns the summary written to the run directory."""
+def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCallback, ...] = ()) -> dict[str, Any]:
+    """Fine-tune per `cfg`; returns the summary written to the run directory.
+
+    `callbacks` are transformers `TrainerCallback`s added to the trainer (probes, benchmarks, fault injection)."""
     run = RunDir(cfg.output_dir)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -277,6 +281,8 @@ def train(cfg: FaqtuneConfig, resume: bool = False) -> dict[str, Any]:
     model = attach_lora(model, cfg)
     _say(trainable_report(model))
     trainer = _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok)
+    for callback in callbacks:
+        trainer.add_callback(callback)
 
     started = time.time()
     if last is not None and checkpoints.is_final(last, cfg.train.max_steps, effective_epochs(cfg)):
@@ -353,6 +359,8 @@ def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
     )
     from transformers.trainer_callback import PrinterCallback
 
+    # TRL casts QLoRA adapters to bf16 on every machine; train them in the resolved dtype instead
+    cast_trainable(trainer.model, resolve_adapter_dtype(cfg.quantization))
     trainer.keep_checkpoints = cfg.train.save_total_limit
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     trainer.add_callback(MetricsCallback(run.metrics_path))
@@ -392,6 +400,15 @@ def _write_adapter(model, fsdp_state: dict[str, torch.Tensor] | None, folder: Pa
     save_file(fsdp_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+
+
+def _trainable_dtype(model) -> torch.dtype | None:
+    """The dtype the adapter trained in (its first trainable parameter's; all share it, see cast_trainable)."""
+    return next((p.dtype for p in model.parameters() if p.requires_grad), None)
+
+
 def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: float,
          resumed_from: Path | None = None) -> dict[str, Any]:
     """Write adapter/ (plain PEFT, safetensors) and summary.json; print the final summary.
@@ -424,6 +441,8 @@ def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: 
         "mean_train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
         "final_eval_loss": evals[-1] if evals else None,
         "train_examples": len(train_tok.rows),
+        "compute_dtype": _dtype_name(resolve_compute_dtype(cfg.quantization.compute_dtype)),
+        "adapter_dtype": _dtype_name(_trainable_dtype(trainer.model)),
         "adapter": str(run.adapter_dir),
     }
     run.summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
