@@ -1,11 +1,15 @@
-"""What every benchmark does with its figures: stamp them with the date and the commit measured, and write
-them as JSON to benchmarks/results/<date><suffix>.json."""
+"""What every benchmark does with its figures: stamp them with the date, the commit and the machine measured,
+and write them as JSON to benchmarks/results/<date><suffix>.json."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
+import platform
 import subprocess
+import time
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,10 +21,63 @@ def commit() -> str:
                           cwd=ROOT).stdout.strip()
 
 
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")  # those that decide bf16's speed
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return model, [f for f in FLAGS if f in flags]
+
+
+def matmul_gflops(dtype_name: str, n: int = 1024, reps: int = 5) -> float:
+    """Best-of-`reps` GFLOP/s of an n^3 matmul in fp32 or bf16 with torch's current threads."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return round(2 * n**3 / best / 1e9, 1)
+
+
+@lru_cache(maxsize=1)
+def machine() -> dict:
+    """The machine a figure comes from: CPU model, the flags that decide bf16's speed, threads, and the
+    measured fp32/bf16 matmul rates (on CPUs without native bf16, bf16 matmuls run ~100x slower)."""
+    import torch
+
+    model, flags = _cpu_model_and_flags()
+    info = {"cpu": model, "flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info["matmul_gflops"] = {d: matmul_gflops(d) for d in ("fp32", "bf16")}
+    return info
+
+
+def machine_line(info: dict | None = None) -> str:
+    """One line naming the machine, for a benchmark's printed table."""
+    info = info or machine()
+    rates = info["matmul_gflops"]
+    return (f"machine: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads; "
+            f"{' '.join(info['flags']) or 'no avx2'}); matmul fp32 {rates['fp32']} / bf16 {rates['bf16']} GFLOP/s"
+            + (f"; GPU {info['gpu']}" if info.get("gpu") else ""))
+
+
 def write_result(result: dict, suffix: str = "") -> Path:
-    """Add `date` and `commit` when absent, write results/<date><suffix>.json, say where; returns the path."""
+    """Add `date`, `commit` and `machine` when absent, write results/<date><suffix>.json, say where; returns
+    the path."""
     result.setdefault("date", str(datetime.date.today()))
     result.setdefault("commit", commit())
+    result.setdefault("machine", machine())
     out = ROOT / "benchmarks" / "results" / f"{result['date']}{suffix}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")

@@ -193,3 +193,19 @@ def test_adapter_dtype_follows_compute_except_fp16():
     assert models.resolve_adapter_dtype(q) == torch.bfloat16
     q.adapter_dtype = "fp32"
     assert models.resolve_adapter_dtype(q) == torch.float32
+
+
+def test_hub_telemetry_is_off_unless_asked():
+    """TRL's trainer sends telemetry to the Hub from a thread; importing faqtune turns it off (env wins)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import faqtune, huggingface_hub.constants as c; print(c.HF_HUB_DISABLE_TELEMETRY)"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK",
+                                                               "DISABLE_TELEMETRY")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "True"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**env, "HF_HUB_DISABLE_TELEMETRY": "0"})
+    assert out.stdout.strip() == "False"
