@@ -60,6 +60,8 @@ class HookedModel:
 
     def generate(self, *args, **kwargs):
         if self.stopping is not None:
+            if isinstance(self.stopping, BatchMonitor) and "input_ids" in kwargs:
+                self.stopping.prompt_len = kwargs["input_ids"].shape[1]  # generated tokens start here
             kwargs["stopping_criteria"] = StoppingCriteriaList([self.stopping, *kwargs.get("stopping_criteria", [])])
         return self.model.generate(*args, **kwargs)
 
@@ -271,7 +273,8 @@ class WorkerStopped(Exception):
 class _Row:
     job: Job
     choices: list[int]  # choice indices this generated row feeds (several when greedy n > 1 is replicated)
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated so far, up to (without) its stop token
+    seen: int = 0  # generated positions already read (tokens, the stop token, pads after it)
     ended: bool = False
     stop_hit: bool = False  # ended on a stop string (which `clean` may have stripped, e.g. "\n\n")
     sent: str = ""
@@ -303,23 +306,30 @@ class BatchMonitor(StoppingCriteria):
         self.rows, self.tokenizer, self.stop_ids, self.stops = rows, tokenizer, set(stop_ids), stops
         self.markers = tuple(TEMPLATE_MARKERS) + stops
         self.cancelled_rows = 0
+        self.prompt_len: int | None = None  # the batch's (left-padded) prompt width, set as generate() starts
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         # input_ids: (rows, prompt + generated so far)
         if input_ids.shape[0] != len(self.rows):  # generate() was called on another batch: only cancel
             stop = all(r.job.cancelled.is_set() for r in self.rows)
             return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-        last = input_ids[:, -1].tolist()
+        # a step may add several tokens per row (prompt lookup accepts up to N + 1): read all the new ones
+        if self.prompt_len is None:  # generate() was given no input_ids keyword: the first step added one token
+            self.prompt_len = input_ids.shape[1] - 1
+        generated = input_ids[:, self.prompt_len:].tolist()
         done = []
-        for row, token in zip(self.rows, last, strict=True):
+        for row, ids in zip(self.rows, generated, strict=True):
             if not row.ended and row.job.cancelled.is_set():
                 row.ended = True
                 self.cancelled_rows += 1
             elif not row.ended:
-                if token in self.stop_ids:
-                    row.ended = True
-                else:
+                new, row.seen = ids[row.seen:], len(ids)
+                for token in new:
+                    if token in self.stop_ids:
+                        row.ended = True
+                        break
                     row.tokens.append(token)
+                if new and new[0] not in self.stop_ids:
                     self._watch_text(row)
             done.append(row.ended)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

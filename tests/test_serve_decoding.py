@@ -1,0 +1,108 @@
+"""Streaming under every decoding setting (issue 15), on a live server over a model that really copies.
+
+A random tiny model never copies a span from its prompt, so prompt-lookup decoding there accepts at most
+repeats of one token, and a stream that drops tokens still looks right. `copy_model` is a genuine
+LlamaForCausalLM (one layer with zeroed attention and MLP, identity embeddings: a bigram table in
+`lm_head`) that answers SENTENCE token by token; with SENTENCE in the prompt, transformers' prompt lookup
+accepts up to 11 tokens per step, as it does for a grounded answer copying its FAQ entry.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_serve import _chrome, request
+
+SENTENCE = "Returns are accepted within thirty days of delivery, with the receipt."
+
+
+def copy_model(tokenizer, sentence: str = SENTENCE):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from faqtune.prompting import encode_prompt
+
+    ids = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+    assert len(set(ids)) == len(ids), "a bigram chain needs distinct tokens"
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=vocab, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=eos, pad_token_id=eos, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    after = dict(zip(ids, [*ids[1:], eos], strict=True))
+    after[encode_prompt(tokenizer, [{"role": "user", "content": "x"}])[-1]] = ids[0]  # the assistant header
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab))
+        model.model.norm.weight.fill_(1.0)
+        for token in range(vocab):
+            model.lm_head.weight[after.get(token, eos), token] = 1.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def copy_server(tiny_tokenizer):
+    from faqtune.config import GenerationConfig
+    from faqtune.generate import Answerer
+    from faqtune.serve import ServeLimits, ServerThread, create_app
+    from faqtune.serve_engine import HookedModel, ServedModel, ServedModels
+
+    hooked = HookedModel(copy_model(tiny_tokenizer))
+    entries = {name: ServedModel(name, Answerer(hooked, tiny_tokenizer, GenerationConfig(prompt_lookup=lookup)),
+                                 None, tiny_tokenizer, 512)
+               for name, lookup in (("lookup", 10), ("plain", 0))}
+    with ServerThread(create_app(ServedModels(entries, None, hooked), ServeLimits())) as url:
+        yield url
+
+
+def streamed(url: str, body: dict) -> dict[int, str]:
+    """Each choice's concatenated deltas in a streamed answer (raw HTTP, server-sent events)."""
+    status, _, text = request(url, body={**body, "stream": True}, key=None)
+    assert status == 200, text
+    out: dict[int, str] = {}
+    for line in text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for choice in json.loads(line[6:]).get("choices", []):
+                out[choice["index"]] = out.get(choice["index"], "") + (choice["delta"].get("content") or "")
+    return out
+
+
+QUESTIONS = ["When can I return it?", f"Is this right: {SENTENCE}", f"{SENTENCE} {SENTENCE}"]
+SETTINGS = [{"model": "lookup"}, {"model": "plain"}, {"model": "lookup", "n": 2},
+            {"model": "lookup", "stop": [" of"]}, {"model": "lookup", "max_tokens": 9}]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_streamed_equals_non_streamed_for_every_decoding_setting(copy_server, settings):
+    for question in QUESTIONS:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 40, **settings}
+        status, _, whole = request(copy_server, body=body, key=None)
+        assert status == 200, whole
+        texts = {c["index"]: c["message"]["content"] for c in whole["choices"]}
+        assert streamed(copy_server, body) == texts, (settings, question)
+        if "stop" not in settings and "max_tokens" not in settings:
+            assert texts[0] == SENTENCE  # the model copies: the case that prompt lookup speeds up
+
+
+def test_chat_page_streams_the_whole_answer(copy_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    question = f"Is this right: {SENTENCE}"
+    status, _, whole = request(copy_server, body={"model": "lookup", "messages": [{"role": "user",
+                                                                                   "content": question}]}, key=None)
+    assert status == 200 and whole["choices"][0]["message"]["content"] == SENTENCE
+    browser = _chrome()
+    try:
+        browser.get(copy_server + "/")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#model option")) == 2)
+        browser.find_element(By.CSS_SELECTOR, "#model option[value='lookup']").click()
+        browser.find_element(By.ID, "question").send_keys(question)
+        browser.find_element(By.ID, "send").click()
+        bubble = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.assistant[data-state='done'], .msg.error"))
+        assert bubble.text.strip() == SENTENCE
+    finally:
+        browser.quit()
