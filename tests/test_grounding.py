@@ -227,3 +227,15 @@ def test_a_model_decline_of_an_in_scope_question_falls_back_to_the_top_entry(tin
         assert out.declined and out.source is None and out.text == said
     copied = bot.finish(Answer(hits[1].answer, True, 20, 100, hits[1].answer), hits)
     assert copied.source["id"] == hits[1].id and copied.source["overlap"] == 1.0 and not copied.declined
+
+
+def test_forgetting_probes_bypass_retrieval(grounded_run, tmp_path):
+    """General instructions are off-topic for the FAQ: asked through the grounded answerer they were all
+    declined without generating, so base and tuned 'answered' the same decline and nothing was measured."""
+    from faqtune.cli import main
+
+    assert main(["eval", str(grounded_run), "--limit", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    decline = load_config(None).grounding.decline_message
+    general = report["forgetting"]["general_answers"]
+    assert general and all(g["tuned"] != decline and g["base"] != decline for g in general)

@@ -236,9 +236,11 @@ def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[s
     return {"figures": figures, "rows": rows, "offtopic": [a.text for a in off_answers], "citations_right": right}
 
 
-def _forgetting_side(bot: Answerer, model, tokenizer) -> dict[str, Any]:
+def _forgetting_side(model, tokenizer, cfg) -> dict[str, Any]:
+    """General text and general instructions, asked plainly: never through retrieval, whose threshold would
+    decline every general instruction without generating (the figure then compared the decline with itself)."""
     gq, gref = _general_instructions()
-    answers, _ = answer_all(bot, gq)
+    answers, _ = answer_all(Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt), gq)
     return {
         "general_text_perplexity": text_perplexity(model, tokenizer, packaged("general_text.txt").read_text()),
         "general_instruction_rouge_l": statistics.fmean(rouge_l(a.text, r) for a, r in zip(answers, gref,
@@ -293,10 +295,10 @@ def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopi
     tuned = _measure_side(bot, model, tokenizer, es, offtopic, cfg)
     grounding = grounding_side_by_side(bot, model, tokenizer, cfg, es, offtopic, tuned) if hasattr(
         bot, "index") else None
-    tuned_forget = _forgetting_side(bot, model, tokenizer)
+    tuned_forget = _forgetting_side(model, tokenizer, cfg)
     with model.disable_adapter():
         base = _measure_side(bot, model, tokenizer, es, offtopic, cfg) if compare_base else None
-        base_forget = _forgetting_side(bot, model, tokenizer)
+        base_forget = _forgetting_side(model, tokenizer, cfg)
     ppl_ratio = tuned_forget["general_text_perplexity"] / base_forget["general_text_perplexity"]
     rouge_drop = base_forget["general_instruction_rouge_l"] - tuned_forget["general_instruction_rouge_l"]
     flagged = forgetting_flagged(base_forget["general_text_perplexity"], tuned_forget["general_text_perplexity"],
