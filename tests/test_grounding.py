@@ -239,3 +239,49 @@ def test_forgetting_probes_bypass_retrieval(grounded_run, tmp_path):
     decline = load_config(None).grounding.decline_message
     general = report["forgetting"]["general_answers"]
     assert general and all(g["tuned"] != decline and g["base"] != decline for g in general)
+
+
+def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, small_faq, monkeypatch):
+    from faqtune import grounding
+
+    cfg = load_config(None)
+    entries = data_mod.load_faq(small_faq).entries
+    out = tmp_path / "idx"
+    first = build_index(out, entries[:5], cfg)
+    before = (out / "index.json").read_text()
+
+    def killed(*args, **kwargs):  # the process dies between the table and the calibrated threshold
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grounding, "calibrate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(out, entries, cfg)
+    assert (out / "index.json").read_text() == before
+    again = FaqIndex(out)
+    assert len(again) == 5 and again.threshold == first.threshold
+    leftovers = list(tmp_path.glob(".idx.building-*"))
+    assert leftovers and all(not (d / "index.json").exists() for d in leftovers)  # never a null threshold
+    monkeypatch.undo()
+    rebuilt = build_index(out, entries, cfg)  # the next build replaces it and sweeps what was left
+    assert len(rebuilt) == 10 and FaqIndex(out).search("thing number 7")[0].id == 7
+    assert [p.name for p in tmp_path.iterdir() if p.name != "faq.json"] == ["idx"]
+
+
+@pytest.mark.parametrize("meta", [{"embedder": "all-MiniLM-L6-v2", "threshold": None},
+                                  {"threshold": 0.4}, {"embedder": "all-MiniLM-L6-v2"}])
+def test_index_metadata_without_threshold_or_embedder_is_one_clear_error(index, tmp_path, meta):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(index.root, copy)
+    (copy / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(FaqtuneError, match="index.json: field '(threshold|embedder)'") as e:
+        FaqIndex(copy)
+    assert "\n" not in str(e.value) and "faqtune index" in str(e.value)
+
+
+def test_index_refuses_to_replace_a_folder_that_is_no_index(tmp_path, small_faq):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FaqtuneError, match="not an FAQ index folder"):
+        build_index(tmp_path, data_mod.load_faq(small_faq).entries, load_config(None))
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -17,7 +17,7 @@ from faqtune.config import FaqtuneConfig, GenerationConfig
 from faqtune.data import FaqEntry
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
-from faqtune.retrieval import FaqIndex, Hit, calibrate_threshold
+from faqtune.retrieval import FaqIndex, Hit, building_dir, calibrate_threshold, swap_into_place
 
 INDEX_DIR = "index"  # inside a run directory
 INSTRUCTION = "Answer the customer's question from the FAQ entries above. If none of them answers it, say so."
@@ -114,11 +114,18 @@ def calibrate(index: FaqIndex, entries: list[FaqEntry], seed: int, off_topic: li
 
 
 def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, seed: int = 0) -> FaqIndex:
-    """Index `entries` (ids = FAQ positions) and store the threshold: the configured one, else calibrated."""
-    index = FaqIndex.build(entries, root, cfg.grounding.embedder)
+    """Index `entries` (ids = FAQ positions) and store the threshold: the configured one, else calibrated.
+
+    Built in a sibling folder and swapped into place when complete (index.json written once, with its
+    threshold), so a build killed halfway leaves the previous index as it was, never a half-written one.
+    """
+    root = Path(root)
+    tmp = building_dir(root)
+    index = FaqIndex.build(entries, tmp, cfg.grounding.embedder)
     threshold = cfg.grounding.threshold
     index.set_threshold(calibrate(index, entries, seed) if threshold is None else threshold)
-    return index
+    swap_into_place(tmp, root)
+    return FaqIndex(root)
 
 
 # --- inference --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from faqtune.data import FaqEntry
-from faqtune.errors import FaqtuneError, ModelError
+from faqtune.errors import FaqtuneError, ModelError, one_line
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("LANCEDB_LOG", "error")  # lance's Rust logger warns on every new table otherwise
@@ -101,23 +101,21 @@ def entry_text(entry: FaqEntry) -> str:
 class FaqIndex:
     """A LanceDB table of FAQ entries (id, question, answer, text, vector) plus its metadata."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, meta: dict | None = None):
+        """Open the index in `root`; `meta` instead of its index.json only while building (no threshold yet)."""
         self.root = Path(root)
         meta_path = self.root / META
-        if not meta_path.exists():
-            raise IndexError_(f"{self.root} holds no FAQ index (build one with `faqtune index FAQ --out DIR`)")
-        try:
-            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise IndexError_(f"{meta_path}: unreadable index metadata ({e})") from e
+        if meta is None:
+            meta = _read_meta(meta_path)
         import lancedb
 
+        self.meta = meta
         self.table = lancedb.connect(str(self.root)).open_table(TABLE)
         self.embedder = self.meta["embedder"]
 
     @property
     def threshold(self) -> float:
-        return float(self.meta.get("threshold", 0.0))
+        return float(self.meta["threshold"])
 
     def __len__(self) -> int:
         return self.table.count_rows()
@@ -155,7 +153,9 @@ class FaqIndex:
         table.create_fts_index("text", replace=True)
         meta = {"embedder": embedder, "entries": len(entries), "threshold": threshold,
                 "vectors": "question, answer (score: mean cosine)"}
-        (root / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if threshold is None:  # index.json is written once, complete: by set_threshold after calibration
+            return cls(root, meta=meta)
+        _write_meta(root / META, meta)
         return cls(root)
 
     def answers(self, ids: list[int]) -> dict[int, str]:
@@ -165,8 +165,8 @@ class FaqIndex:
         return {int(r["id"]): r["answer"] for r in rows.to_list()}
 
     def set_threshold(self, threshold: float) -> None:
-        self.meta["threshold"] = threshold
-        (self.root / META).write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
+        self.meta["threshold"] = float(threshold)
+        _write_meta(self.root / META, self.meta)
 
     def search_many(self, queries: list[str], k: int = 3, hybrid: bool = False) -> list[list[Hit]]:
         """Top-k entries for each query, by the mean of its cosine to the entry's question and to its answer.
@@ -209,6 +209,95 @@ class FaqIndex:
         except (ValueError, RuntimeError) as e:  # a query the FTS parser rejects: dense ranking alone
             log.debug("full-text search skipped for %r: %s", query, e)
             return []
+
+
+def _read_meta(path: Path) -> dict:
+    """index.json, checked: a missing or null embedder/threshold (a build cut short) is one clear error."""
+    root = path.parent
+    if not path.exists():
+        raise IndexError_(f"{root} holds no FAQ index (build one with `faqtune index FAQ --out DIR`)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexError_(one_line(f"{path}: unreadable index metadata ({e})")) from e
+    if not isinstance(meta, dict):
+        raise IndexError_(f"{path}: must be a JSON object, got {type(meta).__name__}")
+    problems = []
+    if not isinstance(meta.get("embedder"), str) or not meta["embedder"]:
+        problems.append("field 'embedder' is missing or empty")
+    t = meta.get("threshold")
+    if not isinstance(t, int | float) or isinstance(t, bool):
+        problems.append(f"field 'threshold' must be a number, got {t!r}")
+    if problems:
+        raise IndexError_(f"{path}: {'; '.join(problems)} (an interrupted build?); rebuild it with "
+                          "`faqtune index FAQ --out DIR`")
+    return meta
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    """Write index.json whole or not at all (a temp file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def building_dir(dest: str | Path) -> Path:
+    """A fresh sibling folder to build `dest` in (same file system, so it can be renamed into place);
+    folders left by builds that were killed are removed."""
+    import shutil
+
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / META).exists()
+                                                 and not (dest / f"{TABLE}.lance").exists())):
+        raise IndexError_(f"{dest} exists and is not an FAQ index folder; the index replaces its --out folder "
+                          "whole, so choose a new or an index folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.building-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = dest.parent / f".{dest.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def swap_into_place(new: Path, dest: Path) -> None:
+    """Move the built folder `new` to `dest`; an existing `dest` is exchanged atomically where the kernel can
+    (renameat2 RENAME_EXCHANGE), else renamed aside first, and removed after."""
+    import shutil
+
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    if _exchange(new, dest):
+        shutil.rmtree(new, ignore_errors=True)  # `new` holds the old index now
+        return
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(dest, old)
+    os.rename(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _mean_cosine(vec, row: dict) -> float:
