@@ -218,6 +218,9 @@ ERRORS = [
     ("too many messages", ask_body(messages=[{"role": "user", "content": "hi"}] * 9), {}, 400, None),
     ("no messages", ask_body(messages=[]), {}, 400, None),
     ("unknown role", ask_body(messages=[{"role": "wizard", "content": "hi"}]), {}, 400, None),
+    ("no user message: system only", ask_body(messages=[{"role": "system", "content": "hi"}]), {}, 400, None),
+    ("no user message: assistant only", ask_body(messages=[{"role": "assistant", "content": "hi"}]), {}, 400,
+     None),
     ("prompt too long", ask_body(messages=[{"role": "user", "content": LONG_PROMPT}]), {}, 400,
      "context_length_exceeded"),
     ("prompt + max_tokens too long", ask_body(max_tokens=500), {}, 400, "context_length_exceeded"),
@@ -411,9 +414,20 @@ def test_cli(capsys, tmp_path):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--host", "--port", "--api-key", "--queue-size", "--max-tokens-cap"))
-    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    with socket.socket() as probe:  # a port free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert main(["serve", str(tmp_path / "nope"), "--port", str(free)]) == 2
     err = capsys.readouterr().err
     assert "no such run directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "65536"])
+def test_cli_refuses_ports_out_of_range(capsys, tmp_path, port):
+    """Issue 15: `--port 99999` listened on another port (99999 mod 65536) without a word."""
+    assert main(["serve", str(tmp_path / "nope"), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: `--port` must be between 1 and 65535, got {port}\n"
 
 
 def test_streamable_holds_back_partial_markers():

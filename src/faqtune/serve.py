@@ -8,23 +8,22 @@
 Extra response field: when an answer comes from an FAQ entry (grounding), its choice carries
 `faqtune_citation` = {"id", "question", "score"} (in the last chunk of a stream).
 
-The ASGI layers, outside in: `Gate` (API key, body size, one log line per request, no traceback to a client),
-FastAPI (routes, validation), and the `BatchWorker` thread that generates (see serve_engine.py).
+The ASGI layers, outside in: `Gate` (Host check, API key, body size and time, security headers, one log line per
+request, no traceback to a client; serve_http.py), FastAPI (routes, validation: every request is checked here,
+before it is queued, so a bad one gets a 400 and never reaches a batch), and the `BatchWorker` thread that
+generates (serve_engine.py). Bounds (`ServeLimits`): the queue (429), the batch, the body (413, 408), the
+messages, `max_tokens`, `n`, the prompt (`max_prompt_tokens`, 2048 by default, and the model's context: 400
+`context_length_exceeded`), and the time to send a request head (the connection is closed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import os
-import socket
-import sys
-import threading
 import time
 import uuid
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,126 +34,29 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from faqtune.errors import ConfigError, FaqtuneError
+from faqtune.errors import FaqtuneError
 from faqtune.prompting import encode_prompt, with_system
 from faqtune.serve_engine import BatchWorker, GenSettings, Job, QueueFull, Result, ServedModels, WorkerStopped
+from faqtune.serve_http import (  # noqa: F401 (ServerThread, resolve_api_key: this module's API too)
+    INTERNAL,
+    APIError,
+    Gate,
+    ServeLimits,
+    ServerThread,
+    allowed_hosts_for,
+    bind_socket,
+    configure_logging,
+    error_body,
+    error_response,
+    is_loopback,
+    printable,
+    resolve_api_key,
+    uvicorn_config,
+)
 
 log = logging.getLogger("faqtune.serve")
 STATIC = Path(__file__).parent / "static"
 ROLES = {"system", "developer", "user", "assistant"}  # developer: OpenAI's newer name for system
-
-
-@dataclass
-class ServeLimits:
-    queue_size: int = 64  # requests waiting for the worker; more get 429
-    max_batch_size: int = 8  # requests answered together in one batch
-    max_body_bytes: int = 1_000_000
-    max_messages: int = 64
-    max_tokens_cap: int = 1024
-    max_n: int = 8
-
-    def validate(self) -> None:
-        problems = [f"`--{k.replace('_', '-')}` must be > 0, got {v}" for k, v in vars(self).items() if v <= 0]
-        if problems:
-            raise ConfigError(problems)
-
-
-# --- errors in OpenAI's shape ------------------------------------------------------------------------------
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
-
-
-INTERNAL = ("internal server error (the server log has the details)", "server_error", None, "internal_error")
-
-
-# --- the outermost layer -----------------------------------------------------------------------------------
-
-class Gate:
-    """API key (401), body size (413) and one log line per request; a last net so no trace reaches a client."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
-        self.api_key = api_key.encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), []
-        state = scope.setdefault("state", {})
-
-        async def send_logged(message):
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            await send(message)
-
-        try:
-            refusal = self._check_key(scope)
-            if refusal is None:
-                receive, refusal = await self._read_body(scope, receive)
-            await (refusal or self.app)(scope, receive, send_logged)
-        except Exception:
-            if not status:  # the app's catch-all already answered (and logged) when a response started
-                log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-                await error_response(500, *INTERNAL)(scope, receive, send_logged)
-        finally:
-            log.info("%s %s %s %.3fs model=%s", scope["method"], scope["path"], status[0] if status else 499,
-                     time.perf_counter() - start, state.get("faqtune_model", "-"))
-
-    def _check_key(self, scope) -> JSONResponse | None:
-        if self.api_key is None or not scope["path"].startswith("/v1/"):
-            return None
-        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.api_key):
-            return None
-        message = "missing API key" if not given else "invalid API key"
-        return error_response(401, f"{message}: send 'Authorization: Bearer KEY'", "invalid_request_error",
-                              None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-
-    async def _read_body(self, scope, receive):
-        """Read the whole body up front (it is small), refusing it past the limit; replay it to the app."""
-        too_large = error_response(413, f"request body larger than {self.max_body_bytes} bytes",
-                                   "invalid_request_error", None, "request_too_large")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return receive, too_large
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return receive, Response(status_code=499)  # the client went away while sending
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                return receive, too_large
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: only http.disconnect is left
-
-        return replay, None
 
 
 # --- request schema (types checked here -> 422; values checked below -> 400) --------------------------------
@@ -205,14 +107,33 @@ def _messages(req: ChatRequest, limits: ServeLimits) -> list[dict[str, str]]:
         if m.content is None:
             raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
         text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        if not _is_unicode(text):
+            raise APIError(400, f"messages[{i}].content is not valid Unicode (a lone surrogate?)",
+                           param=f"messages[{i}].content")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    if not any(m["role"] == "user" for m in out):  # a FAQ bot answers a user's question (and retrieves for it)
+        raise APIError(400, "`messages` must include a user message (the question to answer)", param="messages")
     return out
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate ("\\ud800" in JSON decodes to one; no UTF-8 can carry it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+GREEDY_BELOW = 1e-5  # a temperature this small samples like greedy, and divides logits into overflow
 
 
 def _settings(req: ChatRequest, default_tokens: int, limits: ServeLimits, entry) -> GenSettings:
     gen = entry.answerer.gen
     temperature = gen.temperature if req.temperature is None else req.temperature
     top_p = gen.top_p if req.top_p is None else req.top_p
+    if 0 < temperature < GREEDY_BELOW:
+        temperature = 0.0
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
     checks = [
@@ -220,6 +141,7 @@ def _settings(req: ChatRequest, default_tokens: int, limits: ServeLimits, entry)
         (not 0 < top_p <= 1, "top_p", f"`top_p` must be in (0, 1], got {top_p}"),
         (not 1 <= req.n <= limits.max_n, "n", f"`n` must be between 1 and {limits.max_n}, got {req.n}"),
         (len(stop) > 4 or not all(stop), "stop", "`stop` takes up to 4 non-empty strings"),
+        (not all(map(_is_unicode, stop)), "stop", "`stop` is not valid Unicode (a lone surrogate?)"),
         (max_tokens is not None and max_tokens < 1, "max_tokens", f"`max_tokens` must be >= 1, got {max_tokens}"),
         (max_tokens is not None and max_tokens > limits.max_tokens_cap, "max_tokens",
          f"`max_tokens` is {max_tokens}, above this server's cap of {limits.max_tokens_cap}"),
@@ -359,8 +281,10 @@ async def _final_event(job: Job):
 
 # --- the app -----------------------------------------------------------------------------------------------
 
-def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key: str | None = None):
-    """The ASGI app serving `models`; the worker thread runs from startup to shutdown."""
+def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key: str | None = None,
+               allowed_hosts: Iterable[str] | None = None):
+    """The ASGI app serving `models`; the worker thread runs from startup to shutdown. `allowed_hosts`: the
+    Host names answered (None: any; `serve` sets it from the bound address, see `allowed_hosts_for`)."""
     limits = limits or ServeLimits()
     limits.validate()
     worker = BatchWorker(models, limits.queue_size, limits.max_batch_size)
@@ -410,6 +334,10 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
         if room < 1:
             raise APIError(400, f"the prompt is {prompt_tokens} tokens; this model's context is "
                                 f"{entry.context_length}", param="messages", code="context_length_exceeded")
+        if prompt_tokens > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {prompt_tokens} tokens; this server takes at most "
+                                f"{limits.max_prompt_tokens} (--max-prompt-tokens)", param="messages",
+                           code="context_length_exceeded")
         settings = _settings(req, min(entry.answerer.gen.max_new_tokens, limits.max_tokens_cap, room), limits, entry)
         if settings.max_new_tokens > room:
             raise APIError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({settings.max_new_tokens}) exceed "
@@ -433,7 +361,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
             return Response(status_code=499)  # nobody is listening; logged as such
         return JSONResponse(completion_body(rid, now, name, result))
 
-    return Gate(app, api_key, limits.max_body_bytes)
+    return Gate(app, api_key, limits.max_body_bytes, allowed_hosts, limits.body_timeout)
 
 
 def _base_name(models: ServedModels) -> str | None:
@@ -463,94 +391,32 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception):
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %s", request.method, printable(request.url.path), exc_info=exc)
         return error_response(500, *INTERNAL)
 
 
 # --- running it --------------------------------------------------------------------------------------------
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port, or one clear error (address in use, unknown host...)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as e:
-        raise FaqtuneError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-class ServerThread:
-    """A uvicorn server on a background thread (tests, benchmarks): `with ServerThread(app) as url: ...`."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
-        self.sock = bind_socket(host, port)  # port 0: a free port, known before the server starts
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-
-
-def resolve_api_key(given: str | None) -> str | None:
-    """--api-key, else $FAQTUNE_API_KEY, else none (no key asked)."""
-    return given or os.environ.get("FAQTUNE_API_KEY") or None
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to sys.stderr as it is at each line (tests and tools swap it), like logging's last resort."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def configure_logging() -> None:
-    """One line per request (and warnings) on stderr, for `faqtune serve`."""
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits | None = None) -> int:
-    """Load the runs and serve them until interrupted."""
+          limits: ServeLimits | None = None, allowed_hosts: Iterable[str] = ()) -> int:
+    """Load the runs and serve them until interrupted. `allowed_hosts`: Host names answered besides the
+    loopback ones (bound to loopback); bound elsewhere, when given, the only ones."""
     import uvicorn
 
     from faqtune.serve_engine import load_served_models
 
     limits = limits or ServeLimits()
     limits.validate()
+    if not 1 <= port <= 65535:
+        raise FaqtuneError(f"`--port` must be between 1 and 65535, got {port}")
     configure_logging()
     api_key = resolve_api_key(api_key)
+    hosts = allowed_hosts_for(host, allowed_hosts)
     sock = bind_socket(host, port)  # before the slow part: a busy port fails at once
     models = load_served_models(run_specs)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
     log.info("serving %s on http://%s:%d (chat page: /, API: /v1)", ", ".join(models.names), host, port)
-    config = uvicorn.Config(create_app(models, limits, api_key), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    app = create_app(models, limits, api_key, hosts)
+    uvicorn.Server(uvicorn_config(app, limits)).run(sockets=[sock])
     return 0

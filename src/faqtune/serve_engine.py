@@ -245,7 +245,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    finished: bool = False
+    finished: bool = False  # answered (or failed): set before the answer is emitted, so a late cancel is a no-op
+    sent: dict[int, str] = field(default_factory=dict)  # choice index -> text streamed so far (kept on a retry)
 
     @property
     def key(self) -> tuple:
@@ -253,6 +254,8 @@ class Job:
 
     def emit(self, kind: str, payload: Any) -> None:
         """("delta", (choice index, text)) | ("done", Result) | ("error", message), to the request's coroutine."""
+        if kind != "delta":
+            self.finished = True
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
@@ -345,6 +348,7 @@ class BatchMonitor(StoppingCriteria):
             if len(safe) > len(row.sent) and safe.startswith(row.sent):
                 for index in row.choices:
                     row.job.emit("delta", (index, safe[len(row.sent):]))
+                    row.job.sent[index] = safe
                 row.sent = safe
 
 
@@ -439,12 +443,7 @@ class BatchWorker:
         while (batch := self._take_batch()) is not None:
             start = time.perf_counter()
             try:
-                self._run_batch(batch)
-            except Exception:  # a failed batch answers its requests with an error, and the worker goes on
-                log.exception("generation failed for a batch of %d request(s)", len(batch))
-                self.stats["errors"] += 1
-                for job in batch:
-                    job.emit("error", "generation failed")
+                self._run_isolated(batch)
             finally:
                 seconds = time.perf_counter() - start
                 with self._cond:
@@ -455,8 +454,35 @@ class BatchWorker:
                     self.stats["batches"] += 1
                     self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
 
+    def _run_isolated(self, batch: list[Job]) -> None:
+        """Run a batch; when it fails, answer each of its requests alone, so one bad request (or a batch too
+        large for memory) fails only itself. A request that fails alone gets an error; the worker goes on."""
+        try:
+            return self._run_batch(batch)
+        except Exception:
+            if len(batch) > 1:
+                log.exception("a batch of %d requests failed; answering each alone", len(batch))
+            else:
+                log.exception("generation failed for a request to %s", batch[0].model)
+                return self._fail(batch[0])
+        for job in batch:
+            try:
+                self._run_batch([job])
+            except Exception:
+                log.exception("generation failed for a request to %s", job.model)
+                self._fail(job)
+
+    def _fail(self, job: Job) -> None:
+        if not job.finished:
+            self.stats["errors"] += 1
+            job.emit("error", "generation failed")
+
+    def _answer(self, job: Job, result: Result) -> None:
+        self.stats["completed"] += 1
+        job.emit("done", result)
+
     def _run_batch(self, batch: list[Job]) -> None:
-        batch = [job for job in batch if not job.cancelled.is_set()]
+        batch = [job for job in batch if not job.cancelled.is_set() and not job.finished]
         if not batch:
             return
         entry = self.models.entries[batch[0].model]
@@ -466,8 +492,7 @@ class BatchWorker:
         for job, (conv, ctx) in zip(batch, prepared, strict=True):
             if conv is None:
                 answer = entry.answerer.unanswered(ctx)
-                self.stats["completed"] += 1
-                job.emit("done", Result([finish_choice(answer, k, s.stop, None) for k in range(s.n)], 0))
+                self._answer(job, Result([finish_choice(answer, k, s.stop, None) for k in range(s.n)], 0))
         kept = [(job, conv, ctx) for job, (conv, ctx) in zip(batch, prepared, strict=True) if conv is not None]
         if not kept:
             return
@@ -477,7 +502,7 @@ class BatchWorker:
         gen = replace(entry.answerer.gen, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, num_return_sequences=n_gen)
         per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
-        rows = [_Row(job, choices) for job in batch for choices in per_row]
+        rows = [_Row(job, choices, sent=job.sent.get(choices[0], "")) for job in batch for choices in per_row]
         monitor = BatchMonitor(rows, entry.answerer.tokenizer, entry.answerer.stop_ids, s.stop)
         with self.models.activate(entry, monitor):
             groups = entry.answerer.generate([conv for _, conv, _ in kept], gen)
@@ -490,5 +515,4 @@ class BatchWorker:
             job_rows = rows[i * len(per_row):(i + 1) * len(per_row)]
             choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s.stop, job_rows[k if n_gen > 1 else 0])
                        for k in range(s.n)]
-            self.stats["completed"] += 1
-            job.emit("done", Result(choices, answers[0].prompt_tokens))
+            self._answer(job, Result(choices, answers[0].prompt_tokens))
