@@ -44,3 +44,17 @@ def test_clean_cuts_template_markers():
     assert clean(" Refunds take 5 days.<|im_end|>\\n<|im_start|>user") == "Refunds take 5 days."
     assert clean("Yes.\n<human>: and then?") == "Yes."
     assert clean("  plain  ") == "plain"
+
+
+def test_stdin_that_is_not_utf8_is_one_error_naming_the_line():
+    import pytest
+
+    from faqtune.errors import FaqtuneError
+
+    for errors in ("strict", "surrogateescape"):  # a UTF-8 locale, and the C locale (or faqtune chat's own)
+        stdin = io.TextIOWrapper(io.BytesIO(b"a\ncaf\xe9?\n"), encoding="utf-8", errors=errors)
+        out = io.StringIO()
+        with pytest.raises(FaqtuneError, match="not valid UTF-8") as e:
+            repl(EchoBot(), stdin, out, interactive=False)
+        if errors == "surrogateescape":
+            assert "stdin line 2" in str(e.value) and out.getvalue() == "a (0)\n"

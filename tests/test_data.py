@@ -329,3 +329,55 @@ def test_write_jsonl_round_trip(tmp_path):
     assert json.loads(lines[0]) == {"question": 'Is "Café" open?', "answer": "Yes,\nuntil 9 p.m. ✓"}
     assert set(json.loads(lines[1])) == {"messages"}
     assert [e.messages for e in load_faq(path).entries] == [e.messages for e in entries]
+
+
+@pytest.mark.parametrize("header, message", [
+    ("Question,Answer,Class,Answer", "duplicate column 'Answer' (columns 2 and 4)"),
+    ("question,Answer,answer", "duplicate columns 'Answer' and 'answer' (names match case-insensitively) "
+                               "(columns 2 and 3)"),
+])
+def test_duplicate_csv_columns_are_refused(tmp_path, header, message):
+    path = _write(tmp_path, "faq.csv", f"{header}\nq?,a,b,c\n")
+    with pytest.raises(DataError) as e:
+        load_faq(path)
+    assert str(e.value).startswith(f"{path} line 1: {message}")
+
+
+def test_unnamed_csv_columns_may_repeat(tmp_path):
+    path = _write(tmp_path, "faq.csv", "question,answer,,\nq?,a,,\n")
+    assert _pairs(load_faq(path)) == [("q?", "a")]
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u200c\u200d", "\u2060", "\ufeff\u200b "])
+def test_a_field_of_zero_width_characters_is_empty(tmp_path, invisible):
+    path = _write(tmp_path, "faq.jsonl", _jsonl({"question": "q?", "answer": invisible}))
+    with pytest.raises(DataError, match="line 1: field 'answer': is empty"):
+        load_faq(path)
+
+
+def test_terminal_escapes_and_bidi_controls_are_removed(tmp_path):
+    path = _write(tmp_path, "faq.jsonl", _jsonl(
+        {"question": "\x1b[31mRed\x1b[0m?", "answer": "Pay \u202eby card\u202c.\x1b]0;owned\x07"},
+        {"question": "plain?", "answer": "\u2066ok\u2069"}))
+    data = load_faq(path)
+    assert _pairs(data) == [("Red?", "Pay by card."), ("plain?", "ok")]
+    assert any("removed 7 terminal escape sequence(s) and bidi control character(s)" in n for n in data.notes)
+
+
+def test_a_field_of_only_escape_sequences_is_empty(tmp_path):
+    path = _write(tmp_path, "faq.jsonl", _jsonl({"question": "q?", "answer": "\x1b[2J\x1b[H"}))
+    with pytest.raises(DataError, match="field 'answer': is empty"):
+        load_faq(path)
+
+
+def test_an_unclosed_csv_quote_names_the_line_it_opened(tmp_path):
+    path = _write(tmp_path, "faq.csv", 'question,answer\nHow do I pay?,By card.\n"How do I return,Within 30 days.\n'
+                                       "Where is my order?,On the tracking page.\nCan I cancel?,Yes.\n")
+    with pytest.raises(DataError) as e:
+        load_faq(path)
+    assert str(e.value).startswith(f"{path} line 3: a quoted field opens here and is never closed")
+
+
+def test_a_quoted_multiline_last_record_is_fine(tmp_path):
+    path = _write(tmp_path, "faq.csv", 'question,answer\na?,"one\ntwo ""quoted"""\n')
+    assert _pairs(load_faq(path)) == [("a?", 'one\ntwo "quoted"')]

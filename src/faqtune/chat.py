@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from faqtune.errors import FaqtuneError
 from faqtune.grounding import cite
 
 HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
@@ -15,11 +16,13 @@ def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int =
     history: list[tuple[str, str]] = []
     if interactive:
         print(f"faqtune chat. {HELP}", file=sys.stderr)
+    n = 0
     while True:
         if interactive:
             stdout.write("you> ")
             stdout.flush()
-        line = stdin.readline()
+        n += 1
+        line = _read_line(stdin, n)
         if not line:
             break
         question = line.strip()
@@ -42,3 +45,15 @@ def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int =
             print(cite(reply), file=sys.stderr)
         history.append((question, answer))
     return 0
+
+
+def _read_line(stdin: TextIO, n: int) -> str:
+    """One line of input; bytes that are not UTF-8 are one error naming the line (a C locale reads them as
+    surrogate escapes, a UTF-8 one raises)."""
+    try:
+        line = stdin.readline()
+        line.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise FaqtuneError(f"stdin line {n}: not valid UTF-8 text; check the terminal's or the file's encoding") \
+            from None
+    return line

@@ -160,6 +160,22 @@ def rotate(checkpoints_dir: Path, keep: int, protect: Path | None = None) -> lis
     return doomed
 
 
+def drop_set_aside(checkpoints_dir: Path, sealed_step: int) -> list[Path]:
+    """Delete set-aside checkpoints (`checkpoint-N.partial`) of step N <= `sealed_step`, just sealed.
+
+    A set-aside checkpoint is kept for a post-mortem only while it is the newest trace of the fault: once a
+    checkpoint of the same or a later step is sealed, nothing can resume from or compare with it, and it
+    costs a checkpoint's disk. One newer than every sealed checkpoint (the run has not got past it yet) stays."""
+    doomed = []
+    for p in checkpoints_dir.iterdir():
+        step = p.name[len(PREFIX):-len(".partial")]
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name.endswith(".partial") and step.isdigit() \
+                and int(step) <= sealed_step:
+            shutil.rmtree(p, ignore_errors=True)
+            doomed.append(p)
+    return doomed
+
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -262,6 +278,8 @@ class SafeCheckpoints:
             shutil.rmtree(folder, ignore_errors=True)  # half a checkpoint is useless, and the disk may be full
             raise CheckpointError(f"{folder}: cannot write the checkpoint ({why}); "
                                   f"{_previous(folder.parent, folder, why)}") from e
+        if self.args.should_save:
+            drop_set_aside(folder.parent, self.state.global_step)
         if self.args.should_save and self.keep_checkpoints:
             best = self.state.best_model_checkpoint
             rotate(folder.parent, self.keep_checkpoints, Path(best) if best else None)

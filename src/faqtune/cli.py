@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import sys
@@ -109,21 +110,39 @@ def _gen_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run_config(run_dir: str, args: argparse.Namespace):
-    """The run's saved config with this command's generation flags applied (validated)."""
-    from faqtune.config import load_config
+    """The run's saved config with this command's generation flags applied (validated); remote code only with
+    this command's --trust-remote-code, never from the saved settings."""
     from faqtune.models import adapter_folder_config, is_adapter_folder
     from faqtune.run import RunDir
 
+    trust = getattr(args, "trust_remote_code", False)
     if is_adapter_folder(run_dir):  # a pushed adapter (or its Hub download): settings from its faqtune.yaml
-        return adapter_folder_config(run_dir, _gen_overrides(args))
-    run = RunDir(run_dir)
-    run.load_config()  # clear error when the folder is not a run
-    return load_config(run.config_path, _gen_overrides(args))
+        return adapter_folder_config(run_dir, _gen_overrides(args), trust)
+    return RunDir(run_dir).load_config(_gen_overrides(args), trust)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _check_text(text: str, what: str) -> str:
+    """Command-line text that was not valid UTF-8 arrives with surrogate escapes: one line, not a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FaqtuneError(f"{what} is not valid UTF-8 text (byte {e.start}): check the terminal's encoding") from None
+    return text
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.config import load_config
-    from faqtune.run import RunDir
+    from faqtune.run import RunDir, check_output, load_saved_settings, run_lock
     from faqtune.train import train
 
     overrides: dict[str, object] = parse_overrides(extra)
@@ -132,12 +151,18 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             overrides[key] = getattr(args, flag)
     if args.mix:
         overrides["data.mix"] = args.mix
-    config_path = args.config
-    if args.resume and config_path is None and args.output:
-        saved = RunDir(args.output).config_path
-        config_path = str(saved) if saved.exists() else None  # resume with the run's own settings
-    cfg = load_config(config_path, overrides)
-    train(cfg, resume=args.resume)
+    config_path, saved = args.config, None
+    if args.resume and config_path is None and args.output and RunDir(args.output).config_path.exists():
+        saved = RunDir(args.output).config_path  # resume with the run's own settings
+    if saved is not None:  # they cannot turn on remote code; only this command line can
+        trust = overrides.pop("trust_remote_code", None)
+        explicit = trust is not None and load_config(None, {"trust_remote_code": trust}).trust_remote_code
+        cfg = load_saved_settings(saved, overrides, explicit)
+    else:
+        cfg = load_config(config_path, overrides)
+    check_output(cfg.output_dir, "dir", "--output")
+    with run_lock(cfg.output_dir):
+        train(cfg, resume=args.resume)
     _end_process_group()
     return 0
 
@@ -153,20 +178,31 @@ def _end_process_group() -> None:
 
 
 def _answerer(run_dir: str, args: argparse.Namespace, base_only: bool = False):
-    from faqtune.grounding import make_answerer
     from faqtune.models import fetch_adapter, load_for_inference
 
     run_dir = fetch_adapter(run_dir)  # a Hub repo id (OWNER/NAME) is downloaded first
     cfg = _run_config(run_dir, args)
     model, tokenizer, cfg = load_for_inference(run_dir, base_only=base_only, cfg=cfg, merged=cfg.generation.merged)
-    return make_answerer(run_dir, model, tokenizer, cfg, grounded=not args.no_grounding)
+    return _open_answerer(run_dir, model, tokenizer, cfg, grounded=not args.no_grounding)
+
+
+def _open_answerer(run_dir, model, tokenizer, cfg, grounded: bool):
+    """make_answerer, with a damaged FAQ index (a missing LanceDB table, say) as one line naming it."""
+    from pathlib import Path
+
+    from faqtune.grounding import INDEX_DIR, make_answerer
+    from faqtune.run import named_damage
+
+    with named_damage(Path(run_dir) / INDEX_DIR, "FAQ index"):
+        return make_answerer(run_dir, model, tokenizer, cfg, grounded=grounded)
 
 
 def cmd_ask(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.grounding import cite
 
+    question = _check_text(args.question, "the question")
     bot = _answerer(args.run_dir, args, base_only=args.base_only)
-    answers = bot.ask(args.question)
+    answers = bot.ask(question)
     print("\n\n".join(a.text for a in answers))
     sources = [cite(a) for a in answers]
     if any(sources):  # stderr: stdout stays the answer alone, for piping
@@ -178,13 +214,18 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.config import load_config
     from faqtune.data import load_faq
     from faqtune.grounding import build_index
+    from faqtune.run import RunDir, check_output, run_lock
 
+    check_output(args.out, "dir", "--out")
     overrides: dict[str, object] = {"grounding.embedder": args.embedder} if args.embedder else {}
     if args.threshold is not None:
         overrides["grounding.threshold"] = args.threshold
     cfg = load_config(None, overrides)
     faq = load_faq(args.faq)
-    index = build_index(args.out, faq.entries, cfg)
+    run = RunDir(os.path.dirname(os.path.abspath(args.out)))
+    inside_run = run.config_path.exists()  # RUN/index of a run: no training may write it meanwhile
+    with run_lock(run.root) if inside_run else contextlib.nullcontext():
+        index = build_index(args.out, faq.entries, cfg)
     print(f"indexed {len(index)} entries of {args.faq} into {args.out} with {index.embedder} "
           f"(declines below similarity {index.threshold:.3f})")
     return 0
@@ -193,6 +234,8 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.chat import repl
 
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach repl as surrogates: it names their line
+        sys.stdin.reconfigure(errors="surrogateescape")
     bot = _answerer(args.run_dir, args, base_only=args.base_only)
     return repl(bot, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
 
@@ -205,23 +248,23 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.evaluate import build_eval_set, evaluate_run, read_offtopic
-    from faqtune.grounding import make_answerer
     from faqtune.models import load_for_inference
     from faqtune.report import write_report
-    from faqtune.run import RunDir
+    from faqtune.run import RunDir, check_output
 
     run = RunDir(args.run_dir)
     cfg = _run_config(args.run_dir, args)
+    out = check_output(args.out or run.root / "eval", "dir", "--out")  # before the evaluation, not after it
     eval_set = build_eval_set(run, cfg, args.questions, args.faq)
     if args.limit:
         eval_set.questions, eval_set.references = eval_set.questions[: args.limit], eval_set.references[: args.limit]
     offtopic = read_offtopic(args.offtopic)[: args.limit or None]
     model, tokenizer, cfg = load_for_inference(run.root, cfg=cfg)
-    bot = make_answerer(run.root, model, tokenizer, cfg, grounded=not args.no_grounding)
+    bot = _open_answerer(run.root, model, tokenizer, cfg, grounded=not args.no_grounding)
     report = evaluate_run(model, tokenizer, cfg, eval_set, args.compare_base, offtopic, args.forgetting_threshold,
                           bot=bot)
     report["run_dir"] = str(run.root)
-    md = write_report(report, args.out or run.root / "eval", run.metrics_path)
+    md = write_report(report, out, run.metrics_path)
     print(md.read_text(encoding="utf-8").split("\n## Figures")[0].split("![")[0].strip())
     print(f"\nreport: {md}")
     if args.fail_on_forgetting and report["forgetting"]["flagged"]:
@@ -240,25 +283,38 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.export import format_fidelity, merge_run
+    from faqtune.run import check_output
 
-    report = merge_run(args.run_dir, args.out_dir, args.dtype, args.base_weights, args.limit, check=not args.no_check)
+    check_output(args.out_dir, "dir", "OUT_DIR")
+    report = merge_run(args.run_dir, args.out_dir, args.dtype, args.base_weights, args.limit or 0,
+                       check=not args.no_check, trust_remote_code=args.trust_remote_code)
     print(format_fidelity(report))
     print(f"saved: {args.out_dir} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.export import push
+    import tempfile
 
-    url = push(args.run_dir, args.repo_id, merged=args.merged, private=args.private)
+    from faqtune.export import push
+    from faqtune.run import RunDir, check_output
+
+    check_output(tempfile.gettempdir(), "dir", "staging folder")  # the upload is staged there
+    if args.merged:
+        check_output(RunDir(args.run_dir).root / "merged", "dir", "merged model folder")
+    url = push(args.run_dir, args.repo_id, merged=args.merged, private=args.private,
+               trust_remote_code=args.trust_remote_code)
     print(url)
     return 0
 
 
 def cmd_export_gguf(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.gguf_export import export_run, format_export
+    from faqtune.run import check_output
 
-    print(format_export(export_run(args.run_dir, args.out, args.outtype, verify=not args.no_verify)))
+    check_output(args.out, "file", "OUT.gguf")
+    print(format_export(export_run(args.run_dir, args.out, args.outtype, verify=not args.no_verify,
+                                   trust_remote_code=args.trust_remote_code)))
     return 0
 
 
@@ -322,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forgetting-threshold", type=float, default=0.2,
                    help="flag forgetting when general-text perplexity rises more than this share [default: 0.2]")
     p.add_argument("--fail-on-forgetting", action="store_true", help="exit 1 when forgetting is flagged")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (quick checks)")
+    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N questions (quick checks)")
     p.add_argument("--no-grounding", action="store_true", help="evaluate without retrieved FAQ entries")
     _add_gen_flags(p)
 
@@ -337,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-weights", choices=["auto", "dequantized", "original"], default="auto",
                    help="merge into the NF4-dequantized weights the adapter was trained on, or the base's original "
                         "weights; auto measures both and keeps the more faithful [default: auto]")
-    p.add_argument("--limit", type=int, default=0, help="measure on the first N held-out answers only")
+    p.add_argument("--limit", type=_positive_int, help="measure on the first N held-out answers only")
     p.add_argument("--no-check", action="store_true", help="skip the fidelity measurement (auto: dequantized)")
 
     p = parsers["push"]
@@ -365,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 [default: 1000000]")
     p.add_argument("--max-messages", type=int, help="messages per request [default: 64]")
     p.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask for [default: 1024]")
+    for name in ("ask", "chat", "eval", "merge", "push", "export-gguf"):
+        parsers[name].add_argument(
+            "--trust-remote-code", action="store_true",
+            help="let the base model run its own Python files (only for a model you trust; a run's or a "
+                 "downloaded adapter's settings can never turn this on)")
     return parser
 
 

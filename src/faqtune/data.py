@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +23,12 @@ QUESTION_KEYS = ("question", "questions", "prompt", "query", "instruction", "inp
 ANSWER_KEYS = ("answer", "answers", "response", "completion", "output")
 ROLES = ("system", "user", "assistant")
 CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) would refuse a long answer
+# Invisible characters: a field of only these is empty (str.strip() keeps them: they are not whitespace).
+ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# Removed from questions and answers at reading: terminal escape sequences (CSI like "\x1b[31m", OSC like
+# "\x1b]0;title\x07", and two-character ones) recolour or retitle a terminal that prints an answer, and bidi
+# embedding/override/isolate controls reorder how text is displayed (a "Trojan Source" trick).
+CONTROLS = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]|[\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True)
@@ -108,8 +115,9 @@ def text_field(value: Any, file: str, record: str, field_name: str) -> str:
     if not isinstance(value, str):
         raise DataError(file, f"must be text, got {type(value).__name__}", record, field_name)
     value = value.strip()
-    if not value:
-        raise DataError(file, "is empty", record, field_name)
+    if not value.translate(ZERO_WIDTH).strip():
+        raise DataError(file, "is empty" if not value else "is empty (only zero-width characters)", record,
+                        field_name)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate, e.g. from the JSON escape "\ud800"
@@ -220,9 +228,15 @@ def _iter_csv(text: str, file: str) -> Iterator[tuple[str, Any]]:
     header = [h.strip() for h in header]
     if not any(header):
         raise DataError(file, "has an empty header row", "line 1")
+    _check_header(header, file)
+    lines = sum(1 for _ in io.StringIO(text, newline=""))  # as the reader counts them
     try:
+        last = reader.line_num
         for row in reader:
-            n = reader.line_num
+            n, start, last = reader.line_num, last + 1, reader.line_num
+            if n == lines and n > start and _unclosed_quote(text, start):  # a record that ran to the end
+                raise DataError(file, "a quoted field opens here and is never closed (it ran to the end of the "
+                                      "file); close the quote or double it (\"\") inside the field", f"line {start}")
             if not any(c.strip() for c in row):
                 continue
             if len(row) > len(header):
@@ -230,6 +244,48 @@ def _iter_csv(text: str, file: str) -> Iterator[tuple[str, Any]]:
             yield f"line {n}", dict(zip(header, row + [""] * (len(header) - len(row)), strict=True))
     except csv.Error as e:
         raise DataError(file, f"invalid CSV: {e}", f"line {reader.line_num}") from None
+
+
+def _check_header(header: list[str], file: str) -> None:
+    """Duplicate column names (case-insensitive, as the question/answer columns are matched): which of them
+    would be read is a guess, so refuse them."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header):
+        if not name:
+            continue  # unnamed (e.g. trailing empty) columns are never read
+        j = seen.setdefault(name.lower(), i)
+        if j != i:
+            names = (f"column {name!r}" if header[j] == name else
+                     f"columns {header[j]!r} and {name!r} (names match case-insensitively)")
+            raise DataError(file, f"duplicate {names} (columns {j + 1} and {i + 1}); rename or remove one", "line 1")
+
+
+def _unclosed_quote(text: str, line: int) -> bool:
+    """Whether the record starting at `line` (1-based) runs to the end of `text` inside an open quote: an odd
+    number of '"' from there on (a doubled "" inside a quoted field counts twice)."""
+    offset = 0
+    for _ in range(line - 1):
+        offset = text.find("\n", offset) + 1
+        if offset == 0:
+            return False
+    return text.count('"', offset) % 2 == 1
+
+
+def strip_controls(obj: Any) -> tuple[Any, int]:
+    """A record with terminal escapes and bidi controls removed from its strings; and how many were removed."""
+    if isinstance(obj, str):
+        cleaned, n = CONTROLS.subn("", obj)
+        return cleaned, n
+    if isinstance(obj, dict):
+        out, total = {}, 0
+        for k, v in obj.items():
+            out[k], n = strip_controls(v)
+            total += n
+        return out, total
+    if isinstance(obj, list):
+        items = [strip_controls(v) for v in obj]
+        return [v for v, _ in items], sum(n for _, n in items)
+    return obj, 0
 
 
 READERS = {"json": _iter_json, "jsonl": _iter_jsonl, "csv": _iter_csv}
@@ -262,8 +318,10 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
         raise DataError(str(path), f"unknown format {fmt!r} (expected json, jsonl or csv)")
     entries: list[FaqEntry] = []
     seen: set[tuple] = set()
-    dropped = 0
+    dropped = removed = 0
     for record, obj in READERS[fmt](text, str(path)):
+        obj, n = strip_controls(obj)
+        removed += n
         entry = parse_record(obj, str(path), record, question_field, answer_field)
         if entry.messages in seen:
             dropped += 1
@@ -275,6 +333,8 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
     data = FaqData(entries, str(path), dropped)
     if dropped:
         data.notes.append(f"{path}: dropped {dropped} exact duplicate record(s)")
+    if removed:
+        data.notes.append(f"{path}: removed {removed} terminal escape sequence(s) and bidi control character(s)")
     return data
 
 

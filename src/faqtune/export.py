@@ -173,18 +173,20 @@ def pick_candidate(sides: dict[str, Side], reference: Side) -> str:
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base_weights: str = "auto",
-              limit: int = 0, check: bool = True) -> dict[str, Any]:
-    """Merge, measure against the 4-bit model as trained, save to out_dir; returns the fidelity report."""
+              limit: int = 0, check: bool = True, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Merge, measure against the 4-bit model as trained, save to out_dir; returns the fidelity report.
+
+    `trust_remote_code`: the command line's --trust-remote-code (the run's own settings cannot enable it)."""
     from transformers import AutoModelForCausalLM
 
-    from faqtune.models import load_for_inference, load_tokenizer, resolve_base
+    from faqtune.models import load_for_inference, load_run_tokenizer, load_tokenizer, resolve_base
 
     if dtype not in MERGE_DTYPES:
         raise FaqtuneError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     if base_weights not in BASE_WEIGHTS:
         raise FaqtuneError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
     run = RunDir(run_dir)
-    cfg = run.load_config()
+    cfg = run.load_config(trust_remote_code=trust_remote_code)
     if not (run.adapter_dir / "adapter_config.json").exists():
         raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
     out = Path(out_dir)
@@ -194,7 +196,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
     candidates = (["dequantized", "original"] if quantized and base_weights == "auto"
                   else ["original"] if not quantized else
                   ["dequantized" if base_weights == "auto" else base_weights])
-    tokenizer = load_tokenizer(str(run.tokenizer_dir) if run.tokenizer_dir.exists() else resolve_base(cfg.base_model))
+    tokenizer = load_run_tokenizer(run.tokenizer_dir, resolve_base(cfg.base_model), cfg.trust_remote_code)
     report: dict[str, Any] = {"run_dir": str(run.root), "dtype": dtype, "base_model": cfg.base_model,
                               "quantization": cfg.quantization.mode}
     if not check:
@@ -226,8 +228,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
     save_merged(best, tokenizer, out)
     del best
     # The figures that matter come from the saved folder, loaded as anyone would: plain transformers.
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=MERGE_DTYPES[dtype]).eval()
-    saved_tok = load_tokenizer(str(out))
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=MERGE_DTYPES[dtype],
+                                                 trust_remote_code=cfg.trust_remote_code).eval()
+    saved_tok = load_tokenizer(str(out), cfg.trust_remote_code)
     loss, argmax = teacher_forced(saved, saved_tok, fs, cfg)
     final = Side(f"saved merge ({chosen}, {dtype})", loss, agreement(argmax, ref_argmax),
                  generated_accuracy(saved, saved_tok, fs, cfg))
@@ -425,8 +428,11 @@ def stage_adapter(run: RunDir, cfg, dest: Path) -> Path:
 
 
 def _write_shared_config(cfg, dest: Path) -> None:
-    """The run's config without this machine's paths (they mean nothing elsewhere)."""
+    """The run's config without this machine's paths (they mean nothing elsewhere), and without
+    `trust_remote_code`: whoever loads the upload decides that on their own command line."""
     import copy
+
+    import yaml
 
     shared = copy.deepcopy(cfg)
     shared.output_dir = "."
@@ -434,11 +440,13 @@ def _write_shared_config(cfg, dest: Path) -> None:
         shared.data.path = Path(shared.data.path).name
     shared.data.mix = [Path(m).name if ":" not in m else Path(m.rsplit(":", 1)[0]).name + ":" + m.rsplit(":", 1)[1]
                        for m in shared.data.mix]
-    shared.save(dest / "faqtune.yaml")
+    settings = shared.to_dict()
+    settings.pop("trust_remote_code", None)
+    (dest / "faqtune.yaml").write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
 
 
 def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False, api=None,
-         merged_dir: str | Path | None = None) -> str:
+         merged_dir: str | Path | None = None, trust_remote_code: bool = False) -> str:
     """Upload the run's adapter (or its merged model) with a model card; returns the repo URL.
 
     `api` is a huggingface_hub.HfApi (injected in tests); by default one with the token from HF_TOKEN or
@@ -460,7 +468,7 @@ def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool 
             folder = Path(merged_dir) if merged_dir else run.root / "merged"
             if not (folder / "config.json").exists():
                 _say(f"push: no merged model in {folder}; merging it now (faqtune merge {run.root} {folder})")
-                merge_run(run.root, folder)
+                merge_run(run.root, folder, trust_remote_code=trust_remote_code)
             shutil.copytree(folder, staging, dirs_exist_ok=True)
             if (folder / REPORT_NAME).exists():
                 merge_report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))

@@ -326,20 +326,21 @@ def verify_gguf(path: str | Path, model, tokenizer, prompts: list[list[dict[str,
 
 # ---- the command ------------------------------------------------------------------------------------
 
-def export_run(run_dir: str | Path, out_path: str | Path, outtype: str = "f16", verify: bool = True) -> dict[str, Any]:
+def export_run(run_dir: str | Path, out_path: str | Path, outtype: str = "f16", verify: bool = True,
+               trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge the run (into the dequantized NF4 weights, the faithful merge), write OUT.gguf and a Modelfile
     next to it, and (verify) load the GGUF back with transformers to compare logits and template ids."""
     from faqtune.export import merge_adapter
-    from faqtune.models import load_tokenizer, resolve_base
+    from faqtune.models import load_run_tokenizer, resolve_base
     from faqtune.prompting import with_system
     from faqtune.run import RunDir
 
     run = RunDir(run_dir)
-    cfg = run.load_config()
+    cfg = run.load_config(trust_remote_code=trust_remote_code)
     out = Path(out_path)
     if out.suffix != ".gguf":
         raise ModelError(f"{out}: the output file must end in .gguf")
-    tokenizer = load_tokenizer(str(run.tokenizer_dir) if run.tokenizer_dir.exists() else resolve_base(cfg.base_model))
+    tokenizer = load_run_tokenizer(run.tokenizer_dir, resolve_base(cfg.base_model), cfg.trust_remote_code)
     weights = "dequantized" if cfg.quantization.mode != "none" else "original"
     model = merge_adapter(run.root, weights, "fp32", cfg)
     check_llama(model.config)

@@ -322,15 +322,18 @@ def fetch_adapter(ident: str) -> str:
                          f"downloaded ({first})") from None
 
 
-def adapter_folder_config(folder: str | Path, overrides: dict[str, Any] | None = None) -> FaqtuneConfig:
+def adapter_folder_config(folder: str | Path, overrides: dict[str, Any] | None = None,
+                          trust_remote_code: bool = False) -> FaqtuneConfig:
     """Settings of a pushed adapter: its faqtune.yaml (the run's settings) when present; the base comes from
-    there if it can be loaded here (an alias, a hub id), else from adapter_config.json, as PEFT does."""
-    from faqtune.config import load_config
+    there if it can be loaded here (an alias, a hub id), else from adapter_config.json, as PEFT does.
+    `trust_remote_code` is the caller's (the command line's), never faqtune.yaml's."""
+    from faqtune.run import load_saved_settings, named_damage
 
     folder = Path(folder)
     yaml_path = folder / "faqtune.yaml"
-    cfg = load_config(yaml_path if yaml_path.exists() else None, overrides)
-    named = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    cfg = load_saved_settings(yaml_path if yaml_path.exists() else None, overrides, trust_remote_code)
+    with named_damage(folder / "adapter_config.json", "adapter config"):
+        named = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     local_missing = cfg.base_model.startswith((".", "/", "~")) and not Path(cfg.base_model).expanduser().exists()
     if named and (not yaml_path.exists() or local_missing):
         cfg.base_model = named
@@ -346,7 +349,26 @@ def safe_adapter_dir(adapter_dir: str | Path) -> Path:
     if not (adapter_dir / "adapter_model.safetensors").exists():
         raise ModelError(f"{adapter_dir}: no adapter_model.safetensors; faqtune loads adapters only from "
                          "safetensors, never from pickled weights such as adapter_model.bin")
+    from safetensors import safe_open
+
+    from faqtune.run import named_damage
+
+    with named_damage(adapter_dir / "adapter_config.json", "adapter config"):  # damaged files: one line each
+        if not isinstance(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    with named_damage(adapter_dir / "adapter_model.safetensors", "adapter weights"):
+        safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt")  # checks a truncated file too
     return adapter_dir
+
+
+def load_run_tokenizer(tokenizer_dir: Path, base: str, trust_remote_code: bool = False):
+    """A run's saved tokenizer (a damaged one is one line naming it), else the base's."""
+    if not tokenizer_dir.exists():
+        return load_tokenizer(base, trust_remote_code)
+    from faqtune.run import named_damage
+
+    with named_damage(tokenizer_dir, "tokenizer"):
+        return load_tokenizer(str(tokenizer_dir), trust_remote_code)
 
 
 def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None,
@@ -365,7 +387,7 @@ def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: Faqtun
     cfg = cfg or (adapter_folder_config(run.root) if flat else run.load_config())
     base = resolve_base(cfg.base_model)
     tokenizer_dir = run.root if flat and (run.root / "tokenizer_config.json").exists() else run.tokenizer_dir
-    tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.exists() else base)
+    tokenizer = load_run_tokenizer(tokenizer_dir, base, cfg.trust_remote_code)
     dtype = merged_dtype(merged, base) if not (base_only or flat) else None
     if dtype is not None:
         from faqtune.export import merge_adapter

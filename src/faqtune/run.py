@@ -1,11 +1,20 @@
-"""The run directory: one place that knows where each artifact of a training run lives."""
+"""The run directory: one place that knows where each artifact of a training run lives, loads its settings,
+checks output paths and locks a run against a second writer."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from faqtune.config import FaqtuneConfig, load_config
-from faqtune.errors import FaqtuneError
+from faqtune.errors import FaqtuneError, ModelError, one_line
+
+LOCK_NAME = ".lock"
 
 
 class RunDir:
@@ -24,13 +33,15 @@ class RunDir:
     eval_split = property(lambda self: self.root / "data" / "eval.jsonl")
     mix_split = property(lambda self: self.root / "data" / "mix.jsonl")
     summary_path = property(lambda self: self.root / "summary.json")
+    lock_path = property(lambda self: self.root / LOCK_NAME)
 
-    def load_config(self) -> FaqtuneConfig:
+    def load_config(self, overrides: dict[str, Any] | None = None, trust_remote_code: bool = False) -> FaqtuneConfig:
+        """The run's saved settings (+ `overrides`); `trust_remote_code` comes from the caller, never the file."""
         if not self.root.is_dir():
             raise FaqtuneError(f"{self.root}: no such run directory")
         if not self.config_path.exists():
             raise FaqtuneError(f"{self.root}: not a faqtune run directory (no config.yaml)")
-        return load_config(self.config_path)
+        return load_saved_settings(self.config_path, overrides, trust_remote_code)
 
     def last_checkpoint(self, checksums: bool = False) -> Path | None:
         """Newest complete checkpoint (sealed by its manifest; file sizes checked, hashes when `checksums`).
@@ -40,3 +51,141 @@ class RunDir:
         from faqtune.checkpoints import scan
 
         return scan(self.checkpoints_dir, checksums).usable
+
+
+def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = None,
+                        trust_remote_code: bool = False) -> FaqtuneConfig:
+    """Settings a run (config.yaml) or a pushed adapter (faqtune.yaml, maybe downloaded) carries.
+
+    Such a file may come from anyone, so it cannot turn on `trust_remote_code` (which runs the base model's
+    Python files): only the person at the command line can, with `--trust-remote-code`. A `true` in the file
+    is ignored with a one-line warning."""
+    cfg = load_config(path, overrides)
+    if cfg.trust_remote_code and not trust_remote_code:
+        print(f"warning: {path}: `trust_remote_code: true` ignored (a run's saved settings cannot enable remote "
+              "code; pass --trust-remote-code to allow it for this command)", file=sys.stderr)
+    cfg.trust_remote_code = bool(trust_remote_code)
+    return cfg
+
+
+# ---- output paths -----------------------------------------------------------------------------------
+
+def check_output(path: str | Path, kind: str = "dir", what: str = "output") -> Path:
+    """Fail early, in one line naming the path, when `path` cannot be written: checked before any expensive
+    work. `kind` "dir": an existing directory or one that can be created; "file": a file (not a directory)
+    in such a directory."""
+    path = Path(path)
+    try:
+        exists = path.exists()
+        if kind == "file":
+            if path.is_dir():
+                raise FaqtuneError(f"{what} {path}: is a directory, expected a file path")
+            if exists and not os.access(path, os.W_OK):
+                raise FaqtuneError(f"{what} {path}: the file is not writable")
+            check_output(path.parent if str(path.parent) else Path("."), "dir", what)
+            return path
+        if exists and not path.is_dir():
+            raise FaqtuneError(f"{what} {path}: is a file, expected a directory")
+        if exists:
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise FaqtuneError(f"{what} {path}: the directory is not writable")
+            return path
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise FaqtuneError(f"{what} {path}: cannot be created, {ancestor} is a file")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise FaqtuneError(f"{what} {path}: cannot be created, {ancestor} is not writable")
+    except ValueError:  # e.g. a NUL byte in the path
+        raise FaqtuneError(one_line(f"{what} {path}: not a valid path")) from None
+    except OSError as e:  # e.g. a name too long
+        raise FaqtuneError(one_line(f"{what} {path}: {e.strerror or e}")) from None
+    return path
+
+
+# ---- damaged run files ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def named_damage(path: str | Path, what: str = "file") -> Iterator[None]:
+    """Turn a failure to read a run's file (truncated weights, bad JSON, unreadable tokenizer) into one line
+    naming it. Our own errors pass through unchanged."""
+    try:
+        yield
+    except FaqtuneError:
+        raise
+    except Exception as e:  # safetensors, tokenizers and json raise their own types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(one_line(f"{path}: damaged or unreadable {what} ({first[:200]})")) from e
+
+
+# ---- the run lock -----------------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _holder(lock: Path) -> tuple[int | None, str]:
+    try:
+        pid, _, host = lock.read_text(encoding="utf-8").strip().partition(" ")
+        return int(pid), host
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None, ""
+
+
+def _is_launcher_main() -> bool:
+    """Whether this process takes the lock: the only one, or rank 0 of a torchrun/accelerate launch (the other
+    processes of the same run share its directory)."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
+@contextlib.contextmanager
+def run_lock(root: str | Path, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold RUN/.lock (pid and host, created with O_EXCL) while a command writes into the run; a second
+    writer is refused in one line naming the holder. A lock left by a dead process of this host is taken
+    over with a note. An empty directory this created is removed again on the way out."""
+    root = Path(root)
+    if not _is_launcher_main():
+        yield
+        return
+    check_output(root, "dir", "run directory")
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / LOCK_NAME
+    me, host = os.getpid(), socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, their_host = _holder(lock)
+            if pid is not None and their_host == host and not _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                (say or (lambda m: print(m, file=sys.stderr)))(
+                    f"note: {lock}: left by process {pid}, which is no longer running; taken over")
+                continue
+            who = f"process {pid} on {their_host}" if pid is not None else "another process (unreadable lock)"
+            raise FaqtuneError(f"{root} is in use by {who}: wait for it to finish, or remove {lock} if no faqtune "
+                               "runs there") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{me} {host}\n")
+        break
+    else:
+        raise FaqtuneError(f"{lock}: could not take the lock; remove it if no faqtune runs there")
+    try:
+        yield
+    finally:
+        if _holder(lock) == (me, host):
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only when empty: nothing was written

@@ -230,6 +230,9 @@ def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
                 f"{run.root} already holds a run; pass --resume to continue it or choose another --output"
             )
     run.root.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh start: logs of an earlier attempt that died before its first checkpoint would mix in
+        run.metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(run.tb_dir, ignore_errors=True)
     cfg.save(run.config_path)
 
 

@@ -70,7 +70,8 @@ def test_resume_sets_corrupt_checkpoints_aside_and_continues_from_a_good_one(ref
     assert "checkpoint checkpoint-10 is corrupt: optimizer.pt does not match its SHA-256 checksum; set aside as " \
            "checkpoint-10.partial, resuming from checkpoint-4" in err
     assert "checkpoint checkpoint-8 is partial" in err
-    assert (run / "checkpoints" / "checkpoint-10.partial").is_dir()  # kept for a post-mortem, never reused
+    # set aside (never reused), then removed once the resumed run sealed a checkpoint of its step again
+    assert not list((run / "checkpoints").glob("*.partial"))
     assert_same_adapter(run, reference)
 
 
@@ -116,3 +117,14 @@ def test_rotation_deletes_only_sealed_checkpoints_beyond_the_limit(tmp_path):
     assert sorted(p.name for p in deleted) == ["checkpoint-2"]
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4",
                                                        "checkpoint-5", "checkpoint-9.partial"]
+
+
+def test_set_aside_checkpoints_go_once_a_later_one_is_sealed(tmp_path):
+    from faqtune.checkpoints import drop_set_aside
+
+    ckpts = tmp_path / "checkpoints"
+    for name in ("checkpoint-4.partial", "checkpoint-8.partial", "checkpoint-12.partial", "checkpoint-8"):
+        (ckpts / name).mkdir(parents=True)
+    gone = drop_set_aside(ckpts, 8)
+    assert sorted(p.name for p in gone) == ["checkpoint-4.partial", "checkpoint-8.partial"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-12.partial", "checkpoint-8"]  # newest fault kept

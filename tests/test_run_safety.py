@@ -1,0 +1,297 @@
+"""A run's safety rails (issue 15): remote code only from the command line, one writer per run directory,
+output paths checked before the work, damaged run files named in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from faqtune.cli import main
+from faqtune.config import FaqtuneConfig
+from faqtune.errors import FaqtuneError, ModelError
+from faqtune.run import RunDir
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _fake_run(root: Path, **settings) -> Path:
+    """A run directory holding only its config.yaml (enough for every check made before loading a model)."""
+    root.mkdir(parents=True)
+    cfg = FaqtuneConfig(output_dir=str(root))
+    for key, value in settings.items():
+        setattr(cfg, key, value)
+    cfg.grounding.mode = "none"
+    cfg.quantization.compute_dtype = "fp32"
+    cfg.save(root / "config.yaml")
+    return root
+
+
+# ---- 1. trust_remote_code comes only from the command line -----------------------------------------
+
+@pytest.fixture
+def remote_code_base(tmp_path) -> tuple[Path, Path]:
+    """A base model folder whose config maps to its own Python file; importing that file leaves a marker."""
+    base, marker = tmp_path / "remote-code-base", tmp_path / "remote-code-ran"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "model_type": "faqtune_remote_test",
+        "auto_map": {"AutoConfig": "remote_model.RemoteConfig", "AutoModelForCausalLM": "remote_model.RemoteModel"},
+    }))
+    (base / "remote_model.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                          "raise RuntimeError('remote code ran')\n")
+    return base, marker
+
+
+def _remote_code_run(tmp_path, base: Path, tiny_base: Path) -> Path:
+    run = _fake_run(tmp_path / "run", base_model=str(base), trust_remote_code=True)
+    (run / "tokenizer").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_base / name, run / "tokenizer")
+    return run
+
+
+def test_a_runs_config_cannot_turn_on_remote_code(tmp_path, remote_code_base, tiny_base, capsys):
+    base, marker = remote_code_base
+    run = _remote_code_run(tmp_path, base, tiny_base)
+    assert main(["ask", str(run), "hi?"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the base model's own code ran"
+    assert "trust_remote_code: true` ignored" in err and str(run / "config.yaml") in err
+    assert "ships its own model code" in err
+
+
+def test_trust_remote_code_flag_enables_it(tmp_path, remote_code_base, tiny_base):
+    base, marker = remote_code_base
+    run = _remote_code_run(tmp_path, base, tiny_base)
+    with pytest.raises(Exception, match="remote code ran"):
+        main(["ask", str(run), "hi?", "--trust-remote-code"])
+    assert marker.exists()
+
+
+def test_run_and_adapter_settings_ignore_trust_remote_code(tmp_path, capsys):
+    from faqtune.models import adapter_folder_config
+
+    run = _fake_run(tmp_path / "run", trust_remote_code=True)
+    assert RunDir(run).load_config().trust_remote_code is False
+    assert "ignored" in capsys.readouterr().err
+    assert RunDir(run).load_config(trust_remote_code=True).trust_remote_code is True
+
+    folder = tmp_path / "adapter"  # as `faqtune push` uploads it (or `faqtune ask OWNER/NAME` downloads it)
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some/base"}))
+    (folder / "faqtune.yaml").write_text(yaml.safe_dump({"trust_remote_code": True}))
+    assert adapter_folder_config(folder).trust_remote_code is False
+    err = capsys.readouterr().err
+    assert "faqtune.yaml" in err and "ignored" in err and len(err.strip().splitlines()) == 1
+    assert adapter_folder_config(folder, trust_remote_code=True).trust_remote_code is True
+
+
+def test_push_never_writes_trust_remote_code(tmp_path):
+    from faqtune.export import _write_shared_config
+
+    cfg = FaqtuneConfig(trust_remote_code=True)
+    _write_shared_config(cfg, tmp_path)
+    assert "trust_remote_code" not in (tmp_path / "faqtune.yaml").read_text()
+
+
+# ---- 2. one writer per run directory ----------------------------------------------------------------
+
+def test_a_second_train_into_a_locked_run_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        assert main(["train", "--output", str(run), "--data", str(tmp_path / "no-such.json")]) == 2
+        line = _one_line_error(capsys)
+        assert f"in use by process {holder.pid}" in line and str(run) in line
+        assert (run / ".lock").exists()  # still the other writer's
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_released(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")
+    assert main(["train", "--output", str(run), "--data", str(tmp_path / "no-such.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"left by process {dead.pid}, which is no longer running; taken over" in err
+    assert "no such file" in err  # it went on to the data
+    assert not (run / ".lock").exists()
+
+
+def test_the_lock_holds_pid_and_host_and_a_created_empty_dir_goes(tmp_path):
+    from faqtune.run import run_lock
+
+    run = tmp_path / "new" / "run"
+    with run_lock(run):
+        assert (run / ".lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
+        with pytest.raises(FaqtuneError, match=f"in use by process {os.getpid()}"), run_lock(run):
+            pass
+    assert not run.exists()
+
+
+def test_only_rank_0_of_a_launch_takes_the_lock(tmp_path, monkeypatch):
+    from faqtune.run import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # rank 0 of this launch holds it
+    monkeypatch.setenv("RANK", "1")
+    with run_lock(run):
+        pass
+    assert (run / ".lock").exists()
+
+
+# ---- 3. output paths are checked before the expensive part ------------------------------------------
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    lambda run, out: ["eval", str(run), "--out", str(out)],
+    lambda run, out: ["merge", str(run), str(out)],
+    lambda run, out: ["index", str(run / "no-such-faq.json"), "--out", str(out)],
+    lambda run, out: ["train", "--output", str(out), "--data", str(run / "no-such-faq.json")],
+], ids=["eval", "merge", "index", "train"])
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_an_output_that_cannot_be_a_directory_fails_first(tmp_path, a_file, capsys, argv, where):
+    run = _fake_run(tmp_path / "run")
+    out = a_file if where == "file" else a_file / "sub"
+    assert main(argv(run, out)) == 2
+    line = _one_line_error(capsys)
+    assert str(out) in line
+    assert ("is a file, expected a directory" if where == "file" else f"{a_file} is a file") in line
+
+
+def test_export_gguf_output_that_is_a_directory(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    out = tmp_path / "out.gguf"
+    out.mkdir()
+    assert main(["export-gguf", str(run), str(out)]) == 2
+    assert "is a directory, expected a file path" in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_output_directory(tmp_path):
+    from faqtune.run import check_output
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(FaqtuneError, match="not writable"):
+            check_output(folder / "run")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_a_creatable_output_passes(tmp_path):
+    from faqtune.run import check_output
+
+    assert check_output(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert check_output(tmp_path / "x.gguf", "file") == tmp_path / "x.gguf"
+
+
+# ---- 5. damaged run files, bad text, bad limits -----------------------------------------------------
+
+def _adapter(folder: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    save_file({"a": torch.zeros(64)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_a_truncated_adapter_is_named(tmp_path):
+    from faqtune.models import safe_adapter_dir
+
+    folder = _adapter(tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ModelError, match="adapter_model.safetensors: damaged or unreadable adapter weights"):
+        safe_adapter_dir(folder)
+
+
+def test_a_bad_adapter_config_is_named(tmp_path):
+    from faqtune.models import safe_adapter_dir
+
+    folder = _adapter(tmp_path / "adapter")
+    (folder / "adapter_config.json").write_text('{"peft_type": ')
+    with pytest.raises(ModelError, match="adapter_config.json: damaged or unreadable adapter config"):
+        safe_adapter_dir(folder)
+
+
+def test_a_bad_tokenizer_is_one_line(tmp_path, tiny_base, capsys):
+    run = _fake_run(tmp_path / "run", base_model=str(tiny_base))
+    (run / "tokenizer").mkdir()
+    shutil.copy(tiny_base / "tokenizer_config.json", run / "tokenizer")
+    (run / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    assert main(["ask", str(run), "hi?"]) == 2
+    assert f"{run / 'tokenizer'}: damaged or unreadable tokenizer" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("meta", [{"embedder": "all-MiniLM-L6-v2", "threshold": 0.5}, {"threshold": 0.5}],
+                         ids=["no-table", "no-embedder"])
+def test_a_damaged_index_is_one_line(tmp_path, meta):
+    from faqtune.cli import _open_answerer
+
+    run = _fake_run(tmp_path / "run")
+    cfg = RunDir(run).load_config()
+    cfg.grounding.mode = "retrieval"
+    (run / "index").mkdir()
+    (run / "index" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(FaqtuneError) as e:
+        _open_answerer(run, None, None, cfg, grounded=True)
+    assert str(run / "index") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_ask_argument_that_is_not_utf8(tmp_path, capsys):
+    question = b"caf\xe9?".decode("utf-8", "surrogateescape")  # what Python makes of such an argv
+    assert main(["ask", str(tmp_path), question]) == 2
+    assert "the question is not valid UTF-8" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("limit", ["-100", "-1", "0"])
+def test_eval_limit_below_one_is_refused_at_parsing(tmp_path, capsys, limit):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(tmp_path), "--limit", limit])
+    assert e.value.code == 2
+    assert "--limit: must be >= 1" in capsys.readouterr().err
+
+
+def test_a_fresh_train_clears_the_logs_of_an_attempt_without_checkpoints(tmp_path):
+    from faqtune.train import _prepare_run_dir
+
+    run = RunDir(tmp_path / "run")
+    for resume in (True, False):
+        run.root.mkdir(exist_ok=True)
+        run.metrics_path.write_text('{"step": 1, "loss": 2.0}\n')
+        run.tb_dir.mkdir(exist_ok=True)
+        (run.tb_dir / "events.out").write_text("x")
+        _prepare_run_dir(FaqtuneConfig(output_dir=str(run.root)), run, resume=resume)
+        assert run.metrics_path.exists() is resume and run.tb_dir.exists() is resume
