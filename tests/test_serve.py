@@ -504,3 +504,46 @@ def test_grounded_runs_cite_their_entry_and_decline_offtopic_without_generating(
     chunks = list(client.chat.completions.create(model="second", messages=off, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
         declined.choices[0].message.content
+
+
+def test_a_rebuilt_index_is_picked_up_without_a_restart(runs, tmp_path, caplog):
+    """Issue 15: `faqtune index FAQ --out RUN/index` (swapped into place) is used by a running server: an
+    off-topic question it declined without generating is answered once its entry is added. An index that
+    fails to load is reported once and the previous one kept."""
+    from faqtune.serve import ServerThread, create_app
+    from faqtune.serve_engine import load_served_models
+
+    caplog.set_level(logging.INFO, logger="faqtune.serve")
+    run = tmp_path / "live"
+    shutil.copytree(runs[0], run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    question = "Who painted the Mona Lisa?"
+    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done on page {i}."}
+            for i in range(8)] + [{"question": question, "answer": "Leonardo da Vinci painted the Mona Lisa."}]
+    faq = tmp_path / "faq.json"
+    faq.write_text(json.dumps({"questions": rows}))
+    body = ask_body(model="live", messages=[{"role": "user", "content": question}])
+
+    def declined() -> bool:
+        status, _, payload = request(url, body=body, key=None)
+        assert status == 200, payload
+        choice = payload["choices"][0]
+        return payload["usage"]["completion_tokens"] == 0 and not choice.get("faqtune_citation")
+
+    served = load_served_models([str(run)])
+    with ServerThread(create_app(served, api_key=None)) as url:
+        assert declined()
+        assert main(["index", str(faq), "--out", str(run / "index")]) == 0
+        deadline = time.monotonic() + 15
+        while declined():
+            assert time.monotonic() < deadline, "the rebuilt index was not picked up"
+            time.sleep(0.3)
+        assert health(url)["index_reloads"] == 1
+        assert served.entries["live"].answerer.index.search(question, k=1)[0].question == question
+        (run / "index" / "index.json").write_text(json.dumps({"embedder": "all-MiniLM-L6-v2"}))  # no threshold
+        for _ in range(4):
+            assert not declined()  # still the loaded index
+            time.sleep(0.4)
+        assert health(url)["index_reloads"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "does not load" in
+                r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings

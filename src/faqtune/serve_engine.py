@@ -27,6 +27,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from faqtune.errors import FaqtuneError, ModelError
 from faqtune.generate import Answer, Answerer
 from faqtune.prompting import TEMPLATE_MARKERS
+from faqtune.serve_index import IndexWatcher
 
 log = logging.getLogger("faqtune.serve")
 
@@ -44,6 +45,7 @@ class ServedModel:
     context_length: int
     system_prompt: str | None = None
     run_dir: Path | None = None
+    index_watch: Any = None  # serve_index.IndexWatcher of a grounded run: reloads a rebuilt index
 
 
 class HookedModel:
@@ -197,8 +199,9 @@ def load_served_models(specs: list[str]) -> ServedModels:
     for i, (name, run, cfg) in enumerate(runs):
         tok_source = str(run.tokenizer_dir) if run.tokenizer_dir.exists() else base
         answerer = build_answerer(hooked, load_tokenizer(tok_source), cfg, run.root)
+        watch = IndexWatcher(name, answerer, run.root / "index") if hasattr(answerer, "index") else None
         entries[name] = ServedModel(name, answerer, f"run{i}", load_tokenizer(tok_source), context,
-                                    answerer.system_prompt, run.root)
+                                    answerer.system_prompt, run.root, watch)
     answerer = build_answerer(hooked, load_tokenizer(base), first_cfg, None)
     entries[base_name] = ServedModel(base_name, answerer, None, load_tokenizer(base), context)
     return ServedModels(entries, model, hooked)
@@ -375,7 +378,7 @@ class BatchWorker:
         self._running: list[Job] = []
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self.stats = {"batches": 0, "completed": 0, "cancelled": 0, "stopped_mid_generation": 0,
-                      "largest_batch": 0, "errors": 0}
+                      "largest_batch": 0, "errors": 0, "index_reloads": 0}
 
     # -- the HTTP side --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -460,11 +463,14 @@ class BatchWorker:
         try:
             return self._run_batch(batch)
         except Exception:
-            if len(batch) > 1:
-                log.exception("a batch of %d requests failed; answering each alone", len(batch))
-            else:
+            watch = self.models.entries[batch[0].model].index_watch
+            reloaded = watch is not None and watch.check()  # the index was swapped under the batch: retry
+            if reloaded:
+                self.stats["index_reloads"] += 1
+            if len(batch) == 1 and not reloaded:
                 log.exception("generation failed for a request to %s", batch[0].model)
                 return self._fail(batch[0])
+            log.exception("a batch of %d request(s) failed; answering each alone", len(batch))
         for job in batch:
             try:
                 self._run_batch([job])
@@ -487,6 +493,8 @@ class BatchWorker:
             return
         entry = self.models.entries[batch[0].model]
         s = batch[0].settings
+        if entry.index_watch is not None and entry.index_watch.check():  # `faqtune index` rebuilt it
+            self.stats["index_reloads"] += 1
         # grounding declines some questions without generating: answer those now, generate for the rest
         prepared = entry.answerer.prepare([job.messages for job in batch])
         for job, (conv, ctx) in zip(batch, prepared, strict=True):
