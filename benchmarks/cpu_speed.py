@@ -186,7 +186,10 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
             self.paused = 0.0
             self.start = None
 
-        def on_train_begin(self, args, state, control, model=None, processing_class=None, **kw):
+        def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
+                           **kw):
+            # the examples exactly as trained (grounded prompts included)
+            seen["rows"] = list(train_dataloader.dataset) if train_dataloader is not None else []
             self.start = time.perf_counter()
             self.steps = {max(1, round(f * state.max_steps)) for f in SCHEDULE}
             self.probe(state, model, processing_class)  # step 0: the base model (grounded: with the entries)
@@ -219,28 +222,9 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
         def grounded(model, tok):
             return make_answerer(cfg.output_dir, model, tok, cfg)
 
-    built = ft._build_trainer
-    seen: dict = {}
-
-    def with_probe(cfg_, run, model, tokenizer, train_tok, eval_tok):
-        seen["rows"] = train_tok.rows  # the examples exactly as trained (grounded prompts included)
-        trainer = built(cfg_, run, model, tokenizer, train_tok, eval_tok)
-        seen["probe"] = Probe()
-        trainer.add_callback(seen["probe"])
-        return trainer
-
-    ft._build_trainer = with_probe
-    ground = ft._ground
-
-    def timed_ground(*args, **kwargs):  # grounding's setup: index the FAQ, calibrate, build the prompts
-        t = time.perf_counter()
-        out = ground(*args, **kwargs)
-        seen["setup_seconds"] = time.perf_counter() - t
-        return out
-
-    ft._ground = timed_ground
+    seen: dict = {"probe": Probe()}
     peak = TrainingPeak()
-    summary = ft.train(cfg)
+    summary = ft.train(cfg, callbacks=(seen["probe"],))
     peak.note()
     from faqtune.models import load_for_inference
 
@@ -268,7 +252,7 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
     out.write_text(json.dumps({
         # training time without the probes' answering (the summary's wall clock includes it)
         "train_seconds": summary["train_seconds"] - seen["probe"].paused,
-        "wall_seconds_with_probes": summary["train_seconds"], "setup_seconds": seen.get("setup_seconds", 0.0),
+        "wall_seconds_with_probes": summary["train_seconds"], "setup_seconds": summary.get("grounding_seconds", 0.0),
         "steps": summary["steps"], "real_tokens": int(tokens),
         "final_loss": summary["final_loss"], "train_flops": flops, "curve": curve,
         "answer_accuracy": score([a.text for a in batched], refs),

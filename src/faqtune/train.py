@@ -263,8 +263,10 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer):
         _say("the tokenizer has no chat template: using the guide's '<human>: / <assistant>:' format")
+    setup_started = time.time()
     if cfg.grounding.mode == "retrieval":  # after the base resolved: a wrong base fails before the indexing
         train_entries, eval_entries = _ground(cfg, run, faq.entries, train_entries, eval_entries)
+    grounding_seconds = time.time() - setup_started
     train_tok = tokenize_entries(tokenizer, train_entries + mixed, cfg)
     eval_tok = tokenize_entries(tokenizer, eval_entries, cfg)
     if not train_tok.rows:
@@ -297,7 +299,7 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     elapsed = time.time() - started
     if eval_tok.rows:
         trainer.evaluate()
-    return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last)
+    return save(cfg, run, trainer, train_tok, result, elapsed, resumed_from=last, setup_seconds=grounding_seconds)
 
 
 def _fit(trainer, run: RunDir, last: Path | None):
@@ -413,7 +415,7 @@ def _trainable_dtype(model) -> torch.dtype | None:
 
 
 def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: float,
-         resumed_from: Path | None = None) -> dict[str, Any]:
+         resumed_from: Path | None = None, setup_seconds: float = 0.0) -> dict[str, Any]:
     """Write adapter/ (plain PEFT, safetensors) and summary.json; print the final summary.
 
     Every process calls it: under FSDP the adapter's shards are gathered first (a collective)."""
@@ -439,6 +441,7 @@ def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: 
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 3),
         "train_seconds": round(elapsed, 2),
+        "grounding_seconds": round(setup_seconds, 2),  # the index, its calibration and the grounded prompts
         "tokens_per_second": round(examples * mean_len / elapsed, 1) if elapsed > 0 else None,
         "final_loss": losses[-1] if losses else None,
         "mean_train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
