@@ -143,7 +143,8 @@ class GroundingConfig:
 class FaqtuneConfig:
     base_model: str = _f("smollm2-135m", "alias, local HF folder or hub id of the base model")
     output_dir: str = _f("runs/faqtune", "run directory (adapter, config, metrics, checkpoints)")
-    trust_remote_code: bool = _f(False, "allow model code from the hub (off unless asked)")
+    trust_remote_code: bool = _f(False, "let the base model run its own Python files (train; other commands take "
+                                        "--trust-remote-code: a run's saved settings never enable it)")
     data: DataConfig = field(default_factory=DataConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
