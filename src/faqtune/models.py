@@ -252,6 +252,10 @@ def load_base_model(ident: str, cfg: FaqtuneConfig, quantize: bool = True):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if _distributed() else "auto"
     model = _from_pretrained(AutoModelForCausalLM, ident, **kwargs)
     model.config.use_cache = False
+    if bnb is not None and dtype == torch.float32 and not torch.cuda.is_available():
+        # bitsandbytes answers through its own bf16 kernel on any CPU that reports AVX512-BF16, whatever the
+        # compute dtype; fp32 was chosen because bf16 measured slow here (some such CPUs run it ~5x slower)
+        keep_4bit_layers_trainable(model)
     return model
 
 
@@ -265,7 +269,8 @@ def _fsdp() -> bool:
 
 
 def keep_4bit_layers_trainable(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference while the model is being trained.
+    """Stop bitsandbytes from repacking 4-bit weights for its bf16 CPU inference kernel (while the model is
+    being trained, and for inference in fp32).
 
     On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight the first time it runs in eval
     mode without gradients (e.g. a held-out evaluation during training), and from then on multiplies through
