@@ -106,3 +106,45 @@ def test_chat_page_streams_the_whole_answer(copy_server):
         assert bubble.text.strip() == SENTENCE
     finally:
         browser.quit()
+
+
+DECLINE = "Sorry, that is not covered here."
+
+
+class StubIndex:
+    """A FAQ index that always finds the same two entries (no embedder needed)."""
+
+    threshold = 0.3
+
+    def search_many(self, queries, k=3, hybrid=False):
+        from faqtune.retrieval import Hit
+
+        hits = [Hit(7, "When can I return it?", SENTENCE, 0.9), Hit(2, "Do you ship abroad?", "Yes, worldwide.", 0.5)]
+        return [hits[:k] for _ in queries]
+
+
+@pytest.fixture(scope="module")
+def declining_server(tiny_tokenizer):
+    """A grounded model whose every answer is the decline message: `grounding.fallback` replaces it by the top
+    entry's answer, which the stream must show too (not the decline it was generating)."""
+    from faqtune.config import FaqtuneConfig
+    from faqtune.grounding import GroundedAnswerer
+    from faqtune.serve import ServerThread, create_app
+    from faqtune.serve_engine import HookedModel, ServedModel, ServedModels
+
+    cfg = FaqtuneConfig()
+    cfg.grounding.decline_message, cfg.grounding.top_k = DECLINE, 2
+    hooked = HookedModel(copy_model(tiny_tokenizer, DECLINE))
+    answerer = GroundedAnswerer(hooked, tiny_tokenizer, cfg.generation, None, StubIndex(), cfg)
+    entries = {"grounded": ServedModel("grounded", answerer, None, tiny_tokenizer, 512)}
+    with ServerThread(create_app(ServedModels(entries, None, hooked))) as url:
+        yield url
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_replaced_decline_streams_the_replacement(declining_server, n):
+    body = {"model": "grounded", "messages": [{"role": "user", "content": "When can I return it?"}], "n": n}
+    status, _, whole = request(declining_server, body=body, key=None)
+    assert status == 200 and [c["message"]["content"] for c in whole["choices"]] == [SENTENCE] * n
+    assert whole["choices"][0]["faqtune_citation"]["verbatim"] is True and whole["usage"]["completion_tokens"] > 0
+    assert streamed(declining_server, body) == dict.fromkeys(range(n), SENTENCE)

@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -308,8 +309,10 @@ class BatchMonitor(StoppingCriteria):
     """Called by generate() after every decoding step: streams new text, applies stop strings, stops rows of
     cancelled requests (only those rows: the rest of the batch goes on)."""
 
-    def __init__(self, rows: list[_Row], tokenizer, stop_ids: list[int], stops: tuple[str, ...]):
+    def __init__(self, rows: list[_Row], tokenizer, stop_ids: list[int], stops: tuple[str, ...],
+                 hold: Callable[[str], bool] | None = None):
         self.rows, self.tokenizer, self.stop_ids, self.stops = rows, tokenizer, set(stop_ids), stops
+        self.hold = hold  # True for a partial answer not to stream yet (the answerer may still replace it)
         self.markers = tuple(TEMPLATE_MARKERS) + stops
         self.cancelled_rows = 0
         self.prompt_len: int | None = None  # the batch's (left-padded) prompt width, set as generate() starts
@@ -346,13 +349,30 @@ class BatchMonitor(StoppingCriteria):
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         if self.stops and any(s in text for s in self.stops):
             row.ended = row.stop_hit = True
-        if row.job.stream:
+        if row.job.stream and not (self.hold is not None and not row.sent and self.hold(text)):
             safe = streamable(text, self.markers)
             if len(safe) > len(row.sent) and safe.startswith(row.sent):
                 for index in row.choices:
                     row.job.emit("delta", (index, safe[len(row.sent):]))
                     row.job.sent[index] = safe
                 row.sent = safe
+
+
+def replaced_declines(answerer) -> Callable[[str], bool] | None:
+    """For a grounded answerer that answers its model's declines with the top entry (grounding.fallback):
+    the test for a partial answer that may still become such a decline, so the stream holds it back and sends
+    what `finish` returns instead (else the stream would show a decline the non-streamed answer replaced)."""
+    grounding = getattr(answerer, "grounding", None)
+    if grounding is None or not getattr(grounding, "fallback", False):
+        return None
+    from faqtune.evaluate import DECLINE
+
+    decline = " ".join(grounding.decline_message.lower().split())
+
+    def may_become_decline(text: str) -> bool:
+        return decline.startswith(" ".join(text.lower().split())) or DECLINE.search(text) is not None
+
+    return may_become_decline
 
 
 def finish_choice(answer: Answer, index: int, stops: tuple[str, ...], row: _Row | None) -> Choice:
@@ -511,7 +531,8 @@ class BatchWorker:
                       top_p=s.top_p, num_return_sequences=n_gen)
         per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
         rows = [_Row(job, choices, sent=job.sent.get(choices[0], "")) for job in batch for choices in per_row]
-        monitor = BatchMonitor(rows, entry.answerer.tokenizer, entry.answerer.stop_ids, s.stop)
+        monitor = BatchMonitor(rows, entry.answerer.tokenizer, entry.answerer.stop_ids, s.stop,
+                               replaced_declines(entry.answerer))
         with self.models.activate(entry, monitor):
             groups = entry.answerer.generate([conv for _, conv, _ in kept], gen)
         groups = [[entry.answerer.finish(a, ctx) for a in group] for group, (_, _, ctx) in zip(groups, kept,
