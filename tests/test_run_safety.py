@@ -100,6 +100,18 @@ def test_run_and_adapter_settings_ignore_trust_remote_code(tmp_path, capsys):
     assert adapter_folder_config(folder, trust_remote_code=True).trust_remote_code is True
 
 
+def test_train_resume_takes_remote_code_only_from_its_command_line(tmp_path, capsys, monkeypatch):
+    import faqtune.train
+
+    seen = []
+    monkeypatch.setattr(faqtune.train, "train", lambda cfg, resume: seen.append(cfg.trust_remote_code))
+    run = _fake_run(tmp_path / "run", trust_remote_code=True)
+    assert main(["train", "--output", str(run), "--resume"]) == 0
+    assert "ignored" in capsys.readouterr().err
+    assert main(["train", "--output", str(run), "--resume", "--trust_remote_code", "true"]) == 0
+    assert seen == [False, True]
+
+
 def test_push_never_writes_trust_remote_code(tmp_path):
     from faqtune.export import _write_shared_config
 
