@@ -461,6 +461,7 @@ def _chrome():
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP violations included
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
 
@@ -488,6 +489,8 @@ def test_chat_page_in_a_browser(server, client):
         assert note == f"source: FAQ #{citation['id']}: {citation['question']}"
         assert bubble.text.replace(note, "").strip() == content.strip()
         assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == QUESTION
+        refused = [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refused  # the page runs under its CSP (no inline script or style)
     finally:
         browser.quit()
 
