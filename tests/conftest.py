@@ -87,3 +87,16 @@ def small_faq(tmp_path) -> Path:
     path = tmp_path / "faq.json"
     path.write_text(json.dumps({"questions": rows}), encoding="utf-8")
     return path
+
+
+MODEL_FIXTURES = {"tiny_base", "tiny_base_no_template", "tiny_tokenizer"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tiers: `e2e` (marked in its module), `pipeline` (anything that needs a tiny model, directly or
+    through another fixture), `unit` (the rest): `pytest -m unit` runs the fast tier alone."""
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("pipeline"):
+            continue
+        names = set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.pipeline if names & MODEL_FIXTURES else pytest.mark.unit)
