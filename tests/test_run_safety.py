@@ -137,6 +137,19 @@ def test_a_second_train_into_a_locked_run_is_refused(tmp_path, capsys):
         holder.wait()
 
 
+def test_index_into_a_run_that_is_training_is_refused(tmp_path, small_faq, capsys):
+    run = _fake_run(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        assert main(["index", str(small_faq), "--out", str(run / "index")]) == 2
+        assert f"in use by process {holder.pid}" in _one_line_error(capsys)
+        assert not (run / "index").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_stale_lock_is_taken_over_and_released(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
