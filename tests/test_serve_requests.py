@@ -27,7 +27,8 @@ LIMITS = dict(max_prompt_tokens=64, header_timeout=1.0, body_timeout=1.0, max_ba
 
 
 class GatedAnswerer(Answerer):
-    """Holds a batch holding "hold" until `release` is set; fails any batch holding "boom"."""
+    """Holds a batch holding "hold" until `release` is set; fails any batch holding "boom" before generating,
+    and any holding "late" after (its rows streamed meanwhile)."""
 
     release = threading.Event()
 
@@ -37,7 +38,12 @@ class GatedAnswerer(Answerer):
             self.release.wait(20)
         if "boom" in text:
             raise RuntimeError("secret internals: boom")
-        return super().prepare(conversations)
+        return [(c, "late" in json.dumps(c)) for c in conversations]
+
+    def finish(self, answer, late):
+        if late:
+            raise RuntimeError("secret internals: late")
+        return answer
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +89,15 @@ def assert_openai_error(status: int, payload, expected: int, code: str | None = 
 
 # --- 2: one bad request fails only itself ------------------------------------------------------------------
 
-def test_one_failing_request_does_not_fail_its_batch(app_server):
+def stream_text(sse: str) -> str:
+    chunks = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+
+@pytest.mark.parametrize("poison", ["boom goes this one", "late goes this one"])
+def test_one_failing_request_does_not_fail_its_batch(app_server, poison):
+    """A request failing before generation (boom) or after it (late: the others' rows have streamed text
+    by then, which their answers alone must continue, not repeat)."""
     GatedAnswerer.release.clear()
     results: dict[str, tuple] = {}
 
@@ -94,7 +108,7 @@ def test_one_failing_request_does_not_fail_its_batch(app_server):
     first = threading.Thread(target=one, args=("hold the worker",))
     first.start()
     wait_for(lambda: health(app_server)["busy"])
-    batch = ["a good question", "boom goes this one", "another good one", "a streamed one"]
+    batch = ["a good question", poison, "another good one", "a streamed one"]
     threads = [threading.Thread(target=one, args=(c, c.endswith("streamed one"))) for c in batch]
     for t in threads:
         t.start()
@@ -103,13 +117,11 @@ def test_one_failing_request_does_not_fail_its_batch(app_server):
     GatedAnswerer.release.set()
     for t in [first, *threads]:
         t.join()
-    status, _, payload = results.pop("boom goes this one")
+    status, _, payload = results.pop(poison)
     assert_openai_error(status, payload, 500, "internal_error")
     assert "secret" not in json.dumps(payload)
     streamed = results.pop("a streamed one")
-    assert streamed[0] == 200 and SENTENCE in "".join(
-        json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in streamed[2].splitlines()
-        if line.startswith("data: {") and json.loads(line[6:])["choices"])
+    assert streamed[0] == 200 and stream_text(streamed[2]) == SENTENCE, streamed
     for content, (status, _, body) in results.items():
         assert status == 200 and body["choices"][0]["message"]["content"] == SENTENCE, content
     wait_for(lambda: not health(app_server)["busy"])  # the worker counts a batch once its answers are out

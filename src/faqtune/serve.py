@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from faqtune.errors import FaqtuneError
 from faqtune.prompting import encode_prompt, with_system
 from faqtune.serve_engine import BatchWorker, GenSettings, Job, QueueFull, Result, ServedModels, WorkerStopped
-from faqtune.serve_http import (  # noqa: F401 (ServerThread, resolve_api_key: this module's API too)
+from faqtune.serve_http import (  # noqa: F401 (ServerThread: tests and benchmarks import it from here)
     INTERNAL,
     APIError,
     Gate,
