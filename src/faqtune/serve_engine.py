@@ -4,8 +4,9 @@ One base model is loaded (4-bit as trained); each run's LoRA adapter is loaded o
 adapter name, and the bare base is served with the adapters disabled. A single worker thread owns the model:
 it takes queued requests, groups those with the same model and generation settings into one left-padded batch
 and answers them through the Answerer's prepare -> generate -> finish, the one answering path of the project. A `StoppingCriteria`
-watches every decoding step to stream each row's new text, apply `stop` strings and stop the rows of clients
-that went away.
+watches every decoding step (several tokens per step under prompt lookup) to stream each row's new text, apply
+`stop` strings and stop the rows of clients that went away. A failed batch is answered again one request at a
+time, so a bad request fails alone; a grounded run's index is reloaded when rebuilt (serve_index.py).
 """
 
 from __future__ import annotations
