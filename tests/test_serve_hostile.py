@@ -147,3 +147,39 @@ def test_hostile_bodies_never_get_a_500(hostile_server):
     assert elapsed < 60 * max(1, EXAMPLES / 150), f"{elapsed:.0f} s for {EXAMPLES} examples: {seen}"
     print(f"{EXAMPLES} examples in {elapsed:.1f} s, statuses {dict(sorted(seen.items()))}, "
           f"RSS {start_rss:.0f} -> {rss_mb():.0f} MB")
+
+
+header_names = st.sampled_from([b"Host", b"Content-Type", b"Authorization", b"Content-Length", b"X-Junk",
+                                b"Transfer-Encoding", b"Accept"])
+header_values = st.binary(max_size=30).map(lambda b: bytes(c for c in b if c not in b"\r\n")) \
+    | st.sampled_from([b"localhost", b"evil.example", b"application/json", b"Bearer x", b"chunked", b"-1",
+                       b"99999999999999999999", b"[::1]:1"])
+paths = st.sampled_from(["/", "/healthz", "/v1/models", "/v1/chat/completions", "/static/chat.js", "/static/..%2f.."]) \
+    | any_text.map(lambda t: "/" + "".join(c if c.isalnum() else f"%{ord(c) % 256:02X}" for c in t))
+
+
+def test_hostile_requests_never_get_a_500(hostile_server):
+    """Raw HTTP: any method, path (percent-encoded junk included), headers and a small body."""
+    from test_serve_requests import raw
+
+    url, _ = hostile_server
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=EXAMPLES // 2, deadline=None, derandomize="FAQTUNE_HOSTILE_EXAMPLES" not in os.environ,
+              database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(method=st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"HEAD", b"PATCH"]),
+           path=paths, headers=st.lists(st.tuples(header_names, header_values), max_size=4),
+           body=st.binary(max_size=40))
+    def one(method, path, headers, body):
+        head = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" % (method, path.encode())
+        head += b"".join(b"%s: %s\r\n" % kv for kv in headers if kv[0] != b"Host")
+        answer = raw(url, head + b"Content-Length: %d\r\n\r\n" % len(body) + body, wait=10)
+        assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+        status = int(answer.split(b" ", 2)[1])
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500 and b"Traceback" not in answer, answer[:500]
+
+    one()
+    status, _, health = request(url, "GET", "/healthz", key=None)
+    assert status == 200 and health["alive"] and health["errors"] == 0, health
+    assert len(seen) >= 3, seen
