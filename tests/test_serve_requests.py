@@ -149,6 +149,9 @@ def test_prompt_above_max_prompt_tokens_is_refused_before_queueing(app_server):
     assert payload["error"]["param"] == "messages" and "64" in payload["error"]["message"]
     assert health(app_server)["batches"] == before  # never queued
     assert ask(app_server, "word " * 10)[0] == 200
+    status, _, payload = ask(app_server, "x" * 900_000)  # refused by its length, before tokenizing it
+    assert_openai_error(status, payload, 400, "context_length_exceeded")
+    assert "900000 characters" in payload["error"]["message"]
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])

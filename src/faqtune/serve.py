@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -303,6 +304,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     created = int(time.time())
+    counter = PromptCounter()
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -329,7 +331,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
             raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(models.names)}",
                            param="model", code="model_not_found")
         messages = with_system(_messages(req, limits), entry.system_prompt)
-        prompt_tokens = len(encode_prompt(entry.count_tokenizer, messages))
+        prompt_tokens = await counter.count(entry, messages, min(limits.max_prompt_tokens, entry.context_length))
         room = entry.context_length - prompt_tokens
         if room < 1:
             raise APIError(400, f"the prompt is {prompt_tokens} tokens; this model's context is "
@@ -362,6 +364,41 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
         return JSONResponse(completion_body(rid, now, name, result))
 
     return Gate(app, api_key, limits.max_body_bytes, allowed_hosts, limits.body_timeout)
+
+
+class PromptCounter:
+    """Prompt tokens, counted off the event loop (a long prompt takes seconds to tokenize: other clients wait
+    on nothing), one at a time per model (a tokenizer is not shared across threads); a prompt whose characters
+    could not fit in `limit` tokens even at the vocabulary's longest token is refused without tokenizing."""
+
+    def __init__(self):
+        self.locks: dict[str, threading.Lock] = {}
+        self.chars_per_token: dict[str, int] = {}
+
+    async def count(self, entry, messages: list[dict[str, str]], limit: int) -> int:
+        if entry.name not in self.locks:
+            self.locks[entry.name] = threading.Lock()
+            self.chars_per_token[entry.name] = _longest_token(entry.count_tokenizer)
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > limit * self.chars_per_token[entry.name]:
+            raise APIError(400, f"the prompt ({chars} characters) is longer than {limit} tokens, this server's "
+                                f"limit for it (--max-prompt-tokens, the model's context)", param="messages",
+                           code="context_length_exceeded")
+
+        def tokenize() -> int:
+            with self.locks[entry.name]:
+                return len(encode_prompt(entry.count_tokenizer, messages))
+
+        return await asyncio.to_thread(tokenize)
+
+
+def _longest_token(tokenizer) -> int:
+    """The most characters one token can stand for: its vocabulary's longest entry (byte-level BPE writes one
+    character per byte, so no decoded token is longer). Unknown: no bound."""
+    try:
+        return max(map(len, tokenizer.get_vocab())) or 1
+    except Exception:  # noqa: BLE001 -- a stand-in tokenizer: count every prompt
+        return 1 << 40
 
 
 def _base_name(models: ServedModels) -> str | None:
