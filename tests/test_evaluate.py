@@ -183,3 +183,20 @@ def test_fail_on_forgetting_exit_code(tiny_run, tmp_path, monkeypatch, capsys):
     assert code == 1
     assert "forgetting" in capsys.readouterr().err
     assert json.loads((tmp_path / "r" / "report.json").read_text())["forgetting"]["flagged"] is True
+
+
+@pytest.mark.parametrize("line,field", [('{"turns": ["only one"], "id": 0}', "turns"),
+                                        ('{"turns": ["a", ""], "id": 0}', "turns"),
+                                        ('{"turns": ["a", "b"], "id": 99}', "id"),
+                                        ('{"turns": ["a", "b"]}', "id")])
+def test_conversation_files_name_the_line_and_field(tmp_path, line, field):
+    from faqtune.data import FaqEntry
+    from faqtune.evaluate import read_conversations
+
+    path = tmp_path / "convs.jsonl"
+    path.write_text('{"turns": ["q", "and then?"], "id": 1}\n' + line + "\n")
+    faq = [FaqEntry((("user", f"q{i}"), ("assistant", f"a{i}")), f"record {i}") for i in range(3)]
+    with pytest.raises(DataError, match=f"convs.jsonl line 2: field '{field}'"):
+        read_conversations(path, faq)
+    path.write_text('{"turns": ["q", "and then?"], "id": 1}\n')
+    assert read_conversations(path, faq) == ([["q", "and then?"]], ["a1"])

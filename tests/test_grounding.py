@@ -150,15 +150,49 @@ def test_index_command_builds_an_index_and_reports_bad_files(tmp_path, small_faq
     assert "bad.jsonl" in capsys.readouterr().err
 
 
-def test_short_follow_ups_are_searched_with_the_previous_question():
-    from faqtune.grounding import retrieval_query
+@pytest.mark.parametrize("turn,expected", [
+    ("can I change it?", True), ("and to Canada?", True), ("what about returns?", True),
+    ("How about gift cards", True), ("also, do they expire?", True), ("how long does that take?", True),
+    ("where is my stuff", False), ("Is there a minimum order amount?", False),
+    ("How do I change the delivery address of an order?", False),
+    ("I bought a jacket last month and now the zipper on it is broken, what can I do?", False),
+])
+def test_follow_up_detection(turn, expected):
+    from faqtune.grounding import is_follow_up
 
-    conv = [{"role": "user", "content": "Where is my order?"}, {"role": "assistant", "content": "..."},
-            {"role": "user", "content": "can I change it?"}]
-    assert retrieval_query(conv) == "Where is my order? can I change it?"
-    conv[-1]["content"] = "How do I change the delivery address of an order?"
-    assert retrieval_query(conv) == conv[-1]["content"]
-    assert retrieval_query(conv[:1]) == "Where is my order?"
+    assert is_follow_up(turn) is expected
+
+
+def _conv(*turns):
+    out = []
+    for t in turns:
+        out += [{"role": "user", "content": t}, {"role": "assistant", "content": "..."}]
+    return out[:-1]
+
+
+def test_a_follow_up_is_searched_with_the_previous_question(index, bundled):
+    from faqtune.grounding import retrieve_turns
+
+    ids = [h[0].id for h in retrieve_turns(index, [
+        _conv("How long does standard shipping take?", "and how much does it cost?"),
+        _conv("How do I buy a gift card?", "what about checking the balance?"),
+        _conv("Can I change or cancel my order?", "what about adding an item to it?"),
+    ], k=1, threshold=index.threshold)]
+    assert ids == [32, 26, 46]  # not the first turn's entry (31, 25, 43), which the longer turn would win
+
+
+def test_a_new_topic_after_a_question_is_searched_alone(index, bundled):
+    from faqtune.grounding import choose_hits, retrieve_turns
+
+    found = retrieve_turns(index, [_conv("Do you ship internationally?", "how do I delete my account?"),
+                                   _conv("How do I delete my account?")], k=1, threshold=index.threshold)
+    assert found[0][0].id == found[1][0].id == 4
+    alone = index.search("where is my stuff", k=10)
+    combined = index.search("Do you ship internationally? where is my stuff", k=10)
+    strong = choose_hits("where is my stuff", "Do you ship internationally?", alone, combined, 1, -1.0)
+    assert strong == (alone[:1], False)  # above the threshold: the turn alone, not international shipping
+    weak = choose_hits("where is my stuff", "Do you ship internationally?", alone, combined, 1, 0.99)
+    assert weak[1]  # nothing close alone: the previous question helps
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +319,24 @@ def test_index_refuses_to_replace_a_folder_that_is_no_index(tmp_path, small_faq)
     with pytest.raises(FaqtuneError, match="not an FAQ index folder"):
         build_index(tmp_path, data_mod.load_faq(small_faq).entries, load_config(None))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_eval_reports_retrieval_ceiling_differences_and_follow_ups(grounded_run, tmp_path):
+    from faqtune.cli import main
+
+    convs = tmp_path / "convs.jsonl"
+    convs.write_text('{"turns": ["How do I do thing number 3?", "and what about thing number 4?"], "id": 4}\n'
+                     '{"turns": ["How do I do thing number 1?", "How do I do thing number 6?"], "id": 6}\n')
+    out = tmp_path / "eval"
+    assert main(["eval", str(grounded_run), "--limit", "2", "--max-new-tokens", "4", "--conversations",
+                 str(convs), "--out", str(out), "--compare-base"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    g, f = report["grounding"], report["follow_ups"]
+    assert g["retrieval_topk"]["k"] == 3 and g["retrieval_topk"]["recall"] == 1.0
+    assert isinstance(g["differences"], list)
+    assert all(set(d) >= {"question", "retrieval_match", "tuned_match"} for d in g["differences"])
+    assert f["conversations"] == 2 and 0 <= f["tuned"]["accuracy"] <= 1 and "base" in f
+    assert f["retrieval_only"] == 1.0  # the follow-up's own entry, found with the previous question's help
+    assert [r["turns"] for r in f["tuned"]["rows"]][0][1] == "and what about thing number 4?"
+    md = (out / "report.md").read_text()
+    assert "## Retrieval alone vs the tuned reader" in md and "top-3 recall" in md and "## Follow-ups" in md

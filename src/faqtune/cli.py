@@ -247,7 +247,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.evaluate import build_eval_set, evaluate_run, read_offtopic
+    from faqtune.evaluate import build_eval_set, evaluate_run, load_conversations, read_offtopic
     from faqtune.models import load_for_inference
     from faqtune.report import write_report
     from faqtune.run import RunDir, check_output
@@ -259,10 +259,11 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if args.limit:
         eval_set.questions, eval_set.references = eval_set.questions[: args.limit], eval_set.references[: args.limit]
     offtopic = read_offtopic(args.offtopic)[: args.limit or None]
+    conversations = load_conversations(run, cfg, args.conversations, args.faq) if args.conversations else None
     model, tokenizer, cfg = load_for_inference(run.root, cfg=cfg)
     bot = _open_answerer(run.root, model, tokenizer, cfg, grounded=not args.no_grounding)
     report = evaluate_run(model, tokenizer, cfg, eval_set, args.compare_base, offtopic, args.forgetting_threshold,
-                          bot=bot)
+                          bot=bot, conversations=conversations)
     report["run_dir"] = str(run.root)
     md = write_report(report, out, run.metrics_path)
     print(md.read_text(encoding="utf-8").split("\n## Figures")[0].split("![")[0].strip())
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-forgetting", action="store_true", help="exit 1 when forgetting is flagged")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N questions (quick checks)")
     p.add_argument("--no-grounding", action="store_true", help="evaluate without retrieved FAQ entries")
+    p.add_argument("--conversations", help="JSONL of {\"turns\": [question, follow-up], \"id\": FAQ index of the "
+                                           "follow-up's answer}: reports follow-up accuracy")
     _add_gen_flags(p)
 
     p = parsers["demo"]

@@ -259,10 +259,21 @@ def eval_accuracy(answers: list[Answer], es: EvalSet) -> float:
     return answer_accuracy([a.text for a in answers], es.references, es.pool)
 
 
+def topk_recall(index, questions: list[str], references: list[str], pool: list[str], k: int) -> float:
+    """Share of questions with their reference among the top-k retrieved entries: the ceiling of any reader
+    shown those k entries (an entry counts when its answer matches the reference, as answer accuracy does)."""
+    found = index.search_many(questions, k=k)
+    right = sum(any(matches_own_answer(h.answer, ref, pool) for h in hits)
+                for hits, ref in zip(found, references, strict=True))
+    return right / max(1, len(questions))
+
+
 def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: list[str],
                            tuned: dict[str, Any]) -> dict[str, Any]:
-    """(a) the tuned model without grounding, (b) retrieval alone (top-1 answer verbatim), (c) tuned +
-    grounded (the `tuned` figures already measured), with off-topic and false decline rates."""
+    """(a) the tuned model without grounding, (b) retrieval alone (top-1 answer verbatim, with and without
+    the threshold), the retriever's top-k recall (the ceiling of any reader), (c) tuned + grounded (the
+    `tuned` figures already measured), with off-topic and false decline rates, and the questions where
+    (b) and (c) differ."""
     from faqtune.grounding import retrieval_only
 
     plain = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
@@ -270,7 +281,14 @@ def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: li
     top1 = retrieval_only(bot.index, es.questions)
     gated = retrieval_only(bot.index, es.questions, bot.threshold, cfg.grounding.decline_message)
     gated_off = retrieval_only(bot.index, offtopic, bot.threshold, cfg.grounding.decline_message)
+    k = max(3, cfg.grounding.top_k)
     f = tuned["figures"]
+    differ = []
+    for q, ref, b, row in zip(es.questions, es.references, gated, tuned["rows"], strict=True):
+        b_match = matches_own_answer(b.text, ref, es.pool)
+        if b_match != row["match"]:
+            differ.append({"question": q, "reference": ref, "retrieval_only": b.text, "retrieval_match": b_match,
+                           "tuned": row["answer"], "tuned_match": row["match"]})
     return {
         "threshold": bot.threshold,
         "tuned_without_grounding": {"answer_accuracy": eval_accuracy(ungrounded, es),
@@ -280,24 +298,104 @@ def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: li
                            "answer_accuracy_with_threshold": eval_accuracy(gated, es),
                            "offtopic_decline_rate": sum(a.declined for a in gated_off) / max(1, len(offtopic)),
                            "false_decline_rate": sum(a.declined for a in gated) / max(1, len(gated))},
+        "retrieval_topk": {"k": k, "recall": topk_recall(bot.index, es.questions, es.references, es.pool, k)},
         "tuned_grounded": {k: f[k] for k in ("answer_accuracy", "offtopic_decline_rate", "false_decline_rate")},
         "citations_right": tuned["citations_right"],
+        "differences": differ,
     }
 
 
+# --- follow-ups: two-turn conversations ----------------------------------------------------------------------
+
+def read_conversations(path: str | Path, faq_entries: list[data_mod.FaqEntry]) -> tuple[list[list[str]], list[str]]:
+    """A JSONL file of {"turns": [question, follow-up, ...], "id": FAQ index the last turn's answer comes from}
+    -> (turns, reference answers)."""
+    path = Path(path)
+    turns, refs = [], []
+    for n, line in enumerate(data_mod.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        record = f"line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), f"not JSON ({e.msg})", record) from e
+        if not isinstance(obj, dict):
+            raise DataError(str(path), f"must be an object, got {type(obj).__name__}", record)
+        t = obj.get("turns")
+        if not isinstance(t, list) or len(t) < 2 or not all(isinstance(x, str) and x.strip() for x in t):
+            raise DataError(str(path), "must be a list of two or more non-empty questions", record, "turns")
+        idx = obj.get("id")
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
+            raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}", record, "id")
+        turns.append([x.strip() for x in t])
+        refs.append(faq_entries[idx].answer)
+    if not turns:
+        raise DataError(str(path), "holds no conversations")
+    return turns, refs
+
+
+def load_conversations(run: RunDir, cfg, path: str | Path, faq: str | Path | None = None):
+    """`read_conversations` against `faq` (default: the run's FAQ, as `build_eval_set` pairs questions)."""
+    return read_conversations(path, data_mod.load_faq(faq).entries if faq else _faq_for_run(run, cfg))
+
+
+def answer_conversation(bot: Answerer, turns: list[str]) -> Answer:
+    """Ask the turns in order, each with the answers so far as history; the last answer."""
+    history: list[tuple[str, str]] = []
+    for turn in turns[:-1]:
+        history.append((turn, bot.ask(turn, history)[0].text))
+    return bot.ask(turns[-1], history)[0]
+
+
+def follow_up_side(bot: Answerer, conversations: list[list[str]], references: list[str],
+                   pool: list[str]) -> dict[str, Any]:
+    """Accuracy of the last answer of each conversation (the follow-up), with the answers."""
+    answers = [answer_conversation(bot, turns) for turns in conversations]
+    matches = [matches_own_answer(a.text, ref, pool) for a, ref in zip(answers, references, strict=True)]
+    return {"accuracy": sum(matches) / max(1, len(matches)),
+            "rows": [{"turns": t, "reference": r, "answer": a.text, "match": m}
+                     for t, r, a, m in zip(conversations, references, answers, matches, strict=True)]}
+
+
+def retrieval_follow_ups(index, conversations: list[list[str]], references: list[str], pool: list[str],
+                         threshold: float | None) -> float:
+    """Follow-up accuracy of retrieval alone: the top entry for the last turn (searched as the grounded
+    answerer searches it), verbatim; below `threshold` a decline (wrong)."""
+    from faqtune.grounding import retrieve_turns
+
+    convs = [[{"role": "user", "content": t} for t in turns] for turns in conversations]
+    found = retrieve_turns(index, convs, 1, threshold if threshold is not None else -1.0)
+    right = sum(bool(hits) and (threshold is None or hits[0].score >= threshold)
+                and matches_own_answer(hits[0].answer, ref, pool)
+                for hits, ref in zip(found, references, strict=True))
+    return right / max(1, len(conversations))
+
+
 def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopic: list[str],
-                 forgetting_threshold: float, bot: Answerer | None = None) -> dict[str, Any]:
+                 forgetting_threshold: float, bot: Answerer | None = None,
+                 conversations: tuple[list[list[str]], list[str]] | None = None) -> dict[str, Any]:
     """The whole evaluation of a loaded base+adapter (PeftModel); base figures via disable_adapter().
 
     `bot` answers (default: a plain Answerer); a GroundedAnswerer adds the grounding side-by-side figures.
+    `conversations` (turns, references: `read_conversations`) adds the follow-up accuracy.
     """
     bot = bot or Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
     tuned = _measure_side(bot, model, tokenizer, es, offtopic, cfg)
     grounding = grounding_side_by_side(bot, model, tokenizer, cfg, es, offtopic, tuned) if hasattr(
         bot, "index") else None
+    pool = list(dict.fromkeys(es.pool + (conversations[1] if conversations else [])))
+    follow = {"conversations": len(conversations[0]), "tuned": follow_up_side(bot, *conversations, pool)} if (
+        conversations) else None
+    if follow and hasattr(bot, "index"):
+        follow["retrieval_only"] = retrieval_follow_ups(bot.index, *conversations, pool, None)
+        follow["retrieval_only_with_threshold"] = retrieval_follow_ups(bot.index, *conversations, pool,
+                                                                       bot.threshold)
     tuned_forget = _forgetting_side(model, tokenizer, cfg)
     with model.disable_adapter():
         base = _measure_side(bot, model, tokenizer, es, offtopic, cfg) if compare_base else None
+        if follow and compare_base:
+            follow["base"] = follow_up_side(bot, *conversations, pool)
         base_forget = _forgetting_side(model, tokenizer, cfg)
     ppl_ratio = tuned_forget["general_text_perplexity"] / base_forget["general_text_perplexity"]
     rouge_drop = base_forget["general_instruction_rouge_l"] - tuned_forget["general_instruction_rouge_l"]
@@ -315,6 +413,7 @@ def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopi
         "tuned": tuned["figures"],
         "base": base["figures"] if base else None,
         "grounding": grounding,
+        "follow_ups": follow,
         "forgetting": {
             "base": {k: v for k, v in base_forget.items() if k != "general_answers"},
             "tuned": {k: v for k, v in tuned_forget.items() if k != "general_answers"},

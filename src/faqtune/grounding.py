@@ -130,13 +130,70 @@ def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, s
 
 # --- inference --------------------------------------------------------------------------------------------
 
-def retrieval_query(conversation: list[dict[str, str]], short: int = 6) -> str:
-    """What to search for: the last user turn, with the one before it when it is a short follow-up
-    ("can I change it?")."""
+_FOLLOW_UP_START = re.compile(r"^(and|or|also|plus|but|so|then|what about|how about|same (for|with)|what if)\b")
+_REFERENCE = re.compile(r"\b(it|its|that|this|those|these|them|they|their|there|one|ones)\b")
+_EXISTENTIAL = re.compile(r"\b(is|are|was|were|isn't|aren't) there\b")
+
+
+def is_follow_up(turn: str, max_words: int = 8) -> bool:
+    """A turn that cannot stand alone: it opens like a continuation ("and to Canada?", "what about
+    returns?") or is short and refers back ("can I change it?", "how long does that take?"; the "there" of
+    "is there" does not count)."""
+    text = " ".join(turn.lower().split())
+    if _FOLLOW_UP_START.match(text):
+        return True
+    return len(text.split()) <= max_words and bool(_REFERENCE.search(_EXISTENTIAL.sub(" ", text)))
+
+
+def user_turns(conversation: list[dict[str, str]]) -> tuple[str, str | None]:
+    """The last user turn and the user turn before it (None for a first turn)."""
     users = [m["content"] for m in conversation if m["role"] == "user"]
-    if len(users) > 1 and len(users[-1].split()) < short:
-        return f"{users[-2]} {users[-1]}"
-    return users[-1]
+    return users[-1], (users[-2] if len(users) > 1 else None)
+
+
+FOLLOW_UP_WEIGHT = 0.6  # weight of the turn alone against the turn with the previous one (measured 0.5-0.8)
+
+
+def fuse_hits(alone: list[Hit], combined: list[Hit], k: int, weight: float = FOLLOW_UP_WEIGHT) -> list[Hit]:
+    """Rank the entries found for a turn alone and for the turn with the previous one by
+    weight * cosine(turn) + (1 - weight) * cosine(both). The previous question alone would dominate the
+    combined search (it is the longer text): "and how much does it cost?" after "How long does shipping
+    take?" must find the shipping-cost entry, not the shipping-time one again. An entry missing from one
+    list gets that list's lowest score."""
+    floor_a = alone[-1].score if alone else 0.0
+    floor_c = combined[-1].score if combined else 0.0
+    by_id = {h.id: h for h in combined} | {h.id: h for h in alone}
+    sa, sc = {h.id: h.score for h in alone}, {h.id: h.score for h in combined}
+    fused = {i: weight * sa.get(i, floor_a) + (1 - weight) * sc.get(i, floor_c) for i in by_id}
+    ranked = sorted(fused, key=lambda i: -fused[i])[:k]
+    return [replace(by_id[i], score=fused[i]) for i in ranked]
+
+
+def choose_hits(turn: str, previous: str | None, alone: list[Hit], combined: list[Hit] | None, k: int,
+                threshold: float) -> tuple[list[Hit], bool]:
+    """The hits to answer a turn from, and whether the previous turn was used: fused (`fuse_hits`) for a
+    follow-up (`is_follow_up`) or when the turn alone is weak (its top hit below the threshold); else the
+    turn alone (a new topic: "where is my stuff" after "Do you ship internationally?" is about tracking,
+    not international shipping)."""
+    if previous is None or not combined:
+        return alone[:k], False
+    weak = not alone or alone[0].score < threshold
+    if is_follow_up(turn) or weak:
+        return fuse_hits(alone, combined, k), True
+    return alone[:k], False
+
+
+def retrieve_turns(index: FaqIndex, conversations: list[list[dict[str, str]]], k: int, threshold: float,
+                   hybrid: bool = False, depth: int = 10) -> list[list[Hit]]:
+    """Top-k entries for each conversation's last user turn (`choose_hits`), in one batched search."""
+    turns = [user_turns(c) for c in conversations]
+    later = [i for i, (_, previous) in enumerate(turns) if previous is not None]
+    wide = max(k, depth) if later else k
+    found = index.search_many([t for t, _ in turns] + [f"{turns[i][1]} {turns[i][0]}" for i in later],
+                              k=wide, hybrid=hybrid)
+    combined = dict(zip(later, found[len(turns):], strict=True))
+    return [choose_hits(t, previous, found[i], combined.get(i), k, threshold)[0]
+            for i, (t, previous) in enumerate(turns)]
 
 
 class GroundedAnswerer(Answerer):
@@ -153,11 +210,16 @@ class GroundedAnswerer(Answerer):
         msg = self.grounding.decline_message
         return Answer(msg, True, 0, 0, msg, None, True)
 
+    def retrieve(self, conversations: list[list[dict[str, str]]]) -> list[list[Hit]]:
+        """The entries for each conversation's last user turn (see `choose_hits`): one batched search of every
+        turn alone, and of every turn after an earlier one together with it."""
+        return retrieve_turns(self.index, conversations, self.grounding.top_k, self.threshold,
+                              self.grounding.hybrid)
+
     def prepare(self, conversations: list[list[dict[str, str]]]):
         """Retrieve for each conversation; below the threshold -> (None, None) (declined), else the
         conversation with the entries put into its last user turn, and the entries shown."""
-        found = self.index.search_many([retrieval_query(c) for c in conversations], k=self.grounding.top_k,
-                                       hybrid=self.grounding.hybrid)
+        found = self.retrieve(conversations)
         out = []
         for conv, hits in zip(conversations, found, strict=True):
             if not hits or hits[0].score < self.threshold:

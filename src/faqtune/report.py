@@ -118,6 +118,52 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _grounding_lines(g: dict[str, Any] | None) -> list[str]:
+    """Retrieval alone, the retriever's top-k ceiling and the tuned reader, side by side, and where they differ."""
+    if not g:
+        return []
+    r, t, k = g["retrieval_only"], g["tuned_grounded"], g.get("retrieval_topk")
+    out = ["", "## Retrieval alone vs the tuned reader", "",
+           f"Decline threshold (top-1 similarity): {g['threshold']:.3f}.", "",
+           "| | answer accuracy | off-topic declined | in-scope declined |", "| --- | ---: | ---: | ---: |",
+           f"| tuned, no retrieval | {g['tuned_without_grounding']['answer_accuracy']:.3f} | - | "
+           f"{g['tuned_without_grounding']['false_decline_rate']:.3f} |",
+           f"| retrieval alone, top-1 verbatim | {r['answer_accuracy']:.3f} | - | 0.000 |",
+           f"| retrieval alone, top-1 verbatim, with the threshold | {r['answer_accuracy_with_threshold']:.3f} | "
+           f"{r['offtopic_decline_rate']:.3f} | {r['false_decline_rate']:.3f} |"]
+    if k:
+        out.append(f"| retrieval top-{k['k']} recall (ceiling of a reader shown {k['k']}) | {k['recall']:.3f} | - | - |")
+    out.append(f"| **tuned reader (grounded)** | **{t['answer_accuracy']:.3f}** | {t['offtopic_decline_rate']:.3f} | "
+               f"{t['false_decline_rate']:.3f} |")
+    differ = g.get("differences") or []
+    out += ["", f"Questions where retrieval alone (with the threshold) and the tuned reader differ: {len(differ)}."]
+    if differ:
+        out += ["", "| question | reference | retrieval alone | tuned reader |", "| --- | --- | --- | --- |"]
+        out += [f"| {_cell(d['question'], 80)} | {_cell(d['reference'], 80)} | "
+                f"{'✅' if d['retrieval_match'] else '❌'} {_cell(d['retrieval_only'], 80)} | "
+                f"{'✅' if d['tuned_match'] else '❌'} {_cell(d['tuned'], 80)} |" for d in differ]
+    return out
+
+
+def _follow_up_lines(f: dict[str, Any] | None) -> list[str]:
+    """Follow-up accuracy: the last answer of each conversation."""
+    if not f:
+        return []
+    out = ["", "## Follow-ups", "", f"{f['conversations']} conversations; accuracy of the last answer:", "",
+           "| | follow-up accuracy |", "| --- | ---: |"]
+    if "base" in f:
+        out.append(f"| base | {f['base']['accuracy']:.3f} |")
+    for key, label in (("retrieval_only", "retrieval alone, top-1 verbatim"),
+                       ("retrieval_only_with_threshold", "retrieval alone, with the threshold")):
+        if key in f:
+            out.append(f"| {label} | {f[key]:.3f} |")
+    out += [f"| **tuned** | **{f['tuned']['accuracy']:.3f}** |", "",
+            "| conversation | reference | tuned answer | match |", "| --- | --- | --- | --- |"]
+    out += [f"| {_cell(' / '.join(r['turns']), 100)} | {_cell(r['reference'], 80)} | {_cell(r['answer'])} | "
+            f"{'✅' if r['match'] else '❌'} |" for r in f["tuned"]["rows"]]
+    return out
+
+
 def render_markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
     t, b = report["tuned"], report.get("base")
     out = ["# faqtune evaluation", "", f"Run: `{report.get('run_dir', '')}`", "", *_summary_lines(report), ""]
@@ -138,6 +184,7 @@ def render_markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
             f"Flagged when perplexity rises more than {f['threshold']:.0%}: **{'yes' if f['flagged'] else 'no'}**.",
             "", "| general instruction | base | tuned |", "| --- | --- | --- |"]
     out += [f"| {_cell(g['question'], 80)} | {_cell(g['base'])} | {_cell(g['tuned'])} |" for g in f["general_answers"]]
+    out += _grounding_lines(report.get("grounding")) + _follow_up_lines(report.get("follow_ups"))
     out += ["", "## Per question", ""]
     head = "| # | question | reference | " + ("base answer | " if b else "") + "tuned answer | match |"
     out += [head, "|" + " --- |" * (5 + bool(b))]
