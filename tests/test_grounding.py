@@ -340,3 +340,50 @@ def test_eval_reports_retrieval_ceiling_differences_and_follow_ups(grounded_run,
     assert [r["turns"] for r in f["tuned"]["rows"]][0][1] == "and what about thing number 4?"
     md = (out / "report.md").read_text()
     assert "## Retrieval alone vs the tuned reader" in md and "top-3 recall" in md and "## Follow-ups" in md
+
+
+def test_choice_training_targets_name_the_right_entry_or_zero(index, bundled):
+    from faqtune.reader import strip_choice
+
+    cfg = load_config(None, {"grounding.absent_share": "0.3", "grounding.top_k": "3", "grounding.choice": "true"})
+    out = ground_entries(index, bundled[:30], list(range(30)), cfg, seed=0)
+    zeros = 0
+    for e, own in zip(out, bundled[:30], strict=True):
+        choice, text = strip_choice(e.answer)
+        shown = e.question.split("FAQ entries:\n", 1)[1].split("\n\n" + "Answer the", 1)[0].split("\n\n")
+        if choice == 0:
+            zeros += 1
+            assert text == cfg.grounding.decline_message and not any(f"A: {own.answer}" in s for s in shown)
+        else:
+            assert text == own.answer and shown[choice - 1].startswith(f"[{choice}] Q: ")
+            assert shown[choice - 1].endswith(f"A: {own.answer}")
+    assert 3 <= zeros <= 15
+    with pytest.raises(FaqtuneError, match="top_k"):
+        ground_entries(index, bundled[:2], [0, 1], load_config(None, {"grounding.top_k": "12",
+                                                                      "grounding.choice": "true"}), seed=0)
+
+
+def test_choice_step_answers_a_shown_entry_verbatim_or_declines(tiny_base, index, bundled):
+    from faqtune.models import load_base_model, load_tokenizer
+    from faqtune.reader import choice_tokens, score_choices
+
+    cfg = load_config(None, {"base_model": str(tiny_base), "quantization.mode": "none", "grounding.top_k": "3",
+                             "grounding.choice": "true"})
+    model, tok = load_base_model(str(tiny_base), cfg, quantize=False), load_tokenizer(str(tiny_base))
+    opening, names = choice_tokens(tok, 3)
+    assert len(set(names)) == 4
+    bot = GroundedAnswerer(model, tok, cfg.generation, None, index, cfg)
+    questions = [bundled[4].question, bundled[30].question, "Who painted the Mona Lisa?"]
+    answers = [g[0] for g in bot.answer_batch([[{"role": "user", "content": q}] for q in questions])]
+    assert all(a.new_tokens == 0 for a in answers)  # nothing generated: a choice, then a verbatim entry
+    assert answers[2].declined  # below the threshold: the guard still declines
+    for q, a in zip(questions[:2], answers[:2], strict=True):
+        shown = index.search(q, k=3)
+        assert a.declined or (a.text == shown[a.source["choice"] - 1].answer and a.source["verbatim"])
+    logp = score_choices(model, tok, [[{"role": "user", "content": grounded_question("q", shown)}]] * 2, 3)
+    assert len(logp) == 2 and len(logp[0]) == 4 and all(x <= 0 for x in logp[0])
+    assert logp[0] == pytest.approx(logp[1], abs=1e-4)  # batched rows of the same prompt agree
+    short = [{"role": "user", "content": grounded_question("q", shown)}]
+    long = [{"role": "user", "content": grounded_question("a much longer question " * 6, shown)}]
+    alone, padded = score_choices(model, tok, [short], 3)[0], score_choices(model, tok, [long, short], 3)[1]
+    assert alone == pytest.approx(padded, abs=1e-3)  # left padding changes nothing

@@ -137,6 +137,9 @@ class GroundingConfig:
     fallback: bool = _f(True, "when the model declines a question retrieval found in scope, answer with the top "
                               "entry verbatim (cited as such)")
     decline_message: str = _f(DECLINE_MESSAGE, "what the bot says when no FAQ entry fits")
+    choice: bool = _f(False, "train and answer with a scored choice step: the target opens with the answering "
+                             "entry's number ([1]..[k], [0] = decline); at inference one forward pass scores the "
+                             "choices and the chosen entry is answered verbatim (top_k <= 9; not measured better yet)")
 
 
 @dataclass

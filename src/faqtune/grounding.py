@@ -17,6 +17,7 @@ from faqtune.config import FaqtuneConfig, GenerationConfig
 from faqtune.data import FaqEntry
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
+from faqtune.reader import NONE, check_choice, choice_target, score_choices
 from faqtune.retrieval import FaqIndex, Hit, building_dir, calibrate_threshold, swap_into_place
 
 INDEX_DIR = "index"  # inside a run directory
@@ -79,6 +80,8 @@ def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg
     Only single-turn Q/A entries are grounded; multi-turn conversations are kept as they are.
     """
     g = cfg.grounding
+    if g.choice:
+        check_choice(g.top_k)
     rng = random.Random(seed)
     single = [(e, i) for e, i in zip(entries, ids, strict=True) if len(e.messages) == 2 or
               (len(e.messages) == 3 and e.messages[0][0] == "system")]
@@ -89,11 +92,14 @@ def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg
         others = [h for h in hits if h.id != own_id]
         if rng.random() < g.absent_share:
             shown, target = others[:g.top_k], g.decline_message
+            if g.choice:
+                target = choice_target(NONE, target)
         else:
             own = next((h for h in hits if h.id == own_id), None) or Hit(own_id, entry.question, entry.answer, 1.0)
             shown = others[:g.top_k - 1]
-            shown.insert(rng.randrange(len(shown) + 1), own)
-            target = entry.answer
+            position = rng.randrange(len(shown) + 1)
+            shown.insert(position, own)
+            target = choice_target(position + 1, entry.answer) if g.choice else entry.answer
         messages = tuple(m for m in entry.messages if m[0] == "system")
         messages += (("user", grounded_question(question, shown)), ("assistant", target))
         out.append(FaqEntry(messages, entry.record))
@@ -206,7 +212,11 @@ class GroundedAnswerer(Answerer):
         self.threshold = cfg.grounding.threshold if cfg.grounding.threshold is not None else index.threshold
 
     def unanswered(self, context) -> Answer:
-        """The decline, said without generating: no FAQ entry is similar enough."""
+        """Said without generating: the entry the choice step picked (`context` = (choice, hit)), verbatim and
+        cited, else the decline (no FAQ entry is similar enough, or the choice step picked none)."""
+        if context is not None:
+            choice, hit = context
+            return Answer(hit.answer, True, 0, 0, hit.answer, {**hit.citation(), "choice": choice, "verbatim": True})
         msg = self.grounding.decline_message
         return Answer(msg, True, 0, 0, msg, None, True)
 
@@ -229,6 +239,21 @@ class GroundedAnswerer(Answerer):
             grounded = [dict(m) for m in conv]
             grounded[last]["content"] = grounded_question(conv[last]["content"], hits)
             out.append((grounded, hits))
+        return self.choose(out) if self.grounding.choice else out
+
+    def choose(self, prepared: list[tuple]) -> list[tuple]:
+        """`grounding.choice`: the scored choice step instead of generating (see reader.py); the choice's
+        decline is final (no `fallback`)."""
+        todo = [i for i, (conv, _) in enumerate(prepared) if conv is not None]
+        if not todo:
+            return prepared
+        out = list(prepared)
+        scores = score_choices(self.model, self.tokenizer, [prepared[i][0] for i in todo], self.grounding.top_k)
+        for i, logp in zip(todo, scores, strict=True):
+            hits = prepared[i][1]
+            allowed = [NONE, *range(1, len(hits) + 1)]
+            choice = max(allowed, key=lambda n: logp[n])
+            out[i] = (None, None if choice == NONE else (choice, hits[choice - 1]))
         return out
 
     def finish(self, answer: Answer, hits: list[Hit]) -> Answer:
