@@ -320,3 +320,20 @@ def test_a_fresh_train_clears_the_logs_of_an_attempt_without_checkpoints(tmp_pat
         (run.tb_dir / "events.out").write_text("x")
         _prepare_run_dir(FaqtuneConfig(output_dir=str(run.root)), run, resume=resume)
         assert run.metrics_path.exists() is resume and run.tb_dir.exists() is resume
+
+
+def test_serve_takes_remote_code_only_from_its_command_line(tmp_path, remote_code_base, tiny_base, capsys):
+    from faqtune.errors import ModelError
+    from faqtune.serve_engine import load_served_models
+
+    base, marker = remote_code_base
+    run = _remote_code_run(tmp_path, base, tiny_base)
+    (run / "adapter").mkdir()  # the base is loaded before any adapter is read
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    with pytest.raises(ModelError, match="ships its own model code"):
+        load_served_models([str(run)])
+    assert not marker.exists(), "the base model's own code ran"
+    assert "ignored" in capsys.readouterr().err
+    with pytest.raises(Exception, match="remote code ran"):
+        load_served_models([str(run)], trust_remote_code=True)
+    assert marker.exists()

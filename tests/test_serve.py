@@ -413,7 +413,9 @@ def test_cli(capsys, tmp_path):
         main(["serve", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert all(flag in out for flag in ("--host", "--port", "--api-key", "--queue-size", "--max-tokens-cap"))
+    assert all(flag in out for flag in ("--host", "--port", "--api-key", "--queue-size", "--max-tokens-cap",
+                                        "--max-prompt-tokens", "--allowed-host", "--header-timeout",
+                                        "--trust-remote-code"))
     with socket.socket() as probe:  # a port free a moment ago
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]

@@ -277,9 +277,11 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.serve import ServeLimits, serve
 
-    names = ("queue_size", "max_batch_size", "max_body_bytes", "max_messages", "max_tokens_cap")
+    names = ("queue_size", "max_batch_size", "max_body_bytes", "max_messages", "max_tokens_cap", "max_prompt_tokens",
+             "header_timeout")
     limits = ServeLimits(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
-    return serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    return serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+                 allowed_hosts=args.allowed_host or (), trust_remote_code=args.trust_remote_code)
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
@@ -424,7 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 [default: 1000000]")
     p.add_argument("--max-messages", type=int, help="messages per request [default: 64]")
     p.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask for [default: 1024]")
-    for name in ("ask", "chat", "eval", "merge", "push", "export-gguf"):
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="longest prompt in tokens (and at most the model's context); longer gets 400 "
+                        "context_length_exceeded, counted before queueing [default: 2048]")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name to answer besides localhost/127.0.0.1/[::1] (repeatable; against DNS "
+                        "rebinding, other names get 400); bound to a non-loopback address, the only names answered")
+    p.add_argument("--header-timeout", type=float,
+                   help="seconds a client has to send a request head before it is disconnected [default: 10]")
+    for name in ("ask", "chat", "eval", "merge", "push", "export-gguf", "serve"):
         parsers[name].add_argument(
             "--trust-remote-code", action="store_true",
             help="let the base model run its own Python files (only for a model you trust; a run's or a "

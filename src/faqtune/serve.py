@@ -435,7 +435,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --- running it --------------------------------------------------------------------------------------------
 
 def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits | None = None, allowed_hosts: Iterable[str] = ()) -> int:
+          limits: ServeLimits | None = None, allowed_hosts: Iterable[str] = (), trust_remote_code: bool = False) -> int:
     """Load the runs and serve them until interrupted. `allowed_hosts`: Host names answered besides the
     loopback ones (bound to loopback); bound elsewhere, when given, the only ones."""
     import uvicorn
@@ -450,7 +450,7 @@ def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_k
     api_key = resolve_api_key(api_key)
     hosts = allowed_hosts_for(host, allowed_hosts)
     sock = bind_socket(host, port)  # before the slow part: a busy port fails at once
-    models = load_served_models(run_specs)
+    models = load_served_models(run_specs, trust_remote_code)
     if api_key is None and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
     log.info("serving %s on http://%s:%d (chat page: /, API: /v1)", ", ".join(models.names), host, port)

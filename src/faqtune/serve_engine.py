@@ -142,7 +142,7 @@ def build_answerer(model, tokenizer, cfg, run_dir: Path | None) -> Answerer:
     return make_answerer(run_dir, model, tokenizer, cfg)
 
 
-def _check_runs(specs: list[str]):
+def _check_runs(specs: list[str], trust_remote_code: bool = False):
     """Read every run's config; one error listing every problem (missing runs, adapters, mixed bases)."""
     from faqtune.models import resolve_base
     from faqtune.run import RunDir
@@ -151,7 +151,7 @@ def _check_runs(specs: list[str]):
     for name, path in parse_run_specs(specs):
         run = RunDir(path)
         try:
-            cfg = run.load_config()
+            cfg = run.load_config(trust_remote_code=trust_remote_code)
         except FaqtuneError as e:
             problems.append(str(e))
             continue
@@ -173,13 +173,15 @@ def _check_runs(specs: list[str]):
     return runs, resolved[runs[0][2].base_model]
 
 
-def load_served_models(specs: list[str]) -> ServedModels:
-    """Load the shared base once, every run's adapter onto it, and an Answerer per name (plus the bare base)."""
+def load_served_models(specs: list[str], trust_remote_code: bool = False) -> ServedModels:
+    """Load the shared base once, every run's adapter onto it, and an Answerer per name (plus the bare base).
+
+    `trust_remote_code` comes from the command line only (`faqtune serve --trust-remote-code`)."""
     from peft import PeftModel
 
-    from faqtune.models import load_base_model, load_tokenizer, safe_adapter_dir
+    from faqtune.models import load_base_model, load_run_tokenizer, load_tokenizer, safe_adapter_dir
 
-    runs, base = _check_runs(specs)
+    runs, base = _check_runs(specs, trust_remote_code)
     first_cfg = runs[0][2]
     base_name = base_display_name(first_cfg.base_model)
     if base_name in [name for name, _, _ in runs]:
@@ -199,13 +201,14 @@ def load_served_models(specs: list[str]) -> ServedModels:
 
     entries: dict[str, ServedModel] = {}
     for i, (name, run, cfg) in enumerate(runs):
-        tok_source = str(run.tokenizer_dir) if run.tokenizer_dir.exists() else base
-        answerer = build_answerer(hooked, load_tokenizer(tok_source), cfg, run.root)
+        tokenizer = load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code)  # once (it was twice)
+        answerer = build_answerer(hooked, tokenizer, cfg, run.root)
         watch = IndexWatcher(name, answerer, run.root / "index") if hasattr(answerer, "index") else None
-        entries[name] = ServedModel(name, answerer, f"run{i}", load_tokenizer(tok_source), context,
+        entries[name] = ServedModel(name, answerer, f"run{i}", tokenizer, context,
                                     answerer.system_prompt, run.root, watch)
-    answerer = build_answerer(hooked, load_tokenizer(base), first_cfg, None)
-    entries[base_name] = ServedModel(base_name, answerer, None, load_tokenizer(base), context)
+    tokenizer = load_tokenizer(base, first_cfg.trust_remote_code)
+    answerer = build_answerer(hooked, tokenizer, first_cfg, None)
+    entries[base_name] = ServedModel(base_name, answerer, None, tokenizer, context)
     return ServedModels(entries, model, hooked)
 
 
