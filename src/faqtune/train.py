@@ -134,9 +134,39 @@ class ProgressCallback(TrainerCallback):
             self.bar = None
 
 
-def use_checkpointing(setting: str) -> bool:
-    """`auto`: on where accelerator memory is the limit (GPU), off on CPU where RAM is ample and time is not."""
-    return torch.cuda.is_available() if setting == "auto" else setting == "true"
+# Bytes of saved activations per token, per layer and per unit of hidden size, without gradient checkpointing
+# (measured: 8 grounded steps of the embedded default on the shared FAQ, 2.57 GB peak RSS without it vs 1.70 GB
+# with it, packed micro-batches of ~800 tokens, 30 layers x 576, bf16 compute; fp32 keeps twice as much).
+ACTIVATION_BYTES = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 128}
+
+
+def activation_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
+    """Rough peak of the activations kept for the backward pass of one micro-batch of `tokens` tokens."""
+    layers = getattr(model_config, "num_hidden_layers", 1)
+    hidden = getattr(model_config, "hidden_size", 1)
+    return ACTIVATION_BYTES.get(dtype, 128) * tokens * layers * hidden
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take (Linux: MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def use_checkpointing(setting: str, activations: int | None = None) -> bool:
+    """`auto`: on where accelerator memory is the limit (GPU); on CPU off (~1.5x faster steps), unless the
+    micro-batch's activations (`activations`, bytes) would take over a quarter of the available memory."""
+    if setting != "auto":
+        return setting == "true"
+    if torch.cuda.is_available():
+        return True
+    free = available_memory()
+    return activations is not None and free is not None and activations > free / 4
 
 
 class FaqTrainer(checkpoints.SafeCheckpoints, SFTTrainer):
@@ -175,11 +205,14 @@ def resolve_optimizer(name: str) -> str:
     return name
 
 
-def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool):
+def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations: int | None = None):
     t = cfg.train
     on_gpu = torch.cuda.is_available()
     compute = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    checkpointing = use_checkpointing(t.gradient_checkpointing)
+    checkpointing = use_checkpointing(t.gradient_checkpointing, activations)
+    if checkpointing and t.gradient_checkpointing == "auto" and not on_gpu:
+        _say(f"memory: a micro-batch's activations (~{activations / 2**30:.1f} GiB) would take over a quarter of "
+             "the free memory: gradient checkpointing on (slower steps, less memory)")
     optimizer = resolve_optimizer(t.optimizer)
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
@@ -354,7 +387,10 @@ def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    args = _training_args(cfg, run, has_eval=bool(eval_tok.rows))
+    longest = sorted((len(r["input_ids"]) for r in train_tok.rows), reverse=True)[:cfg.train.batch_size]
+    tokens = sum(longest) if cfg.train.packing else len(longest) * max(longest, default=0)
+    activations = activation_bytes(model.config, tokens, resolve_compute_dtype(cfg.quantization.compute_dtype))
+    args = _training_args(cfg, run, has_eval=bool(eval_tok.rows), activations=activations)
     trainer = FaqTrainer(
         model=model,
         args=args,
