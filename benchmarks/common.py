@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import subprocess
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,15 +38,10 @@ def matmul_gflops(dtype_name: str, n: int = 1024, reps: int = 5) -> float:
     """Best-of-`reps` GFLOP/s of an n^3 matmul in fp32 or bf16 with torch's current threads."""
     import torch
 
+    from faqtune.models import matmul_seconds
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return round(2 * n**3 / best / 1e9, 1)
+    return round(2 * n**3 / matmul_seconds(dtype, (n, n, n), reps) / 1e9, 1)
 
 
 @lru_cache(maxsize=1)

@@ -45,17 +45,12 @@ LIMIT = int(os.environ.get("CPU_SPEED_QUESTIONS", "0")) or None  # smoke runs: s
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 6) -> float:
+    """FLOP/s of a best-of-`reps` n^3 matmul (`dtype_name` a torch dtype name)."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    from faqtune.models import matmul_seconds
+
+    return 2 * n**3 / matmul_seconds(getattr(torch, dtype_name), (n, n, n), reps)
 
 
 def linear_params(model) -> tuple[int, int]:

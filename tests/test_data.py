@@ -348,7 +348,8 @@ def test_unnamed_csv_columns_may_repeat(tmp_path):
     assert _pairs(load_faq(path)) == [("q?", "a")]
 
 
-@pytest.mark.parametrize("invisible", ["\u200b", "\u200c\u200d", "\u2060", "\ufeff\u200b "])
+@pytest.mark.parametrize("invisible", ["\u200b", "\u200c\u200d", "\u2060", "\ufeff\u200b ",
+                                       "\x1b[2J\x1b[H"])  # the last: terminal escape sequences only
 def test_a_field_of_zero_width_characters_is_empty(tmp_path, invisible):
     path = _write(tmp_path, "faq.jsonl", _jsonl({"question": "q?", "answer": invisible}))
     with pytest.raises(DataError, match="line 1: field 'answer': is empty"):
@@ -363,11 +364,6 @@ def test_terminal_escapes_and_bidi_controls_are_removed(tmp_path):
     assert _pairs(data) == [("Red?", "Pay by card."), ("plain?", "ok")]
     assert any("removed 7 terminal escape sequence(s) and bidi control character(s)" in n for n in data.notes)
 
-
-def test_a_field_of_only_escape_sequences_is_empty(tmp_path):
-    path = _write(tmp_path, "faq.jsonl", _jsonl({"question": "q?", "answer": "\x1b[2J\x1b[H"}))
-    with pytest.raises(DataError, match="field 'answer': is empty"):
-        load_faq(path)
 
 
 def test_an_unclosed_csv_quote_names_the_line_it_opened(tmp_path):

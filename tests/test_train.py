@@ -56,7 +56,7 @@ def test_auto_compute_dtype_is_measured_and_cached(tmp_path, monkeypatch, bf16_s
         pytest.skip("CPU behaviour")
     monkeypatch.setenv("FAQTUNE_HOME", str(tmp_path))
     models.cpu_bf16_is_fast.cache_clear()
-    monkeypatch.setattr(models, "_matmul_seconds", lambda dtype, reps=5: bf16_seconds if dtype == torch.bfloat16
+    monkeypatch.setattr(models, "matmul_seconds", lambda dtype: bf16_seconds if dtype == torch.bfloat16
                         else 0.004)
     try:
         assert models.resolve_compute_dtype("auto") == expected

@@ -99,9 +99,11 @@ def resolve_base(name: str) -> str:
     return name
 
 
-def _matmul_seconds(dtype: torch.dtype, reps: int = 5) -> float:
-    a = torch.randn(256, 1024).to(dtype)
-    b = torch.randn(1024, 1024).to(dtype)
+def matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = (256, 1024, 1024), reps: int = 5) -> float:
+    """Best-of-`reps` seconds of an (m x k) @ (k x n) matmul in `dtype` with torch's current threads."""
+    m, k, n = shape
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(reps):
@@ -124,7 +126,7 @@ def cpu_bf16_is_fast() -> bool:
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
+        fp32, bf16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
         known[key] = {"fp32_s": fp32, "bf16_s": bf16, "bf16_fast": bf16 < 0.8 * fp32}
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
