@@ -337,10 +337,14 @@ def test_write_jsonl_round_trip(tmp_path):
                                "(columns 2 and 3)"),
 ])
 def test_duplicate_csv_columns_are_refused(tmp_path, header, message):
-    path = _write(tmp_path, "faq.csv", f"{header}\nq?,a,b,c\n")
+    _assert_csv_error(tmp_path, f"{header}\nq?,a,b,c\n", 1, message)
+
+
+def _assert_csv_error(tmp_path, text: str, line: int, message: str) -> None:
+    path = _write(tmp_path, "faq.csv", text)
     with pytest.raises(DataError) as e:
         load_faq(path)
-    assert str(e.value).startswith(f"{path} line 1: {message}")
+    assert str(e.value).startswith(f"{path} line {line}: {message}")
 
 
 def test_unnamed_csv_columns_may_repeat(tmp_path):
@@ -365,13 +369,10 @@ def test_terminal_escapes_and_bidi_controls_are_removed(tmp_path):
     assert any("removed 7 terminal escape sequence(s) and bidi control character(s)" in n for n in data.notes)
 
 
-
 def test_an_unclosed_csv_quote_names_the_line_it_opened(tmp_path):
-    path = _write(tmp_path, "faq.csv", 'question,answer\nHow do I pay?,By card.\n"How do I return,Within 30 days.\n'
-                                       "Where is my order?,On the tracking page.\nCan I cancel?,Yes.\n")
-    with pytest.raises(DataError) as e:
-        load_faq(path)
-    assert str(e.value).startswith(f"{path} line 3: a quoted field opens here and is never closed")
+    _assert_csv_error(tmp_path, 'question,answer\nHow do I pay?,By card.\n"How do I return,Within 30 days.\n'
+                                "Where is my order?,On the tracking page.\nCan I cancel?,Yes.\n",
+                      3, "a quoted field opens here and is never closed")
 
 
 def test_a_quoted_multiline_last_record_is_fine(tmp_path):
