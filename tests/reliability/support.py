@@ -29,13 +29,26 @@ def adapter_difference(run: Path, reference: Path) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def assert_same_adapter(run: Path, reference: Path) -> None:
+# A run resumed in another process than the one it started in may differ from the reference in the last
+# float bits: MKL's kernels can round differently with the buffers' memory alignment, which changes from
+# process to process (MKL's "Conditional Numerical Reproducibility" notes). CI saw 1.8e-5 once. Real resume
+# bugs are 100x larger, measured on this suite's run: one step too many 2.1e-3, the learning rate 1% off
+# 1.4e-2, another dropout seed 2.7e-1.
+ACROSS_PROCESSES = 1e-4
+
+
+def assert_same_adapter(run: Path, reference: Path, tolerance: float = 0.0) -> None:
+    """The run's adapter equals the reference's: bit for bit (tolerance 0), or within `tolerance`."""
     import torch
 
     a, b = adapter_tensors(run), adapter_tensors(reference)
     assert a.keys() == b.keys()
-    unequal = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not unequal, f"{len(unequal)} tensor(s) differ, max |diff| {adapter_difference(run, reference)}"
+    difference = adapter_difference(run, reference)
+    if tolerance:
+        assert difference <= tolerance, f"max |diff| {difference} > {tolerance}"
+    else:
+        unequal = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not unequal, f"{len(unequal)} tensor(s) differ, max |diff| {difference}"
 
 
 def sealed(run: Path) -> list[str]:

@@ -1,5 +1,6 @@
 """Training survives faults: kill -9, SIGINT/SIGTERM, a full disk, a non-finite loss; resumed runs end with
-the adapter of the uninterrupted run, bit for bit."""
+the adapter of the uninterrupted run: bit for bit within one process, to the last float bits across two
+(see support.ACROSS_PROCESSES)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import faqtune.train as train_mod
 from faqtune.checkpoints import problem
 from faqtune.cli import main
 
-from .support import assert_same_adapter, error_line, sealed
+from .support import ACROSS_PROCESSES, assert_same_adapter, error_line, sealed
 
 HARNESS = Path(__file__).with_name("harness.py")
 
@@ -66,7 +67,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(train_argv, reference, 
     assert sealed(run) == ["checkpoint-4"] and not (run / "adapter").exists()
 
     assert resume(run) == 0
-    assert_same_adapter(run, reference)
+    assert_same_adapter(run, reference, tolerance=ACROSS_PROCESSES)  # started in a child process
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == list(range(1, 11))  # steps 5-6+ logged once, not twice
 
@@ -86,7 +87,7 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(train_argv, re
     err = capsys.readouterr().err
     assert "checkpoint-8 is partial" in err and "set aside as checkpoint-8.partial" in err
     assert "resuming from checkpoint-4" in err
-    assert_same_adapter(run, reference)
+    assert_same_adapter(run, reference, tolerance=ACROSS_PROCESSES)  # started in a child process
     assert sealed(run) == ["checkpoint-10"]  # rotation (limit 1) ran only once the new ones were sealed
 
 
@@ -104,7 +105,7 @@ def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(train_argv,
     assert not (run / "adapter").exists()
 
     assert resume(run) == 0
-    assert_same_adapter(run, reference)
+    assert_same_adapter(run, reference, tolerance=ACROSS_PROCESSES)  # started in a child process
 
 
 class SignalAt(TrainerCallback):
