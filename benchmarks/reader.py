@@ -28,17 +28,16 @@ from common import ROOT, commit, write_result
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
+from faqtune.data import packaged
 from faqtune.evaluate import (
     answer_all,
     follow_up_side,
-    is_decline,
-    packaged,
     read_conversations,
     read_offtopic,
     retrieval_follow_ups,
     text_perplexity,
 )
-from faqtune.grounding import GroundedAnswerer, build_index, open_run_index
+from faqtune.grounding import GroundedAnswerer, build_index, is_decline, open_run_index
 from faqtune.metrics import matches_own_answer
 
 OFFTOPIC = ROOT / "benchmarks" / "data" / "offtopic_heldout.txt"

@@ -14,11 +14,11 @@ from faqtune.evaluate import (
     EvalSet,
     build_eval_set,
     forgetting_flagged,
-    is_decline,
     score_answers,
     text_perplexity,
 )
 from faqtune.generate import Answer
+from faqtune.grounding import is_decline
 from faqtune.run import RunDir
 
 POOL = ["Returns are accepted within 45 days of delivery.",

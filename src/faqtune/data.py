@@ -66,14 +66,19 @@ class FaqData:
         return len(self.entries)
 
 
+def packaged(name: str) -> Path:
+    """A data file shipped inside the faqtune package (`src/faqtune/data/`)."""
+    return Path(str(resources.files("faqtune") / "data" / name))
+
+
 def bundled_faq_path() -> Path:
     """The e-commerce FAQ shipped with faqtune (used by the demo)."""
-    return Path(str(resources.files("faqtune") / "data" / "ecommerce_faq.json"))
+    return packaged("ecommerce_faq.json")
 
 
 def general_instructions_path() -> Path:
     """General instruction data shipped with faqtune (`--mix general`), written for the project."""
-    return Path(str(resources.files("faqtune") / "data" / "general_instructions.jsonl"))
+    return packaged("general_instructions.jsonl")
 
 
 def read_text(path: Path) -> str:

@@ -10,38 +10,22 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from faqtune import data as data_mod
+from faqtune.data import packaged
 from faqtune.errors import DataError
 from faqtune.generate import Answer, Answerer
+from faqtune.grounding import is_decline
 from faqtune.metrics import answer_accuracy, matches_own_answer, rouge_l, token_f1, tokens
 from faqtune.prompting import IGNORE_INDEX, TEMPLATE_MARKERS, encode_conversation, with_system
 from faqtune.run import RunDir
-
-DECLINE = re.compile(
-    r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i can only (help|answer|assist)|i can'?t (help|assist|answer)|"
-    r"i cannot (help|assist|answer)|i'?m (not able|unable) to|i am (not able|unable) to|outside (of )?(my|the) "
-    r"scope|not something i can help)",
-    re.IGNORECASE,
-)
-
-
-def packaged(name: str) -> Path:
-    return Path(str(resources.files("faqtune") / "data" / name))
-
-
-def is_decline(text: str) -> bool:
-    """A polite refusal: an apology or a statement of what the bot can help with."""
-    return bool(DECLINE.search(text))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from faqtune.config import FaqtuneConfig, GenerationConfig
-from faqtune.data import FaqEntry
+from faqtune.data import FaqEntry, packaged
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
 from faqtune.reader import NONE, check_choice, choice_target, score_choices
@@ -22,6 +22,12 @@ from faqtune.retrieval import FaqIndex, Hit, building_dir, calibrate_threshold, 
 
 INDEX_DIR = "index"  # inside a run directory
 INSTRUCTION = "Answer the customer's question from the FAQ entries above. If none of them answers it, say so."
+DECLINE = re.compile(
+    r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i can only (help|answer|assist)|i can'?t (help|assist|answer)|"
+    r"i cannot (help|assist|answer)|i'?m (not able|unable) to|i am (not able|unable) to|outside (of )?(my|the) "
+    r"scope|not something i can help)",
+    re.IGNORECASE,
+)
 _STOPWORDS = set(
     "a an the i me my we our you your is are am was were be been do does did can could would should will "
     "how what when where which who why to of in on for with at by from it its this that there if or and "
@@ -36,6 +42,11 @@ def grounded_question(question: str, hits: list[Hit]) -> str:
 
 
 # --- question noise: realistic customer spellings of an FAQ question (training and calibration) -----------
+
+def is_decline(text: str) -> bool:
+    """A polite refusal: an apology or a statement of what the bot can help with."""
+    return bool(DECLINE.search(text))
+
 
 def keywords(question: str) -> str:
     words = re.findall(r"[\w'-]+", question.lower())
@@ -109,7 +120,6 @@ def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg
 def calibrate(index: FaqIndex, entries: list[FaqEntry], seed: int, off_topic: list[str] | None = None) -> float:
     """The decline threshold: separates noisy spellings of the FAQ's own questions (in scope) from a
     bundled set of off-topic questions kept apart from the evaluation's off-topic set."""
-    from faqtune.evaluate import packaged
 
     rng = random.Random(seed)
     in_scope = [noisy(e.question, rng) for e in entries] + [keywords(e.question) for e in entries]
@@ -262,7 +272,6 @@ class GroundedAnswerer(Answerer):
         A model decline of a question retrieval found in scope (above the threshold) is answered with the
         top entry verbatim when `grounding.fallback` is on (measured: a small model declines rephrased
         questions it cannot match to an entry far more often than retrieval misses them)."""
-        from faqtune.evaluate import is_decline
 
         overlap = [rouge_l(answer.text, h.answer) for h in hits]
         best = max(range(len(hits)), key=overlap.__getitem__)

@@ -369,7 +369,7 @@ def replaced_declines(answerer) -> Callable[[str], bool] | None:
     grounding = getattr(answerer, "grounding", None)
     if grounding is None or not getattr(grounding, "fallback", False):
         return None
-    from faqtune.evaluate import DECLINE
+    from faqtune.grounding import DECLINE
 
     decline = " ".join(grounding.decline_message.lower().split())
 
