@@ -11,7 +11,6 @@ time, so a bad request fails alone; a grounded run's index is reloaded when rebu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -19,17 +18,34 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from faqtune.errors import FaqtuneError, ModelError
-from faqtune.generate import Answer, Answerer
+from faqtune.errors import ModelError
+from faqtune.generate import Answerer
 from faqtune.prompting import TEMPLATE_MARKERS
 from faqtune.serve_index import IndexWatcher
+from faqtune.serve_jobs import (  # noqa: F401 (the names tests, benchmarks and serve.py import from here)
+    Choice,
+    GenSettings,
+    Job,
+    QueueFull,
+    Result,
+    Row,
+    WorkerStopped,
+    base_display_name,
+    build_answerer,
+    check_runs,
+    finish_choice,
+    parse_run_specs,
+    replaced_declines,
+    send_safe,
+    streamable,
+)
 
 log = logging.getLogger("faqtune.serve")
 
@@ -107,72 +123,6 @@ class ServedModels:
                     self.hooked.stopping = None
 
 
-def parse_run_specs(specs: list[str]) -> list[tuple[str, Path]]:
-    """`RUN_DIR` or `NAME=RUN_DIR` -> (name, folder); the name defaults to the folder's name."""
-    out: list[tuple[str, Path]] = []
-    problems: list[str] = []
-    for spec in specs:
-        name, eq, path = spec.partition("=")
-        if not eq or Path(spec).exists():
-            name, path = Path(spec).resolve().name, spec
-        name = name.strip()
-        if not name or any(c.isspace() for c in name):
-            problems.append(f"{spec!r}: a model name must be non-empty and without spaces (NAME=RUN_DIR)")
-        elif name in [n for n, _ in out]:
-            problems.append(f"two runs are named {name!r}: name them apart with NAME=RUN_DIR")
-        else:
-            out.append((name, Path(path)))
-    if problems:
-        raise ModelError("\n".join(problems))
-    return out
-
-
-def base_display_name(base_model: str) -> str:
-    """The name the bare base is served under: an alias or hub id as written, a folder by its name."""
-    return Path(base_model).name if Path(base_model).expanduser().exists() else base_model
-
-
-def build_answerer(model, tokenizer, cfg, run_dir: Path | None) -> Answerer:
-    """The one place the server builds an Answerer: a run's (grounded when it was trained with retrieval:
-    it retrieves, declines below the threshold and cites), or the bare base's when run_dir is None."""
-    if run_dir is None:
-        return Answerer(model, tokenizer, cfg.generation, None)
-    from faqtune.grounding import make_answerer
-
-    return make_answerer(run_dir, model, tokenizer, cfg)
-
-
-def _check_runs(specs: list[str], trust_remote_code: bool = False):
-    """Read every run's config; one error listing every problem (missing runs, adapters, mixed bases)."""
-    from faqtune.models import resolve_base
-    from faqtune.run import RunDir
-
-    runs, problems = [], []
-    for name, path in parse_run_specs(specs):
-        run = RunDir(path)
-        try:
-            cfg = run.load_config(trust_remote_code=trust_remote_code)
-        except FaqtuneError as e:
-            problems.append(str(e))
-            continue
-        if not (run.adapter_dir / "adapter_config.json").exists():
-            problems.append(f"{path}: no adapter/adapter_config.json (did training finish?)")
-            continue
-        runs.append((name, run, cfg))
-    if problems:
-        raise ModelError("cannot serve:\n" + "\n".join(f"  - {p}" for p in problems))
-    if not runs:
-        raise ModelError("cannot serve: give at least one run directory")
-    resolved = {cfg.base_model: resolve_base(cfg.base_model) for _, _, cfg in runs}
-    kinds = {(str(Path(resolved[cfg.base_model]).resolve()) if Path(resolved[cfg.base_model]).exists()
-              else resolved[cfg.base_model], cfg.quantization.mode, cfg.quantization.quant_type) for _, _, cfg in runs}
-    if len(kinds) > 1:
-        lines = [f"  - {name}: base_model {cfg.base_model} ({cfg.quantization.mode})" for name, _, cfg in runs]
-        raise ModelError("runs served together must share the same base model and quantization; got:\n"
-                         + "\n".join(lines) + "\nserve them with separate `faqtune serve` commands")
-    return runs, resolved[runs[0][2].base_model]
-
-
 def load_served_models(specs: list[str], trust_remote_code: bool = False) -> ServedModels:
     """Load the shared base once, every run's adapter onto it, and an Answerer per name (plus the bare base).
 
@@ -181,7 +131,7 @@ def load_served_models(specs: list[str], trust_remote_code: bool = False) -> Ser
 
     from faqtune.models import load_base_model, load_run_tokenizer, load_tokenizer, safe_adapter_dir
 
-    runs, base = _check_runs(specs, trust_remote_code)
+    runs, base = check_runs(specs, trust_remote_code)
     first_cfg = runs[0][2]
     base_name = base_display_name(first_cfg.base_model)
     if base_name in [name for name, _, _ in runs]:
@@ -212,108 +162,13 @@ def load_served_models(specs: list[str], trust_remote_code: bool = False) -> Ser
     return ServedModels(entries, model, hooked)
 
 
-# --- jobs and the batching worker --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GenSettings:
-    """Generation settings of a request; requests with equal settings (and model) share a batch."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    n: int = 1
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Choice:
-    index: int
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    completion_tokens: int
-    streamed: str = ""  # the text already sent as deltas (a prefix of `text`)
-    source: dict | None = None
-    declined: bool = False
-
-
-@dataclass
-class Result:
-    choices: list[Choice]
-    prompt_tokens: int
-
-
-@dataclass
-class Job:
-    """One request, from the HTTP side to the worker and back (events cross threads via the event loop)."""
-
-    model: str
-    messages: list[dict[str, str]]
-    settings: GenSettings
-    stream: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    finished: bool = False  # answered (or failed): set before the answer is emitted, so a late cancel is a no-op
-    sent: dict[int, str] = field(default_factory=dict)  # choice index -> text streamed so far (kept on a retry)
-
-    @property
-    def key(self) -> tuple:
-        return (self.model, self.settings)
-
-    def emit(self, kind: str, payload: Any) -> None:
-        """("delta", (choice index, text)) | ("done", Result) | ("error", message), to the request's coroutine."""
-        if kind != "delta":
-            self.finished = True
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
-            pass
-
-
-class QueueFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"the queue is full; retry in {retry_after} s")
-        self.retry_after = retry_after
-
-
-class WorkerStopped(Exception):
-    pass
-
-
-@dataclass
-class _Row:
-    job: Job
-    choices: list[int]  # choice indices this generated row feeds (several when greedy n > 1 is replicated)
-    tokens: list[int] = field(default_factory=list)  # generated so far, up to (without) its stop token
-    seen: int = 0  # generated positions already read (tokens, the stop token, pads after it)
-    ended: bool = False
-    stop_hit: bool = False  # ended on a stop string (which `clean` may have stripped, e.g. "\n\n")
-    sent: str = ""
-
-
-def streamable(text: str, markers: tuple[str, ...]) -> str:
-    """The part of a partial answer that is safe to send: what `clean` and the stop strings will keep.
-
-    Cut at the first marker or stop string; hold back a tail that may still grow into one, trailing whitespace
-    (the final answer is stripped) and an incomplete UTF-8 character.
-    """
-    cuts = [i for i in (text.find(m) for m in markers) if i != -1]
-    text = text[:min(cuts)] if cuts else text
-    hold = 0
-    for m in markers:
-        for k in range(min(len(m) - 1, len(text)), hold, -1):
-            if text.endswith(m[:k]):
-                hold = k
-                break
-    text = text[:len(text) - hold]
-    return text.rstrip().rstrip("\ufffd").lstrip()
-
+# --- the batching worker ------------------------------------------------------------------------------
 
 class BatchMonitor(StoppingCriteria):
     """Called by generate() after every decoding step: streams new text, applies stop strings, stops rows of
     cancelled requests (only those rows: the rest of the batch goes on)."""
 
-    def __init__(self, rows: list[_Row], tokenizer, stop_ids: list[int], stops: tuple[str, ...],
+    def __init__(self, rows: list[Row], tokenizer, stop_ids: list[int], stops: tuple[str, ...],
                  hold: Callable[[str], bool] | None = None):
         self.rows, self.tokenizer, self.stop_ids, self.stops = rows, tokenizer, set(stop_ids), stops
         self.hold = hold  # True for a partial answer not to stream yet (the answerer may still replace it)
@@ -347,47 +202,13 @@ class BatchMonitor(StoppingCriteria):
             done.append(row.ended)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def _watch_text(self, row: _Row) -> None:
+    def _watch_text(self, row: Row) -> None:
         if not (row.job.stream or self.stops):
             return
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         if self.stops and any(s in text for s in self.stops):
             row.ended = row.stop_hit = True
-        if row.job.stream and not (self.hold is not None and not row.sent and self.hold(text)):
-            safe = streamable(text, self.markers)
-            if len(safe) > len(row.sent) and safe.startswith(row.sent):
-                for index in row.choices:
-                    row.job.emit("delta", (index, safe[len(row.sent):]))
-                    row.job.sent[index] = safe
-                row.sent = safe
-
-
-def replaced_declines(answerer) -> Callable[[str], bool] | None:
-    """For a grounded answerer that answers its model's declines with the top entry (grounding.fallback):
-    the test for a partial answer that may still become such a decline, so the stream holds it back and sends
-    what `finish` returns instead (else the stream would show a decline the non-streamed answer replaced)."""
-    grounding = getattr(answerer, "grounding", None)
-    if grounding is None or not getattr(grounding, "fallback", False):
-        return None
-    from faqtune.grounding import DECLINE
-
-    decline = " ".join(grounding.decline_message.lower().split())
-
-    def may_become_decline(text: str) -> bool:
-        return decline.startswith(" ".join(text.lower().split())) or DECLINE.search(text) is not None
-
-    return may_become_decline
-
-
-def finish_choice(answer: Answer, index: int, stops: tuple[str, ...], row: _Row | None) -> Choice:
-    """An Answer -> an API choice: cut at the first stop string; finish "stop" on EOS or a stop string."""
-    text, hit = answer.text, bool(row and row.stop_hit)
-    cuts = [i for i in (text.find(s) for s in stops) if i != -1]
-    if cuts:
-        text, hit = text[:min(cuts)], True
-    finish = "stop" if answer.stopped or hit else "length"
-    streamed = row.sent if row else ""
-    return Choice(index, text, finish, answer.new_tokens, streamed, answer.source, answer.declined)
+        send_safe(row, text, self.markers, self.hold)
 
 
 class BatchWorker:
@@ -534,7 +355,7 @@ class BatchWorker:
         gen = replace(entry.answerer.gen, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, num_return_sequences=n_gen)
         per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
-        rows = [_Row(job, choices, sent=job.sent.get(choices[0], "")) for job in batch for choices in per_row]
+        rows = [Row(job, choices, sent=job.sent.get(choices[0], "")) for job in batch for choices in per_row]
         monitor = BatchMonitor(rows, entry.answerer.tokenizer, entry.answerer.stop_ids, s.stop,
                                replaced_declines(entry.answerer))
         with self.models.activate(entry, monitor):
