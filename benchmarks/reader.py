@@ -99,6 +99,8 @@ def main() -> int:
     p.add_argument("--latency-questions", type=int, default=10)
     p.add_argument("--base-max-new-tokens", type=int, default=64, help="cap of the base's answers (it rambles)")
     p.add_argument("--base-follow-ups", action="store_true", help="also ask the base the conversations (slow)")
+    p.add_argument("--priors", default="0,1,2", help="a choice run: also score the tuned reader with these "
+                                                      "grounding.retrieval_prior weights (no retraining)")
     args = p.parse_args()
     if Path(args.faq).resolve() == BUNDLED.resolve():  # the bundled FAQ's own held-out sets by default
         args.rephrased = args.rephrased or str(packaged("ecommerce_faq_rephrased.jsonl"))
@@ -129,7 +131,8 @@ def main() -> int:
                                                                                          threshold)
     if args.run:
         out.update(measure_run(Path(args.run), index, sets, pool, offtopic, convs, args.latency_questions,
-                               args.base_max_new_tokens, args.base_follow_ups))
+                               args.base_max_new_tokens, args.base_follow_ups,
+                               [float(w) for w in args.priors.split(",") if w.strip()]))
     out.update(headline(out))
     print_table(args.name, out)
     save(args.name, out)
@@ -137,7 +140,7 @@ def main() -> int:
 
 
 def measure_run(run: Path, index, sets, pool, offtopic, convs, latency_questions: int, base_max_new_tokens: int,
-                base_follow_ups: bool) -> dict:
+                base_follow_ups: bool, priors: list[float]) -> dict:
     from faqtune.models import load_for_inference
     from faqtune.run import RunDir
 
@@ -162,6 +165,8 @@ def measure_run(run: Path, index, sets, pool, offtopic, convs, latency_questions
             f["followup"] = follow_up_side(bot, *convs, pool)
             print(f"{side} follow-ups: {f['followup']['accuracy']:.3f}", flush=True)
         f["general_text_perplexity"] = text_perplexity(model, tok, packaged("general_text.txt").read_text())
+        if side == "tuned" and cfg.grounding.choice:
+            f["by_retrieval_prior"] = prior_sweep(bot, sets, pool, priors)
         if side == "base":
             ctx.__exit__(None, None, None)
             f["max_new_tokens"] = base_max_new_tokens
@@ -173,6 +178,17 @@ def measure_run(run: Path, index, sets, pool, offtopic, convs, latency_questions
     _, seconds = answer_all(bot, questions)
     out["latency_p50_s"] = sorted(seconds)[len(seconds) // 2]
     out["latency_merged"] = cfg.generation.merged
+    return out
+
+
+def prior_sweep(bot, sets, pool, priors: list[float]) -> dict:
+    """The tuned choice step's accuracy under other `grounding.retrieval_prior` weights (then restored)."""
+    kept, out = bot.grounding, {}
+    for w in priors:
+        bot.grounding = replace(kept, retrieval_prior=w)
+        out[str(w)] = {k: reader_figures(bot, q, r, pool)["accuracy"] for k, (q, r) in sets.items()}
+        print(f"tuned, retrieval_prior {w}: {out[str(w)]}", flush=True)
+    bot.grounding = kept
     return out
 
 

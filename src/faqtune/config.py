@@ -97,7 +97,7 @@ def effective_epochs(cfg: Any) -> float:
     """`train.epochs`, or its default for the grounding mode."""
     if cfg.train.epochs is not None:
         return cfg.train.epochs
-    return 3.0 if cfg.grounding.mode == "retrieval" else 10.0
+    return 3.0 / cfg.grounding.questions if cfg.grounding.mode == "retrieval" else 10.0
 
 
 MERGED_CHOICES = ("auto", "none", "fp32", "bf16")  # generation.merged
@@ -141,6 +141,13 @@ class GroundingConfig:
     choice: bool = _f(False, "train and answer with a scored choice step: the target opens with the answering "
                              "entry's number ([1]..[k], [0] = decline); at inference one forward pass scores the "
                              "choices and the chosen entry is answered verbatim (top_k <= 9; not measured better yet)")
+    choice_only: bool = _f(False, "with `choice`: train the choice number alone, not the answer after it (the "
+                                  "answer is returned verbatim anyway; far fewer trained tokens, less to forget)")
+    questions: int = _f(1, "training examples per FAQ entry, each asking it another way (the question, a noisy "
+                           "spelling, the answer's key words, ...) with the entries retrieved for that wording; "
+                           "the default epochs are divided by it, so training costs the same")
+    retrieval_prior: float = _f(1.0, "with `choice`: weight of retrieval's similarities when the model picks among "
+                                     "the shown entries (0: the model alone; the decline is the model's alone)")
 
 
 @dataclass
@@ -242,6 +249,8 @@ def validate(cfg: FaqtuneConfig) -> None:
     need(1 <= gr.top_k <= 20, "grounding.top_k", "in [1, 20]", gr.top_k)
     need(0 <= gr.absent_share < 1, "grounding.absent_share", "in [0, 1)", gr.absent_share)
     need(0 <= gr.noisy_share <= 1, "grounding.noisy_share", "in [0, 1]", gr.noisy_share)
+    need(1 <= gr.questions <= 10, "grounding.questions", "in [1, 10]", gr.questions)
+    need(gr.retrieval_prior >= 0, "grounding.retrieval_prior", ">= 0", gr.retrieval_prior)
     need(gr.threshold is None or -1 <= gr.threshold <= 1, "grounding.threshold", "in [-1, 1] (a cosine)",
          gr.threshold)
     need(bool(gr.decline_message.strip()), "grounding.decline_message", "non-empty", gr.decline_message)

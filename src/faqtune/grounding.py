@@ -17,7 +17,7 @@ from faqtune.config import FaqtuneConfig, GenerationConfig
 from faqtune.data import FaqEntry, packaged
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
-from faqtune.reader import NONE, check_choice, choice_target, score_choices
+from faqtune.reader import NONE, check_choice, choice_target, pick, score_choices
 from faqtune.retrieval import FaqIndex, Hit, building_dir, calibrate_threshold, swap_into_place
 
 INDEX_DIR = "index"  # inside a run directory
@@ -84,9 +84,29 @@ def noisy(question: str, rng: random.Random) -> str:
 
 # --- training ---------------------------------------------------------------------------------------------
 
+def answer_words(answer: str, n: int = 6) -> str:
+    """A keyword query from the answer's first sentence: customers often ask with the words of the answer
+    they expect ("refund 5-7 business days"), not of the FAQ's question."""
+    first = re.split(r"(?<=[.!?])\s+", answer.strip(), maxsplit=1)[0]
+    return " ".join(keywords(first).split()[:n])
+
+
+def question_forms(entry: FaqEntry, n: int, noisy_share: float, rng: random.Random) -> list[str]:
+    """`n` ways a customer could ask `entry`: one form (the question, noisy for `noisy_share` of entries), or
+    the question, a noisy spelling of it, the answer's key words, then further noisy spellings."""
+    if n == 1:
+        return [noisy(entry.question, rng) if rng.random() < noisy_share else entry.question]
+    forms = [entry.question, noisy(entry.question, rng), answer_words(entry.answer) or keywords(entry.question)]
+    while len(forms) < n:
+        forms.append(noisy(entry.question, rng))
+    return forms[:n]
+
+
 def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg: FaqtuneConfig,
                    seed: int) -> list[FaqEntry]:
-    """Training conversations with retrieved entries in the prompt (see the module docstring).
+    """Training conversations with retrieved entries in the prompt (see the module docstring): for each
+    entry, `grounding.questions` wordings (`question_forms`), each shown with the entries retrieved for it
+    (hard negatives), the right one at a random place or withheld for `absent_share` of them (a decline).
 
     Only single-turn Q/A entries are grounded; multi-turn conversations are kept as they are.
     """
@@ -96,21 +116,23 @@ def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg
     rng = random.Random(seed)
     single = [(e, i) for e, i in zip(entries, ids, strict=True) if len(e.messages) == 2 or
               (len(e.messages) == 3 and e.messages[0][0] == "system")]
-    asked = [noisy(e.question, rng) if rng.random() < g.noisy_share else e.question for e, _ in single]
-    found = index.search_many(asked, k=g.top_k + 1, hybrid=g.hybrid)
+    asked = [(entry, own_id, q) for entry, own_id in single
+             for q in question_forms(entry, g.questions, g.noisy_share, rng)]
+    found = index.search_many([q for _, _, q in asked], k=g.top_k + 1, hybrid=g.hybrid)
     out = [e for e in entries if all(e is not s for s, _ in single)]
-    for (entry, own_id), question, hits in zip(single, asked, found, strict=True):
+    for (entry, own_id, question), hits in zip(asked, found, strict=True):
         others = [h for h in hits if h.id != own_id]
         if rng.random() < g.absent_share:
             shown, target = others[:g.top_k], g.decline_message
             if g.choice:
-                target = choice_target(NONE, target)
+                target = choice_target(NONE, "" if g.choice_only else target)
         else:
             own = next((h for h in hits if h.id == own_id), None) or Hit(own_id, entry.question, entry.answer, 1.0)
             shown = others[:g.top_k - 1]
             position = rng.randrange(len(shown) + 1)
             shown.insert(position, own)
-            target = choice_target(position + 1, entry.answer) if g.choice else entry.answer
+            target = (choice_target(position + 1, "" if g.choice_only else entry.answer) if g.choice
+                      else entry.answer)
         messages = tuple(m for m in entry.messages if m[0] == "system")
         messages += (("user", grounded_question(question, shown)), ("assistant", target))
         out.append(FaqEntry(messages, entry.record))
@@ -261,8 +283,7 @@ class GroundedAnswerer(Answerer):
         scores = score_choices(self.model, self.tokenizer, [prepared[i][0] for i in todo], self.grounding.top_k)
         for i, logp in zip(todo, scores, strict=True):
             hits = prepared[i][1]
-            allowed = [NONE, *range(1, len(hits) + 1)]
-            choice = max(allowed, key=lambda n: logp[n])
+            choice = pick(logp, [h.score for h in hits], self.grounding.retrieval_prior)
             out[i] = (None, None if choice == NONE else (choice, hits[choice - 1]))
         return out
 
