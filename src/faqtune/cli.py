@@ -280,8 +280,24 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     names = ("queue_size", "max_batch_size", "max_body_bytes", "max_messages", "max_tokens_cap", "max_prompt_tokens",
              "header_timeout")
     limits = ServeLimits(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    backend = None
+    if args.backend is not None:
+        from faqtune.serve_upstream import Upstream
+
+        backend = Upstream(args.backend, args.backend_key or os.environ.get("FAQTUNE_BACKEND_KEY") or None,
+                           **({"timeout": args.backend_timeout} if args.backend_timeout is not None else {}))
+    elif args.backend_key is not None or args.backend_timeout is not None:
+        raise FaqtuneError("--backend-key and --backend-timeout need --backend URL")
     return serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
-                 allowed_hosts=args.allowed_host or (), trust_remote_code=args.trust_remote_code)
+                 allowed_hosts=args.allowed_host or (), trust_remote_code=args.trust_remote_code, backend=backend)
+
+
+def cmd_serve_config(args: argparse.Namespace, extra: list[str]) -> int:
+    from faqtune.serve_config import serve_config
+
+    print(serve_config(args.run_dirs, args.engine, args.host, args.port, args.gguf_dir, args.trust_remote_code),
+          end="")
+    return 0
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
@@ -332,6 +348,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] 
     "push": (cmd_push, "upload a run's adapter or merged model, with a model card, to the Hub"),
     "export-gguf": (cmd_export_gguf, "merge and write a GGUF (llama.cpp, Ollama) plus an Ollama Modelfile"),
     "serve": (cmd_serve, "serve runs over an OpenAI-compatible HTTP API, with a chat page"),
+    "serve-config": (cmd_serve_config, "print the command that starts vLLM or llama.cpp with the runs' base and "
+                                       "adapters, for `serve --backend`"),
 }
 
 
@@ -434,7 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebinding, other names get 400); bound to a non-loopback address, the only names answered")
     p.add_argument("--header-timeout", type=float,
                    help="seconds a client has to send a request head before it is disconnected [default: 10]")
-    for name in ("ask", "chat", "eval", "merge", "push", "export-gguf", "serve"):
+    p.add_argument("--backend", metavar="URL",
+                   help="generate on this OpenAI-compatible engine (vLLM, llama.cpp's server; e.g. "
+                        "http://127.0.0.1:8001/v1) instead of in-process: faqtune retrieves, declines and cites, "
+                        "the engine generates with each run's name as `model` (see `faqtune serve-config`)")
+    p.add_argument("--backend-key", metavar="KEY",
+                   help="the engine's API key, sent as 'Authorization: Bearer KEY' [default: $FAQTUNE_BACKEND_KEY]")
+    p.add_argument("--backend-timeout", type=float, metavar="SECONDS",
+                   help="seconds the engine may go without sending a byte before the request fails with 504 "
+                        "[default: 300]")
+
+    p = parsers["serve-config"]
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to serve, as for `faqtune serve`")
+    p.add_argument("--engine", choices=["vllm", "llamacpp"], required=True, help="the engine to start")
+    p.add_argument("--host", default="127.0.0.1", help="the engine's address [default: 127.0.0.1]")
+    p.add_argument("--port", type=int, default=8001, help="the engine's port [default: 8001]")
+    p.add_argument("--gguf-dir", default="gguf", help="llamacpp: where the runs' GGUFs go [default: ./gguf]")
+    for name in ("ask", "chat", "eval", "merge", "push", "export-gguf", "serve", "serve-config"):
         parsers[name].add_argument(
             "--trust-remote-code", action="store_true",
             help="let the base model run its own Python files (only for a model you trust; a run's or a "

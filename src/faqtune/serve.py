@@ -11,7 +11,8 @@ Extra response field: when an answer comes from an FAQ entry (grounding), its ch
 The ASGI layers, outside in: `Gate` (Host check, API key, body size and time, security headers, one log line per
 request, no traceback to a client; serve_http.py), FastAPI (routes, validation: every request is checked here,
 before it is queued, so a bad one gets a 400 and never reaches a batch), and the `BatchWorker` thread that
-generates (serve_engine.py). Bounds (`ServeLimits`): the queue (429), the batch, the body (413, 408), the
+generates (serve_engine.py), or, with `--backend URL`, the `UpstreamWorker` that sends the grounded prompt to
+an OpenAI-compatible engine (vLLM, llama.cpp's server) and streams its answer back (serve_upstream.py). Bounds (`ServeLimits`): the queue (429), the batch, the body (413, 408), the
 messages, `max_tokens`, `n`, the prompt (`max_prompt_tokens`, 2048 by default, and the model's context: 400
 `context_length_exceeded`), and the time to send a request head (the connection is closed).
 """
@@ -54,6 +55,7 @@ from faqtune.serve_http import (  # noqa: F401 (ServerThread: tests and benchmar
     resolve_api_key,
     uvicorn_config,
 )
+from faqtune.serve_upstream import Upstream, UpstreamWorker
 
 log = logging.getLogger("faqtune.serve")
 STATIC = Path(__file__).parent / "static"
@@ -204,7 +206,8 @@ class JobStream(Response):
                 yield self.chunk([{"index": index, "delta": {"content": text}, "logprobs": None,
                                    "finish_reason": None}])
             elif kind == "error":
-                yield _sse(error_body(*INTERNAL))
+                error = _error_of(payload)
+                yield _sse(error_body(error.message, error.type, error.param, error.code))
                 break
             elif kind == "gone":
                 return
@@ -264,13 +267,18 @@ async def _await_result(worker: BatchWorker, job: Job, request: Request) -> Resu
         if getter.done():
             kind, payload = getter.result()
             if kind == "error":
-                raise APIError(500, *INTERNAL)
+                raise _error_of(payload)
             return payload
         return None
     finally:
         getter.cancel()
         watcher.cancel()
         worker.cancel(job)
+
+
+def _error_of(payload: Any) -> APIError:
+    """A job's error event -> the client's error: an engine failure as worded (502/504), anything else 500."""
+    return payload if isinstance(payload, APIError) else APIError(500, *INTERNAL)
 
 
 async def _final_event(job: Job):
@@ -283,12 +291,14 @@ async def _final_event(job: Job):
 # --- the app -----------------------------------------------------------------------------------------------
 
 def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key: str | None = None,
-               allowed_hosts: Iterable[str] | None = None):
-    """The ASGI app serving `models`; the worker thread runs from startup to shutdown. `allowed_hosts`: the
-    Host names answered (None: any; `serve` sets it from the bound address, see `allowed_hosts_for`)."""
+               allowed_hosts: Iterable[str] | None = None, backend: Upstream | None = None):
+    """The ASGI app serving `models`; the worker runs from startup to shutdown: in-process, or the `backend`
+    engine's client (`models` then from `load_upstream_models`). `allowed_hosts`: the Host names answered (None:
+    any; `serve` sets it from the bound address, see `allowed_hosts_for`)."""
     limits = limits or ServeLimits()
     limits.validate()
-    worker = BatchWorker(models, limits.queue_size, limits.max_batch_size)
+    worker = (BatchWorker(models, limits.queue_size, limits.max_batch_size) if backend is None
+              else UpstreamWorker(models, backend, limits.queue_size, limits.max_batch_size))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -297,6 +307,8 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
             yield
         finally:
             worker.stop()
+            if isinstance(worker, UpstreamWorker):
+                await worker.aclose()
 
     app = FastAPI(title="faqtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.models = worker, models
@@ -435,12 +447,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --- running it --------------------------------------------------------------------------------------------
 
 def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits | None = None, allowed_hosts: Iterable[str] = (), trust_remote_code: bool = False) -> int:
+          limits: ServeLimits | None = None, allowed_hosts: Iterable[str] = (), trust_remote_code: bool = False,
+          backend: Upstream | None = None) -> int:
     """Load the runs and serve them until interrupted. `allowed_hosts`: Host names answered besides the
-    loopback ones (bound to loopback); bound elsewhere, when given, the only ones."""
+    loopback ones (bound to loopback); bound elsewhere, when given, the only ones. `backend`: generate on that
+    OpenAI-compatible engine instead of in-process (no model weights are loaded here then)."""
     import uvicorn
 
     from faqtune.serve_engine import load_served_models
+    from faqtune.serve_upstream import check_backend, load_upstream_models
 
     limits = limits or ServeLimits()
     limits.validate()
@@ -450,10 +465,15 @@ def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_k
     api_key = resolve_api_key(api_key)
     hosts = allowed_hosts_for(host, allowed_hosts)
     sock = bind_socket(host, port)  # before the slow part: a busy port fails at once
-    models = load_served_models(run_specs, trust_remote_code)
+    if backend is None:
+        models = load_served_models(run_specs, trust_remote_code)
+    else:
+        models = load_upstream_models(run_specs, trust_remote_code)
+        check_backend(backend, models.names)
     if api_key is None and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
-    log.info("serving %s on http://%s:%d (chat page: /, API: /v1)", ", ".join(models.names), host, port)
-    app = create_app(models, limits, api_key, hosts)
+    via = "" if backend is None else f", generating on {backend.url}"
+    log.info("serving %s on http://%s:%d (chat page: /, API: /v1%s)", ", ".join(models.names), host, port, via)
+    app = create_app(models, limits, api_key, hosts, backend)
     uvicorn.Server(uvicorn_config(app, limits)).run(sockets=[sock])
     return 0
