@@ -192,8 +192,8 @@ class _Stream:
 class UpstreamWorker:
     """The upstream backend, with the in-process BatchWorker's interface (submit, cancel, snapshot, start, stop).
 
-    Its jobs are tasks on the server's event loop; retrieval and tokenization run in threads (one at a time per
-    served name: a tokenizer or index is not shared across threads)."""
+    Its jobs are tasks on the server's event loop; retrieval and tokenization run in a thread, one at a time (a
+    fast tokenizer fails when two threads use it at once, and the runs' indexes share one embedding model)."""
 
     def __init__(self, models, upstream: Upstream, queue_size: int = 64, max_in_flight: int = 8):
         self.models, self.upstream = models, upstream
@@ -201,7 +201,7 @@ class UpstreamWorker:
         self._tasks: dict[int, tuple[Job, asyncio.Task]] = {}  # id(job) ->
         self._slots: asyncio.Semaphore | None = None
         self._client: httpx2.AsyncClient | None = None
-        self._locks = {name: threading.Lock() for name in models.entries}
+        self._lock = threading.Lock()
         self._waiting = 0
         self._running = 0
         self._started = self._stopping = False
@@ -290,7 +290,7 @@ class UpstreamWorker:
         """Retrieval (a grounded run) and the prompt, off the event loop: (conversation or None, context,
         prompt text, prompt tokens)."""
         entry = self.models.entries[name]
-        with self._locks[name]:
+        with self._lock:
             if entry.index_watch is not None and entry.index_watch.check():  # `faqtune index` rebuilt it
                 self.stats["index_reloads"] += 1
             conv, ctx = entry.answerer.prepare([messages])[0]
@@ -311,16 +311,20 @@ class UpstreamWorker:
         rows = [Row(job, choices, sent=job.sent.get(choices[0], "")) for choices in per_row]
         body = completion_request(job.model, prompt, s, entry.answerer.gen, n_gen)
         got = await self._stream(body, rows, replaced_declines(entry.answerer), tuple(TEMPLATE_MARKERS) + s.stop)
+        counts = await asyncio.to_thread(self._count, entry.answerer.tokenizer, got.texts)
         answers = []
         for k in range(n_gen):
-            raw = got.texts[k]
-            tokens = len(entry.answerer.tokenizer(raw, add_special_tokens=False)["input_ids"])
-            stopped = got.finish[k] == "stop"
+            raw, tokens, stopped = got.texts[k], counts[k], got.finish[k] == "stop"
             answer = Answer(clean(raw), stopped, tokens + stopped, prompt_tokens, raw)
             answers.append(entry.answerer.finish(answer, ctx))
         choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s.stop, rows[k if n_gen > 1 else 0])
                    for k in range(s.n)]
         self._done(job, Result(choices, prompt_tokens))
+
+    def _count(self, tokenizer, texts: list[str]) -> list[int]:
+        """Generated tokens, counted with the run's tokenizer (as in-process counts them; + 1 for the EOS)."""
+        with self._lock:
+            return [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
 
     def _done(self, job: Job, result: Result) -> None:
         self.stats["completed"] += 1
