@@ -80,7 +80,7 @@ class Engine(BaseHTTPRequestHandler):
         self.end_headers()
         if mode == "malformed":
             return self._send(b"data: {not json\n\n")
-        pieces = ANSWER.split(" ")
+        pieces = (FaqtuneConfig().grounding.decline_message if mode == "decline" else ANSWER).split(" ")
         try:
             for i, word in enumerate(pieces):
                 last = i == len(pieces) - 1
@@ -188,6 +188,7 @@ def test_grounded_prompt_goes_to_the_engine_and_the_answer_is_cited(front, mode,
     [sent] = Engine.requests
     assert sent["_path"] == "/v1/completions" and sent["model"] == "bot" and sent["stream"] is True
     assert sent["_auth"] == f"Bearer {ENGINE_KEY}" and sent["temperature"] == 0 and sent["n"] == 1
+    assert sent["repeat_penalty"] == sent["repetition_penalty"] == 1.0  # llama.cpp's default would be 1.1
     grounded = GroundedAnswerer(None, tiny_tokenizer, GenerationConfig(), None, FakeIndex(), FaqtuneConfig())
     conv, _ = grounded.prepare([[{"role": "user", "content": "how do i return an item"}]])[0]
     assert sent["prompt"] == render(tiny_tokenizer, conv, add_generation_prompt=True)
@@ -211,6 +212,15 @@ def test_stream_equals_the_whole_answer_and_carries_the_citation(front, mode):
     assert len(deltas) > 3  # streamed as it came, not in one piece at the end
     assert chunks[-2]["choices"][0]["faqtune_citation"]["id"] == ENTRY.id
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_model_decline_of_an_in_scope_question_is_replaced_by_the_entry_streamed_or_not(front, mode):
+    mode("decline")  # grounding.fallback: the top entry verbatim, and the stream never shows the decline
+    status, _, body = ask(front)
+    assert status == 200 and body["choices"][0]["message"]["content"] == ENTRY.answer
+    assert body["choices"][0]["faqtune_citation"]["verbatim"] is True
+    chunks = stream(front)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1] if c["choices"]) == ENTRY.answer
 
 
 def test_request_settings_reach_the_engine(front, mode):
