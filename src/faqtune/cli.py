@@ -348,8 +348,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] 
     "push": (cmd_push, "upload a run's adapter or merged model, with a model card, to the Hub"),
     "export-gguf": (cmd_export_gguf, "merge and write a GGUF (llama.cpp, Ollama) plus an Ollama Modelfile"),
     "serve": (cmd_serve, "serve runs over an OpenAI-compatible HTTP API, with a chat page"),
-    "serve-config": (cmd_serve_config, "print the command that starts vLLM or llama.cpp with the runs' base and "
-                                       "adapters, for `serve --backend`"),
+    "serve-config": (cmd_serve_config, "print the command that starts vLLM or llama.cpp for serve --backend"),
 }
 
 
