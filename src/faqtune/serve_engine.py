@@ -1,4 +1,5 @@
-"""The engine behind `faqtune serve`: every run's adapter on one shared base, and one worker that batches.
+"""The in-process backend of `faqtune serve` (the default; serve_upstream.py is the other): every run's adapter
+on one shared base, and one worker that batches.
 
 One base model is loaded (4-bit as trained); each run's LoRA adapter is loaded onto it with PEFT under its own
 adapter name, and the bare base is served with the adapters disabled. A single worker thread owns the model:
