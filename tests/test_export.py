@@ -64,7 +64,7 @@ def test_merge_equals_adapter_on_dequantized_base(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from faqtune.export import dequantized_weights, merge_adapter
+    from faqtune.models import dequantized_weights, merge_adapter
     from faqtune.run import RunDir
 
     cfg = RunDir(tiny_run).load_config()

@@ -137,6 +137,12 @@ def scan(checkpoints_dir: Path, checksums: bool = True) -> Scan:
     return out
 
 
+def last_checkpoint(checkpoints_dir: Path, checksums: bool = False) -> Path | None:
+    """Newest complete checkpoint (sealed by its manifest; file sizes checked, hashes when `checksums`).
+    Partial or corrupt ones are passed over; `scan` names them and why."""
+    return scan(checkpoints_dir, checksums).usable
+
+
 def set_aside(path: Path) -> Path:
     """Rename a bad checkpoint out of the way (`checkpoint-40.partial`), so it is never mistaken or overwritten."""
     target = path.with_name(path.name + ".partial")

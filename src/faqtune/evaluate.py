@@ -22,9 +22,10 @@ from faqtune import data as data_mod
 from faqtune.data import packaged
 from faqtune.errors import DataError
 from faqtune.generate import Answer, Answerer
-from faqtune.grounding import is_decline
+from faqtune.grounding import is_decline, retrieval_only, retrieve_turns
+from faqtune.loss import answer_token_loss
 from faqtune.metrics import answer_accuracy, matches_own_answer, rouge_l, token_f1, tokens
-from faqtune.prompting import IGNORE_INDEX, TEMPLATE_MARKERS, encode_conversation, with_system
+from faqtune.prompting import TEMPLATE_MARKERS, encode_conversation, with_system
 from faqtune.run import RunDir
 
 
@@ -157,14 +158,10 @@ def answer_loss(model, tokenizer, questions: list[str], references: list[str], s
     for q, a in zip(questions, references, strict=True):
         msgs = with_system([{"role": "user", "content": q}, {"role": "assistant", "content": a}], system_prompt)
         enc = encode_conversation(tokenizer, msgs, max_seq_length)
-        ids = torch.tensor([enc.input_ids], device=device)
-        labels = torch.tensor([enc.labels], device=device)
-        n = int((labels[0, 1:] != IGNORE_INDEX).sum())
-        if n == 0:
-            continue
-        out = model(input_ids=ids, labels=labels, use_cache=False)
-        total += float(out.loss) * n
-        count += n
+        scored = answer_token_loss(model, torch.tensor([enc.labels], device=device),
+                                   input_ids=torch.tensor([enc.input_ids], device=device))
+        total += float(scored.total)
+        count += scored.tokens
     return total / max(1, count)
 
 
@@ -258,8 +255,6 @@ def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: li
     the threshold), the retriever's top-k recall (the ceiling of any reader), (c) tuned + grounded (the
     `tuned` figures already measured), with off-topic and false decline rates, and the questions where
     (b) and (c) differ."""
-    from faqtune.grounding import retrieval_only
-
     plain = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
     ungrounded = plain.ask_many(es.questions)
     top1 = retrieval_only(bot.index, es.questions)
@@ -346,8 +341,6 @@ def retrieval_follow_ups(index, conversations: list[list[str]], references: list
                          threshold: float | None) -> float:
     """Follow-up accuracy of retrieval alone: the top entry for the last turn (searched as the grounded
     answerer searches it), verbatim; below `threshold` a decline (wrong)."""
-    from faqtune.grounding import retrieve_turns
-
     convs = [[{"role": "user", "content": t} for t in turns] for turns in conversations]
     found = retrieve_turns(index, convs, 1, threshold if threshold is not None else -1.0)
     right = sum(bool(hits) and (threshold is None or hits[0].score >= threshold)

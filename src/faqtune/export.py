@@ -2,9 +2,9 @@
 
 The adapter of a QLoRA run learned against the *dequantized NF4* weights of the base, not its original
 weights: merging into the original weights adds back the quantization error the adapter never saw.
-`merge_adapter` can merge into either; `merge_run` measures both against the 4-bit model as trained
-(teacher-forced next-token agreement and answer loss on the held-out answers) and saves the more
-faithful one. Measured on a 250-step SmolLM2-135M run: dequantized agrees on 98.1% of next tokens
+`models.merge_adapter` merges into either (the arithmetic is in merge.py); `merge_run` measures both
+against the 4-bit model as trained (teacher-forced next-token agreement and answer loss on the held-out
+answers) and saves the more faithful one. Measured on a 250-step SmolLM2-135M run: dequantized agrees on 98.1% of next tokens
 (answer loss +0.002), original weights on 73.0% (answer loss -0.32).
 
 `push` uploads the adapter (or the merged model) with a generated model card; gguf_export.py writes GGUF.
@@ -12,89 +12,42 @@ faithful one. Measured on a 250-step SmolLM2-135M run: dequantized agrees on 98.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from faqtune.data import load_faq
 from faqtune.errors import FaqtuneError, ModelError
+from faqtune.generate import Answerer
+from faqtune.loss import answer_token_loss
+from faqtune.merge import MERGE_DTYPES, save_merged
+from faqtune.metrics import answer_accuracy
+from faqtune.models import (
+    EMBEDDED_HUB_IDS,
+    dequantized_weights,
+    load_for_inference,
+    load_run_tokenizer,
+    load_tokenizer,
+    merge_adapter,
+    resolve_base,
+)
+from faqtune.prompting import encode_conversation, with_system
 from faqtune.run import RunDir
 
-MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASE_WEIGHTS = ("auto", "dequantized", "original")
 REPORT_NAME = "merge_report.json"
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr)  # progress on stderr; stdout carries the report
-
-
-# ---- merging ----------------------------------------------------------------------------------------
-
-def dequantized_weights(base: str, cfg) -> dict[str, torch.Tensor]:
-    """The weights the adapter was trained against: every 4-/8-bit layer of the base, quantized exactly as
-    in training (same loader, same BitsAndBytesConfig), then dequantized to fp32. Keyed by state-dict name."""
-    from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
-
-    from faqtune.models import load_base_model
-
-    quantized = load_base_model(base, cfg)
-    out = {}
-    for name, module in quantized.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is not None and get_bnb_param_type(weight):
-            out[f"{name}.weight"] = dequantize_bnb_weight(weight, getattr(module, "state", None)).float().cpu()
-    del quantized
-    return out
-
-
-def merge_adapter(run_dir: str | Path, base_weights: str = "dequantized", dtype: str = "fp32", cfg=None,
-                  dequantized: dict[str, torch.Tensor] | None = None):
-    """Base (full precision) + the run's adapter merged into plain weights; returns a plain transformers model.
-
-    base_weights: `dequantized` merges into the NF4-dequantized weights the adapter was trained on,
-    `original` into the base checkpoint's own weights. The merge itself runs in fp32, then casts to `dtype`.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from faqtune.models import _from_pretrained, resolve_base, safe_adapter_dir
-
-    if base_weights not in ("dequantized", "original"):
-        raise FaqtuneError(f"base weights must be 'dequantized' or 'original', got {base_weights!r}")
-    run = RunDir(run_dir)
-    cfg = cfg or run.load_config()
-    if not (run.adapter_dir / "adapter_config.json").exists():
-        raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
-    base = resolve_base(cfg.base_model)
-    model = _from_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, use_safetensors=True,
-                             trust_remote_code=cfg.trust_remote_code)
-    if base_weights == "dequantized" and cfg.quantization.mode != "none":
-        weights = dequantized if dequantized is not None else dequantized_weights(base, cfg)
-        state = model.state_dict()
-        with torch.no_grad():
-            for key, value in weights.items():
-                state[key].copy_(value)
-    model = PeftModel.from_pretrained(model, str(safe_adapter_dir(run.adapter_dir))).merge_and_unload()
-    with torch.no_grad():  # parameters only: buffers such as rope's inv_freq stay fp32, as from_pretrained keeps them
-        for param in model.parameters():
-            param.data = param.data.to(MERGE_DTYPES[dtype])
-    model.config.dtype = MERGE_DTYPES[dtype]
-    model.config.use_cache = True
-    return model.eval()
-
-
-def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
-    """A standalone model folder: safetensors weights, config, generation config, tokenizer + chat template."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 # ---- fidelity ---------------------------------------------------------------------------------------
@@ -110,8 +63,6 @@ class FidelitySet:
 
 def fidelity_set(run: RunDir, limit: int = 0) -> FidelitySet:
     """The run's held-out split; a run trained without one falls back to its training answers (said so)."""
-    from faqtune.data import load_faq
-
     note = ""
     path = run.eval_split
     if not path.exists() or not path.stat().st_size:
@@ -127,29 +78,22 @@ def fidelity_set(run: RunDir, limit: int = 0) -> FidelitySet:
 @torch.inference_mode()
 def teacher_forced(model, tokenizer, fs: FidelitySet, cfg) -> tuple[float, torch.Tensor]:
     """(answer loss, next-token argmax at every answer position) on the reference answers."""
-    from faqtune.prompting import IGNORE_INDEX, encode_conversation, with_system
-
     device = next(model.parameters()).device
     total, count, argmax = 0.0, 0, []
     for q, a in zip(fs.questions, fs.references, strict=True):
         msgs = with_system([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                            cfg.data.system_prompt)
         enc = encode_conversation(tokenizer, msgs, cfg.data.max_seq_length)
-        logits = model(input_ids=torch.tensor([enc.input_ids], device=device), use_cache=False).logits[0, :-1]
-        targets = torch.tensor(enc.labels[1:], device=device)
-        keep = targets != IGNORE_INDEX
-        logits = logits[keep].float()  # (answer tokens, vocab)
-        total += float(torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"))
-        count += int(keep.sum())
-        argmax.append(logits.argmax(-1).cpu())
+        scored = answer_token_loss(model, torch.tensor([enc.labels], device=device),
+                                   input_ids=torch.tensor([enc.input_ids], device=device))
+        total += float(scored.total)
+        count += scored.tokens
+        argmax.append(scored.predictions.cpu())
     return total / max(1, count), torch.cat(argmax) if argmax else torch.empty(0, dtype=torch.long)
 
 
 def generated_accuracy(model, tokenizer, fs: FidelitySet, cfg) -> float:
     """Answer accuracy of greedy answers (closer to their own reference than to any other answer)."""
-    from faqtune.generate import Answerer
-    from faqtune.metrics import answer_accuracy
-
     bot = Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
     return answer_accuracy([bot.ask(q)[0].text for q in fs.questions], fs.references, fs.pool)
 
@@ -178,8 +122,6 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
 
     `trust_remote_code`: the command line's --trust-remote-code (the run's own settings cannot enable it)."""
     from transformers import AutoModelForCausalLM
-
-    from faqtune.models import load_for_inference, load_run_tokenizer, load_tokenizer, resolve_base
 
     if dtype not in MERGE_DTYPES:
         raise FaqtuneError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
@@ -275,8 +217,6 @@ def format_fidelity(report: dict[str, Any]) -> str:
 
 def _hub_base(cfg) -> str:
     """The base as someone else can load it: an embedded alias's hub id, else the configured base."""
-    from faqtune.models import EMBEDDED_HUB_IDS
-
     return EMBEDDED_HUB_IDS.get(cfg.base_model, cfg.base_model)
 
 
@@ -397,14 +337,10 @@ def model_card(run: RunDir, cfg, repo_id: str, kind: str = "adapter",
 
 
 def _embedded_aliases() -> set[str]:
-    from faqtune.models import EMBEDDED_HUB_IDS
-
     return set(EMBEDDED_HUB_IDS)
 
 
 def _first_question(run: RunDir) -> str:
-    from faqtune.data import load_faq
-
     for path in (run.eval_split, run.train_split):
         if path.exists() and path.stat().st_size:
             return load_faq(path).entries[0].question
@@ -430,10 +366,6 @@ def stage_adapter(run: RunDir, cfg, dest: Path) -> Path:
 def _write_shared_config(cfg, dest: Path) -> None:
     """The run's config without this machine's paths (they mean nothing elsewhere), and without
     `trust_remote_code`: whoever loads the upload decides that on their own command line."""
-    import copy
-
-    import yaml
-
     shared = copy.deepcopy(cfg)
     shared.output_dir = "."
     if shared.data.path:
@@ -452,8 +384,6 @@ def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool 
     `api` is a huggingface_hub.HfApi (injected in tests); by default one with the token from HF_TOKEN or
     the cached `hf auth login`.
     """
-    import tempfile
-
     run = RunDir(run_dir)
     cfg = run.load_config()
     if not (run.adapter_dir / "adapter_config.json").exists():

@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from faqtune.data import load_faq
 from faqtune.errors import ModelError
+from faqtune.models import load_run_tokenizer, merge_adapter, resolve_base
+from faqtune.prompting import encode_conversation, encode_prompt, render, with_system
+from faqtune.run import RunDir
 
 OUTTYPES = ("f16", "q8_0", "f32")
 
@@ -209,8 +213,6 @@ def template_parts(tokenizer) -> dict[str, str] | None:
     Returns prefix/suffix of system, user and assistant turns, the generation prompt and the default
     system prompt the template inserts (if any); None when the template is not a plain per-turn wrapper.
     """
-    from faqtune.prompting import render
-
     def r(msgs, gen):
         return render(tokenizer, [{"role": role, "content": c} for role, c in msgs], add_generation_prompt=gen)
 
@@ -258,8 +260,6 @@ def _go_literal(text: str) -> str:
 
 def ollama_modelfile(tokenizer, gguf_name: str, system_prompt: str | None, generation) -> str:
     """An Ollama Modelfile: FROM the GGUF, the training chat template as a Go TEMPLATE, stops, defaults."""
-    from faqtune.prompting import render
-
     parts = template_parts(tokenizer)
     lines = ["# ollama create faqbot -f Modelfile && ollama run faqbot",
              f"FROM ./{gguf_name}"]
@@ -297,8 +297,6 @@ def verify_gguf(path: str | Path, model, tokenizer, prompts: list[list[dict[str,
     `tokenizer` (the training tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from faqtune.prompting import encode_conversation, encode_prompt
-
     path = Path(path)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     loaded_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -330,11 +328,6 @@ def export_run(run_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
                trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge the run (into the dequantized NF4 weights, the faithful merge), write OUT.gguf and a Modelfile
     next to it, and (verify) load the GGUF back with transformers to compare logits and template ids."""
-    from faqtune.export import merge_adapter
-    from faqtune.models import load_run_tokenizer, resolve_base
-    from faqtune.prompting import with_system
-    from faqtune.run import RunDir
-
     run = RunDir(run_dir)
     cfg = run.load_config(trust_remote_code=trust_remote_code)
     out = Path(out_path)
@@ -351,8 +344,6 @@ def export_run(run_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
     result: dict[str, Any] = {"gguf": str(out), "modelfile": str(modelfile), "outtype": outtype,
                               "base_weights": weights, "megabytes": out.stat().st_size / 2**20}
     if verify:
-        from faqtune.data import load_faq
-
         entries = []
         for split in (run.eval_split, run.train_split):
             if split.exists() and split.stat().st_size:

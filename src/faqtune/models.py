@@ -1,4 +1,5 @@
-"""Base models and adapters: resolve a base (alias, folder, hub id), quantize it, attach or load LoRA.
+"""Base models and adapters: resolve a base (alias, folder, hub id), quantize it, attach or load LoRA, load a
+run for answering (4-bit base + adapter, or the adapter merged into the dequantized weights: `merge.py`).
 
 `BitsAndBytesConfig` and `peft.LoraConfig` are built here and nowhere else.
 """
@@ -19,8 +20,10 @@ from typing import Any
 
 import torch
 
+from faqtune import merge
 from faqtune.config import MERGED_CHOICES, FaqtuneConfig, LoraConfig, QuantizationConfig
-from faqtune.errors import ConfigError, ModelError
+from faqtune.errors import ConfigError, FaqtuneError, ModelError
+from faqtune.run import RunDir, load_saved_settings, named_damage
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +337,6 @@ def adapter_folder_config(folder: str | Path, overrides: dict[str, Any] | None =
     """Settings of a pushed adapter: its faqtune.yaml (the run's settings) when present; the base comes from
     there if it can be loaded here (an alias, a hub id), else from adapter_config.json, as PEFT does.
     `trust_remote_code` is the caller's (the command line's), never faqtune.yaml's."""
-    from faqtune.run import load_saved_settings, named_damage
-
     folder = Path(folder)
     yaml_path = folder / "faqtune.yaml"
     cfg = load_saved_settings(yaml_path if yaml_path.exists() else None, overrides, trust_remote_code)
@@ -358,8 +359,6 @@ def safe_adapter_dir(adapter_dir: str | Path) -> Path:
                          "safetensors, never from pickled weights such as adapter_model.bin")
     from safetensors import safe_open
 
-    from faqtune.run import named_damage
-
     with named_damage(adapter_dir / "adapter_config.json", "adapter config"):  # damaged files: one line each
         if not isinstance(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")), dict):
             raise ValueError("not a JSON object")
@@ -372,10 +371,41 @@ def load_run_tokenizer(tokenizer_dir: Path, base: str, trust_remote_code: bool =
     """A run's saved tokenizer (a damaged one is one line naming it), else the base's."""
     if not tokenizer_dir.exists():
         return load_tokenizer(base, trust_remote_code)
-    from faqtune.run import named_damage
-
     with named_damage(tokenizer_dir, "tokenizer"):
         return load_tokenizer(str(tokenizer_dir), trust_remote_code)
+
+
+def dequantized_weights(base: str, cfg: FaqtuneConfig) -> dict[str, torch.Tensor]:
+    """The weights the adapter was trained against: the base quantized exactly as in training (same loader,
+    same BitsAndBytesConfig), then dequantized to fp32. Keyed by state-dict name."""
+    quantized = load_base_model(base, cfg)
+    weights = merge.dequantize(quantized)
+    del quantized
+    return weights
+
+
+def merge_adapter(run_dir: str | Path, base_weights: str = "dequantized", dtype: str = "fp32",
+                  cfg: FaqtuneConfig | None = None, dequantized: dict[str, torch.Tensor] | None = None):
+    """Base (full precision) + the run's adapter merged into plain weights; returns a plain transformers model.
+
+    base_weights: `dequantized` merges into the NF4-dequantized weights the adapter was trained on (`dequantized`
+    if given, else measured now), `original` into the base checkpoint's own weights. The merge itself runs in
+    fp32, then casts to `dtype`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if base_weights not in ("dequantized", "original"):
+        raise FaqtuneError(f"base weights must be 'dequantized' or 'original', got {base_weights!r}")
+    run = RunDir(run_dir)
+    cfg = cfg or run.load_config()
+    adapter_dir = safe_adapter_dir(run.adapter_dir)
+    base = resolve_base(cfg.base_model)
+    model = _from_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, use_safetensors=True,
+                             trust_remote_code=cfg.trust_remote_code)
+    weights = None
+    if base_weights == "dequantized" and cfg.quantization.mode != "none":
+        weights = dequantized if dequantized is not None else dequantized_weights(base, cfg)
+    return merge.merge_into(model, adapter_dir, dtype, weights)
 
 
 def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None,
@@ -387,8 +417,6 @@ def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: Faqtun
     weights it was trained against: `faqtune merge`'s fidelity) for faster generation; `auto` merges on CPU
     when the merged model fits in a quarter of the free memory (see `merged_dtype`), else keeps the 4-bit base.
     """
-    from faqtune.run import RunDir
-
     run = RunDir(run_dir)
     flat = is_adapter_folder(run.root)
     cfg = cfg or (adapter_folder_config(run.root) if flat else run.load_config())
@@ -397,8 +425,6 @@ def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: Faqtun
     tokenizer = load_run_tokenizer(tokenizer_dir, base, cfg.trust_remote_code)
     dtype = merged_dtype(merged, base) if not (base_only or flat) else None
     if dtype is not None:
-        from faqtune.export import merge_adapter
-
         return merge_adapter(run.root, "dequantized", dtype, cfg=cfg), tokenizer, cfg
     model = load_base_model(base, cfg)
     if not base_only:

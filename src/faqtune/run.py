@@ -43,15 +43,6 @@ class RunDir:
             raise FaqtuneError(f"{self.root}: not a faqtune run directory (no config.yaml)")
         return load_saved_settings(self.config_path, overrides, trust_remote_code)
 
-    def last_checkpoint(self, checksums: bool = False) -> Path | None:
-        """Newest complete checkpoint (sealed by its manifest; file sizes checked, hashes when `checksums`).
-
-        Partial or corrupt ones are passed over; `checkpoints.scan` names them and why.
-        """
-        from faqtune.checkpoints import scan
-
-        return scan(self.checkpoints_dir, checksums).usable
-
 
 def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = None,
                         trust_remote_code: bool = False) -> FaqtuneConfig:

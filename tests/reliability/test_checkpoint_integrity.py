@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from faqtune.checkpoints import MANIFEST, REQUIRED, problem, rotate, scan, seal
+from faqtune.checkpoints import MANIFEST, REQUIRED, last_checkpoint, problem, rotate, scan, seal
 from faqtune.cli import main
 from faqtune.run import RunDir
 
@@ -23,7 +23,7 @@ def test_a_finished_run_holds_sealed_checkpoints(reference):
         manifest = json.loads((folder / MANIFEST).read_text())
         assert set(REQUIRED) <= set(manifest["files"]) and manifest["step"] == int(name.split("-")[1])
         assert problem(folder) is None
-    assert RunDir(reference).last_checkpoint() == reference / "checkpoints" / "checkpoint-10"
+    assert last_checkpoint(RunDir(reference).checkpoints_dir) == reference / "checkpoints" / "checkpoint-10"
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -56,7 +56,7 @@ def test_a_corrupt_checkpoint_is_named_and_the_previous_one_used(reference, tmp_
     assert found.usable == run / "checkpoints" / "checkpoint-8"
     assert [p for p, _ in found.skipped] == [newest]
     assert expected.replace("manifest-json", MANIFEST) in found.skipped[0][1]
-    assert RunDir(run).last_checkpoint(checksums=True) == run / "checkpoints" / "checkpoint-8"
+    assert last_checkpoint(RunDir(run).checkpoints_dir, checksums=True) == run / "checkpoints" / "checkpoint-8"
 
 
 def test_resume_sets_corrupt_checkpoints_aside_and_continues_from_a_good_one(reference, tmp_path, capsys):

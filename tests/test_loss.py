@@ -1,0 +1,86 @@
+"""The one answer-token loss (`loss.answer_token_loss`): the LM head at answer positions only gives the same loss,
+the same argmax and the same adapter gradients as the full logits over every token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faqtune.config import load_config
+from faqtune.loss import answer_mask, answer_token_loss
+from faqtune.models import attach_lora, load_base_model
+from faqtune.prompting import IGNORE_INDEX, encode_conversation
+
+
+def test_answer_mask_keeps_the_positions_that_predict_a_trained_token():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX, 9]])
+    assert answer_mask(labels).tolist() == [[False, True, True, False, True, False]]
+
+
+def _full_logits_loss(model, labels, **inputs):
+    """The reference: fp32 logits at every position, shifted, cross-entropy ignoring masked labels."""
+    logits = model(**inputs, use_cache=False).logits.float()  # (batch, seq, vocab)
+    shift, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    total = torch.nn.functional.cross_entropy(shift, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    kept = targets != IGNORE_INDEX
+    return total, shift[kept].argmax(-1), int(kept.sum())
+
+
+def _batch(tokenizer, padding_free: bool) -> dict[str, torch.Tensor]:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = []
+    for i in range(3):
+        conv = [{"role": "user", "content": f"Where is order {i}?"},
+                {"role": "assistant", "content": "It ships in two days. " * (i + 1)}]
+        enc = encode_conversation(tokenizer, conv, 512)
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.eos_token_id, padding_free=padding_free)(rows)
+    return {k: v for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+
+
+def _adapter_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_answer_positions_only_match_the_full_logits_loss_and_gradients(tiny_base, tiny_tokenizer, padding_free):
+    """On the 4-bit tiny Llama with a fresh LoRA adapter (as training builds it), fp32 compute."""
+    cfg = load_config(None, {"base_model": str(tiny_base), "quantization.compute_dtype": "fp32", "lora.r": 4,
+                             "lora.dropout": "0"})
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(str(tiny_base), cfg), cfg)
+    with torch.no_grad():  # B starts at zero: give the adapter weights so that its gradients are not trivial
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.train()
+    batch = _batch(tiny_tokenizer, padding_free)
+    labels = batch.pop("labels")
+
+    ref_total, ref_argmax, ref_tokens = _full_logits_loss(model, labels, **batch)
+    (ref_total / ref_tokens).backward()
+    ref_grads = _adapter_grads(model)
+    model.zero_grad()
+
+    scored = answer_token_loss(model, labels, **batch)
+    scored.mean().backward()
+    grads = _adapter_grads(model)
+
+    assert scored.tokens == ref_tokens > 20
+    assert scored.outputs.logits.shape[-2] == ref_tokens  # the LM head ran at the answer positions only
+    assert torch.allclose(scored.total, ref_total, rtol=1e-5, atol=1e-5), (scored.total, ref_total)
+    assert torch.equal(scored.predictions, ref_argmax)
+    assert ref_grads.keys() == grads.keys() and len(grads) > 10
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_a_sequence_without_answer_tokens_scores_zero(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    with torch.no_grad():
+        scored = answer_token_loss(model, torch.full((1, 5), IGNORE_INDEX), input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+    assert scored.tokens == 0 and float(scored.total) == 0.0 and float(scored.mean()) == 0.0
