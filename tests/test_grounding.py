@@ -21,6 +21,7 @@ from faqtune.grounding import (
     retrieval_only,
     typo,
 )
+from faqtune.metrics import answer_accuracy, matches_own_answer
 from faqtune.retrieval import FaqIndex, embedder_path
 
 
@@ -97,14 +98,31 @@ def test_grounded_training_examples_hide_the_right_entry_for_declines(index, bun
     declines = [e for e in out if e.answer == cfg.grounding.decline_message]
     answered = [e for e in out if e.answer != cfg.grounding.decline_message]
     assert 5 <= len(declines) <= 20
+    asked = []
     for e, own in zip(out, bundled[:40], strict=True):
         prompt = e.question
-        assert prompt.count("\nA: ") == 3 and prompt.endswith("Question: " + prompt.rsplit("Question: ", 1)[1])
+        entries, _, question = prompt.rpartition("\nQuestion: ")
+        assert prompt.count("\nA: ") == 3 and entries.startswith("FAQ entries:\n[1] Q: ")
+        assert _spelling_of(question, own.question), (question, own.question)  # the customer's question, last
+        asked.append(question != own.question)
         shows_own = f"A: {own.answer}" in prompt
         assert shows_own == (e.answer == own.answer)  # the right entry is shown iff the target is its answer
     positions = {e.question.split("\n\n").index(next(p for p in e.question.split("\n\n") if own.answer in p))
                  for e, own in zip(out, bundled[:40], strict=True) if e in answered}
     assert len(positions) > 1  # the right entry is not always first
+    assert 10 <= sum(asked) <= 30  # grounding.noisy_share 0.5: about half asked as customers type
+
+
+def _spelling_of(asked: str, question: str) -> bool:
+    """`asked` is `question` itself or one of the noisy spellings `grounding.noisy` makes of it: keywords, lower
+    case without punctuation, or one word with a typo (a letter dropped or two swapped) in either."""
+    if asked in (question, keywords(question), casual(question)):
+        return True
+    for original in (question, casual(question)):
+        words, typed = original.split(), asked.split()
+        if len(words) == len(typed) and sum(a != b for a, b in zip(words, typed, strict=True)) == 1:
+            return True
+    return False
 
 
 def test_grounded_question_lists_entries_then_the_question(index):
@@ -195,13 +213,15 @@ def test_a_new_topic_after_a_question_is_searched_alone(index, bundled):
     assert weak[1]  # nothing close alone: the previous question helps
 
 
+FAQ_ANSWERS = [f"Thing {i} is done on page {i}." for i in range(10)]  # the grounded run's FAQ
+
+
 @pytest.fixture(scope="module")
 def grounded_run(tiny_base, tmp_path_factory):
     from faqtune.cli import main
 
     faq = tmp_path_factory.mktemp("gfaq") / "faq.json"
-    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done on page {i}."}
-            for i in range(10)]
+    rows = [{"question": f"How do I do thing number {i}?", "answer": a} for i, a in enumerate(FAQ_ANSWERS)]
     faq.write_text(json.dumps({"questions": rows}))
     run = tmp_path_factory.mktemp("gruns") / "run"
     assert main(["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(run), "--train.max_steps",
@@ -240,7 +260,11 @@ def test_eval_of_a_grounded_run_reports_the_three_ways_side_by_side(grounded_run
     g = report["grounding"]
     assert set(g) >= {"tuned_without_grounding", "retrieval_only", "tuned_grounded", "threshold"}
     assert g["retrieval_only"]["answer_accuracy"] == 1.0  # held-out questions verbatim: their own entry first
-    assert 0 <= g["tuned_grounded"]["answer_accuracy"] <= 1
+    rows = report["per_question"]
+    recomputed = answer_accuracy([r["tuned"]["answer"] for r in rows], [r["reference"] for r in rows], FAQ_ANSWERS)
+    assert g["tuned_grounded"]["answer_accuracy"] == report["tuned"]["answer_accuracy"] == recomputed
+    assert [r["tuned"]["match"] for r in rows] == [matches_own_answer(r["tuned"]["answer"], r["reference"],
+                                                                      FAQ_ANSWERS) for r in rows]
 
 
 @pytest.mark.parametrize("fallback", [True, False])
@@ -335,7 +359,11 @@ def test_eval_reports_retrieval_ceiling_differences_and_follow_ups(grounded_run,
     assert g["retrieval_topk"]["k"] == 3 and g["retrieval_topk"]["recall"] == 1.0
     assert isinstance(g["differences"], list)
     assert all(set(d) >= {"question", "retrieval_match", "tuned_match"} for d in g["differences"])
-    assert f["conversations"] == 2 and 0 <= f["tuned"]["accuracy"] <= 1 and "base" in f
+    assert f["conversations"] == 2 and "base" in f
+    for side in (f["tuned"], f["base"]):  # each follow-up's answer scored against its own FAQ answer
+        matches = [matches_own_answer(r["answer"], r["reference"], FAQ_ANSWERS) for r in side["rows"]]
+        assert [r["match"] for r in side["rows"]] == matches and side["accuracy"] == sum(matches) / 2
+    assert [r["reference"] for r in f["tuned"]["rows"]] == [FAQ_ANSWERS[4], FAQ_ANSWERS[6]]
     assert f["retrieval_only"] == 1.0  # the follow-up's own entry, found with the previous question's help
     assert [r["turns"] for r in f["tuned"]["rows"]][0][1] == "and what about thing number 4?"
     md = (out / "report.md").read_text()
