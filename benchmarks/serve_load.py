@@ -159,6 +159,7 @@ def start_llamacpp(run_dir: str, name: str, python: str) -> tuple:
     import tempfile
 
     from faqtune.gguf_export import export_run
+    from faqtune.serve_config import llamacpp_server_args
 
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
     gguf = folder / f"{name}.gguf"
@@ -168,8 +169,9 @@ def start_llamacpp(run_dir: str, name: str, python: str) -> tuple:
         port = s.getsockname()[1]
     log = (folder / "llama-server.log").open("wb")
     process = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
-                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                                "--n_threads", str(os.cpu_count() or 1)], stdout=log, stderr=subprocess.STDOUT)
+                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", *llamacpp_server_args(run_dir),
+                                "--n_threads", str(os.cpu_count() or 1)], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # busy shared cores
     deadline = time.perf_counter() + 180
     while time.perf_counter() < deadline and process.poll() is None:
         try:
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "under its folder's name)")
     p.add_argument("--llamacpp", action="store_true", help="also measure llama.cpp's server (llama-cpp-python from "
                                                            "--llama-python), started here on the run's GGUF")
+    p.add_argument("--skip-in-process", action="store_true", help="measure only the engine behind faqtune")
     p.add_argument("--llama-python", default=str(ROOT / ".venv-llama" / "bin" / "python"))
     p.add_argument("--questions", metavar="FAQ", help="an FAQ file whose questions the clients ask (any format "
                                                      "faqtune reads, e.g. RUN_DIR/data/train.jsonl) [default: the bundled FAQ]")
@@ -229,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     models = load_served_models([args.run_dir])
     load_s = time.perf_counter() - start
     model = models.names[0]
-    phases, stream = backend_phases(models, None, model, questions, args, concurrency)
-    print_table("in-process", phases, stream)
+    phases, stream = {}, {}
+    if not args.skip_in_process:
+        phases, stream = backend_phases(models, None, model, questions, args, concurrency)
+        print_table("in-process", phases, stream)
     backends = {}
     if args.backend or args.llamacpp:
         del models  # the in-process model is not needed any more
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_result(report, "-serve-load" + ("-backends" if backends else ""))
     bad = 0
-    for figures, check in [(phases, stream), *((b["phases"], b["stream_check"]) for b in backends.values())]:
+    measured = [(phases, stream)] if phases else []
+    for figures, check in measured + [(b["phases"], b["stream_check"]) for b in backends.values()]:
         bad += sum(f["errors"] + f["rejected_429"] for k, f in figures.items() if k != "over_bound")
         bad += figures["over_bound"]["errors"] + check["mismatches"]
     return 1 if bad else 0

@@ -41,6 +41,7 @@ def test_llamacpp_recipe_exports_a_gguf_per_run_and_names_them(runs, capsys, tmp
         [("alpha", str(tmp_path / "alpha.gguf")), ("second", str(tmp_path / "second.gguf"))]
     assert config["port"] == 8001 and all(m["n_ctx"] == 512 for m in config["models"])
     assert f"python -m llama_cpp.server --config_file {tmp_path / 'llamacpp.json'}" in out
+    assert all(m["kv_overrides"] == ["tokenizer.ggml.pre=str:gpt-2"] for m in config["models"])  # see serve_config
     assert "--backend http://127.0.0.1:8001/v1" in out
 
 

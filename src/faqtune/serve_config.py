@@ -40,6 +40,7 @@ class Recipe:
     runs: list[ServedRun]
     context: int
     quantization: str
+    kv_overrides: list[str]  # llama.cpp metadata overrides its GGUFs need (see `llamacpp_overrides`)
 
 
 def _adapter_rank(name: str, adapter_dir: Path, engine: str, problems: list[str]) -> int:
@@ -85,11 +86,13 @@ def build_recipe(specs: list[str], engine: str, trust_remote_code: bool = False)
             check_llama(config)
         except ModelError as e:
             problems.append(str(e))
-    served = []
+    served, overrides = [], set()
     for name, run, cfg in runs:
         r = _adapter_rank(name, run.adapter_dir, engine, problems)
-        _check_tokenizer(name, load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code),
-                         int(config.vocab_size), problems)
+        tokenizer = load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code)
+        _check_tokenizer(name, tokenizer, int(config.vocab_size), problems)
+        if engine == "llamacpp":
+            overrides.update(llamacpp_overrides(tokenizer))
         served.append(ServedRun(name, run.root.resolve(), run.adapter_dir.resolve(), r))
     if problems:
         raise ModelError(f"cannot serve these runs with {engine}:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -97,7 +100,32 @@ def build_recipe(specs: list[str], engine: str, trust_remote_code: bool = False)
     quantization = "none" if q.mode == "none" else f"{q.mode} {q.quant_type}" if q.mode == "4bit" else q.mode
     context = int(getattr(config, "max_position_embeddings", 0) or 2048)
     return Recipe(base, base_display_name(runs[0][2].base_model), runs[0][2].base_model, served, context,
-                  quantization)
+                  quantization, sorted(overrides))
+
+
+def llamacpp_overrides(tokenizer) -> list[str]:
+    """llama-cpp-python `kv_overrides` for the GGUF `faqtune export-gguf` writes from this tokenizer: its
+    GPT-2 pre-tokenizer is written as `gpt2`, a name llama.cpp does not know (its name is `gpt-2`; llama.cpp
+    then refuses to load the file), so the server is told the right one."""
+    from faqtune.gguf_export import _pre_tokenizer_name
+
+    try:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    except (AttributeError, ValueError, ModelError):
+        return []
+    return ["tokenizer.ggml.pre=str:gpt-2"] if pre == "gpt2" else []
+
+
+def llamacpp_server_args(run_dir: str | Path) -> list[str]:
+    """The `python -m llama_cpp.server` arguments a run's exported GGUF needs (its `kv_overrides`)."""
+    from faqtune.models import load_run_tokenizer, resolve_base
+    from faqtune.run import RunDir
+
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    overrides = llamacpp_overrides(load_run_tokenizer(run.tokenizer_dir, resolve_base(cfg.base_model)))
+    return ["--kv_overrides", *overrides] if overrides else []
 
 
 def _q(value: str | Path) -> str:
@@ -145,8 +173,8 @@ def _embedded_gguf(base_model: str) -> Path | None:
 
 def llamacpp_config(recipe: Recipe, gguf_dir: Path, host: str, port: int, base_gguf: Path | None) -> dict:
     """llama-cpp-python's server config: one merged GGUF per run, each under the run's name."""
-    models = [{"model": str(gguf_dir / f"{r.name}.gguf"), "model_alias": r.name, "n_ctx": recipe.context}
-              for r in recipe.runs]
+    models = [{"model": str(gguf_dir / f"{r.name}.gguf"), "model_alias": r.name, "n_ctx": recipe.context,
+               **({"kv_overrides": recipe.kv_overrides} if recipe.kv_overrides else {})} for r in recipe.runs]
     if base_gguf is not None:
         models.append({"model": str(base_gguf), "model_alias": recipe.base_name, "n_ctx": recipe.context})
     return {"host": host, "port": port, "models": models}
@@ -163,14 +191,16 @@ def llamacpp_recipe(recipe: Recipe, gguf_dir: Path, host: str, port: int) -> str
     lines += ["# llama-cpp-python's server picks each run by `model` (its model_alias), loading one at a time "
               "(pip install 'llama-cpp-python[server]')",
               f"mkdir -p {_q(gguf_dir)} && cat > {_q(config_path)} <<'EOF'", config, "EOF",
-              f"python -m llama_cpp.server --config_file {_q(config_path)}"]
+              "# (OMP_WAIT_POLICY=PASSIVE: on CPU cores shared with other work, OpenMP's spinning stalls generation)",
+              f"OMP_WAIT_POLICY=PASSIVE python -m llama_cpp.server --config_file {_q(config_path)}"]
     if base_gguf is None:
         lines.append(f"# the bare base {recipe.base_name} is not in the config (no GGUF of it here): requests "
                      "for it fail at the engine")
     first = recipe.runs[0]
+    overrides = "".join(f" --override-kv {_q(o)}" for o in recipe.kv_overrides)
     lines += ["# or, one run per process, llama.cpp's own server:",
               f"#   llama-server -m {_q(gguf_dir / (first.name + '.gguf'))} --alias {_q(first.name)} "
-              f"-c {recipe.context} --host {host} --port {port}",
+              f"-c {recipe.context} --host {host} --port {port}{overrides}",
               "# then faqtune in front (retrieval, prompts, declines, citations):",
               faqtune_line(recipe, f"http://{host}:{port}/v1")]
     return "\n".join(lines) + "\n"
