@@ -169,7 +169,7 @@ def start_llamacpp(run_dir: str, name: str, python: str) -> tuple:
         port = s.getsockname()[1]
     log = (folder / "llama-server.log").open("wb")
     process = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
-                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", *llamacpp_server_args(run_dir),
+                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "False", *llamacpp_server_args(run_dir),
                                 "--n_threads", str(os.cpu_count() or 1)], stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # busy shared cores
     deadline = time.perf_counter() + 180

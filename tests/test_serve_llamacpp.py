@@ -54,7 +54,7 @@ def free_port() -> int:
 def start_llama_server(gguf: Path, alias: str, port: int, log: Path, run: Path) -> subprocess.Popen:
     """llama-cpp-python's server on loopback, waited for (its /v1/models answers)."""
     command = [str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", *llamacpp_server_args(run), "--n_threads", str(os.cpu_count() or 1)]
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "False", *llamacpp_server_args(run), "--n_threads", str(os.cpu_count() or 1)]
     # OpenMP's spinning barriers stall for seconds a token on busy shared cores (measured here: 12 tokens in
     # 80 s with 2 threads, 1.1 s with passive waits)
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,

@@ -177,7 +177,9 @@ def llamacpp_config(recipe: Recipe, gguf_dir: Path, host: str, port: int, base_g
                **({"kv_overrides": recipe.kv_overrides} if recipe.kv_overrides else {})} for r in recipe.runs]
     if base_gguf is not None:
         models.append({"model": str(base_gguf), "model_alias": recipe.base_name, "n_ctx": recipe.context})
-    return {"host": host, "port": port, "models": models}
+    # interrupt_requests: llama-cpp-python's default cuts the answer being streamed when another request
+    # arrives; faqtune sends concurrent requests, which must wait their turn instead
+    return {"host": host, "port": port, "interrupt_requests": False, "models": models}
 
 
 def llamacpp_recipe(recipe: Recipe, gguf_dir: Path, host: str, port: int) -> str:
