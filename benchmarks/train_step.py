@@ -2,18 +2,22 @@
 
     python benchmarks/train_step.py                       # adapter dtype: TRL's bf16 vs the compute dtype
     python benchmarks/train_step.py --steps 8 --variant "dropout0:lora.dropout=0" --variant "base:"
+    python benchmarks/train_step.py --variant "before:src=/tmp/before/src" --variant "after:"   # two trees
 
 Each variant trains the defaults (grounded, on ../shared/data/ecommerce_faq.json) for `--steps` optimizer
 steps in its own subprocess, so that its peak RSS (the kernel's high-water mark, `ru_maxrss`) is its own.
 Step times come from a callback (`faqtune.train.train(callbacks=...)`); the first step (warm-up) is left out
-of the median. Losses are printed so that variants meant to compute the same thing can be compared. Writes
-benchmarks/results/<date>-train-step.json with the machine named.
+of the median. Losses are printed so that variants meant to compute the same thing can be compared. The
+pseudo-setting `src=DIR` runs that variant on another faqtune source tree (DIR holds the `faqtune` package,
+e.g. `git archive REV src | tar -x -C /tmp/before`), so that two versions of the code are compared side by
+side in one run. Writes benchmarks/results/<date>-train-step.json with the machine named.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -37,6 +41,7 @@ def _child(spec: dict) -> dict:
     """Train in this process and report step times, losses and the adapter's dtype."""
     from transformers import TrainerCallback
 
+    import faqtune
     from faqtune.config import load_config
     from faqtune.train import train
 
@@ -56,6 +61,7 @@ def _child(spec: dict) -> dict:
                                           .read_text().splitlines()) if "loss" in row]
     return {"step_seconds": [round(t, 3) for t in clock.times], "losses": losses,
             "compute_dtype": summary["compute_dtype"], "adapter_dtype": summary["adapter_dtype"],
+            "faqtune_package": str(Path(faqtune.__file__).parent),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
@@ -81,17 +87,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, text in enumerate(args.variant or DEFAULT_VARIANTS):
             name, overrides = _parse_variant(text)
+            src = overrides.pop("src", None)
             overrides = {"data.path": args.data, "data.eval_fraction": "0", "train.max_steps": str(args.steps),
                          "train.eval_steps": "0", "train.save_steps": "1000",
                          "output_dir": f"{tmp}/run{i}", **overrides}
             started = time.time()
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps({"overrides": overrides})],
-                                  capture_output=True, text=True, cwd=ROOT)
+                                  capture_output=True, text=True, cwd=ROOT, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 print(proc.stderr[-3000:])
                 raise SystemExit(f"variant {name!r} failed")
-            row = {"variant": name, "overrides": overrides, **json.loads(line[7:]),
+            row = {"variant": name, "overrides": overrides, "src": src, **json.loads(line[7:]),
                    "wall_seconds": round(time.time() - started, 1)}
             row["median_step_s"] = round(statistics.median(row["step_seconds"][1:] or row["step_seconds"]), 3)
             rows.append(row)
