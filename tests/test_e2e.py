@@ -40,16 +40,50 @@ def test_default_training_run(default_run):
     adapter = json.loads((default_run / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 64 and adapter["lora_alpha"] == 16 and adapter["lora_dropout"] == 0.1
     summary = json.loads((default_run / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["final_loss"] < 10
+    losses = [row["loss"] for row in map(json.loads, (default_run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in row]
+    assert summary["steps"] == 3 and len(losses) == 3 and summary["final_loss"] == losses[-1]
 
 
-def test_ask_and_chat_answer_in_words(default_run, capsys, monkeypatch):
-    assert main(["ask", str(default_run), "How do I return an item?", "--max-new-tokens", "24"]) == 0
-    answer = capsys.readouterr().out.strip()
-    assert len(answer.split()) >= 3 and "<|im_" not in answer
-    monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship abroad?\n"))
-    assert main(["chat", str(default_run), "--max-new-tokens", "16"]) == 0
-    assert len(capsys.readouterr().out.strip().split()) >= 3
+def test_training_lowered_the_answer_loss_of_what_it_trained_on(default_run):
+    """Three steps at the default learning rate: the adapter's answer loss on grounded training examples is
+    well below the base's (a training step that learns nothing, or the wrong tokens, fails this)."""
+    from faqtune.data import load_faq
+    from faqtune.evaluate import answer_loss
+    from faqtune.models import load_for_inference
+
+    model, tok, cfg = load_for_inference(default_run)
+    shown = load_faq(default_run / "data" / "train_grounded.jsonl").entries[:12]
+    args = ([e.question for e in shown], [e.answer for e in shown], cfg.data.system_prompt, cfg.data.max_seq_length)
+    tuned = answer_loss(model, tok, *args)
+    with model.disable_adapter():
+        base = answer_loss(model, tok, *args)
+    assert tuned < 0.7 * base, (tuned, base)
+
+
+def _faq_answers() -> list[str]:
+    from faqtune.data import bundled_faq_path, load_faq
+
+    return [e.answer for e in load_faq(bundled_faq_path()).entries]
+
+
+def test_ask_and_chat_answer_trained_questions_with_their_own_entry(default_run, capsys, monkeypatch):
+    """`ask` answers trained questions of the bundled FAQ with their entry's answer and cites it; piped `chat`
+    answers too (ROUGE-L closer to the right answer than to any of the 87 others)."""
+    from faqtune.data import load_faq
+    from faqtune.metrics import matches_own_answer
+
+    pool = _faq_answers()
+    trained = load_faq(default_run / "data" / "train.jsonl").entries[:3]
+    for entry in trained:
+        assert main(["ask", str(default_run), entry.question, "--max-new-tokens", "32"]) == 0
+        out, err = capsys.readouterr()
+        answer = out.strip()
+        assert "<|im_" not in answer and "source: FAQ entry #" in err
+        assert matches_own_answer(answer, entry.answer, pool), (entry.question, answer)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{trained[0].question}\n"))
+    assert main(["chat", str(default_run), "--max-new-tokens", "32"]) == 0
+    assert matches_own_answer(capsys.readouterr().out.strip(), trained[0].answer, pool)
 
 
 def test_demo_prints_base_and_tuned_side_by_side(default_run, capsys):
