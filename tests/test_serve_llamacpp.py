@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_serve_upstream import KEY  # the key its stream() helper sends
 
 from faqtune.cli import main
 from faqtune.serve_config import llamacpp_server_args
@@ -106,7 +107,7 @@ def answers(url: str, stream: bool = False) -> list[dict]:
             out.append({"text": text, "source": chunks[-2]["choices"][0].get("faqtune_citation")})
             continue
         body = {"model": "bot", "max_tokens": 48, "messages": [{"role": "user", "content": question}]}
-        status, _, got = request(url, body=body, key="k")
+        status, _, got = request(url, body=body, key=KEY)
         assert status == 200, got
         choice = got["choices"][0]
         out.append({"text": choice["message"]["content"], "source": choice.get("faqtune_citation")})
@@ -119,9 +120,9 @@ def test_llamacpp_and_in_process_give_the_same_grounded_answers(engine_and_run, 
     from faqtune.serve_upstream import Upstream, load_upstream_models
 
     engine, run = engine_and_run
-    with ServerThread(create_app(load_served_models([str(run)]), api_key="k")) as url:
+    with ServerThread(create_app(load_served_models([str(run)]), api_key=KEY)) as url:
         local = answers(url)
-    with ServerThread(create_app(load_upstream_models([str(run)]), api_key="k",
+    with ServerThread(create_app(load_upstream_models([str(run)]), api_key=KEY,
                                  backend=Upstream(engine, timeout=120))) as url:
         upstream = answers(url)
         streamed = answers(url, stream=True)
