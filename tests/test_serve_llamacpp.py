@@ -30,7 +30,9 @@ LLAMA_PYTHON = Path(os.environ.get("FAQTUNE_LLAMA_PYTHON", ROOT / ".venv-llama" 
 QUESTIONS = ["How do I return an item?", "Do you ship internationally?", "How can I track my order?",
              "What payment methods do you accept?", "can i cancel my order", "how long does shipping take",
              "Is there a warranty on products?", "What is the capital of Peru?", "Who won the 1998 World Cup?"]
-# a bound, not yet a measurement: the equal share is printed on each run (see the README's serve section)
+# measured once (2026-12-01, 2 contended cores) with these questions on a 20-step run and its f16 GGUF: 9 of 9
+# answers equal (2 declined by retrieval, 3 model declines answered verbatim, 4 generated); this test's 3-step
+# run with an f32 GGUF was not yet seen to finish here, so the bound leaves room
 AGREEMENT_AT_LEAST = 0.7
 
 
