@@ -160,11 +160,11 @@ def ask(url: str, content: str = "how do i return an item", model: str = "bot", 
     return request(url, body={"model": model, "messages": [{"role": "user", "content": content}], **kw}, key=KEY)
 
 
-def stream(url: str, content: str = "how do i return an item", model: str = "bot") -> list:
+def stream(url: str, content: str = "how do i return an item", model: str = "bot", **extra) -> list:
     """The parsed chunks of a streamed answer (an error chunk as its dict), `[DONE]` as the string."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": content}]}
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": content}], **extra}
     conn.request("POST", "/v1/chat/completions", json.dumps(body),
                  {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     response = conn.getresponse()
