@@ -89,6 +89,23 @@ def small_faq(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def bundled():
+    """The bundled e-commerce FAQ's entries."""
+    from faqtune import data as data_mod
+
+    return data_mod.load_faq(data_mod.bundled_faq_path()).entries
+
+
+@pytest.fixture(scope="session")
+def index(bundled, tmp_path_factory):
+    """The bundled FAQ indexed with the defaults (embedded embedder, calibrated threshold), built once."""
+    from faqtune.config import load_config
+    from faqtune.grounding import build_index
+
+    return build_index(tmp_path_factory.mktemp("index"), bundled, load_config(None))
+
+
 MODEL_FIXTURES = {"tiny_base", "tiny_base_no_template", "tiny_tokenizer"}
 
 

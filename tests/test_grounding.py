@@ -25,16 +25,6 @@ from faqtune.metrics import answer_accuracy, matches_own_answer
 from faqtune.retrieval import FaqIndex, embedder_path
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    return data_mod.load_faq(data_mod.bundled_faq_path()).entries
-
-
-@pytest.fixture(scope="module")
-def index(bundled, tmp_path_factory):
-    return build_index(tmp_path_factory.mktemp("index"), bundled, load_config(None))
-
-
 def test_embedded_embedder_is_found_offline_in_its_wheel():
     path = embedder_path("all-MiniLM-L6-v2")
     assert path.endswith("model") and (__import__("pathlib").Path(path) / "model.safetensors").exists()

@@ -11,7 +11,7 @@ import pytest
 from faqtune import data as data_mod
 from faqtune.config import effective_epochs, load_config
 from faqtune.errors import ConfigError
-from faqtune.grounding import answer_words, build_index, ground_entries, noisy, question_forms
+from faqtune.grounding import answer_words, ground_entries, noisy, question_forms
 from faqtune.reader import pick, retrieval_prior, strip_choice
 
 
@@ -41,16 +41,6 @@ def test_several_forms_ask_the_question_its_noise_and_the_answers_words():
     assert forms[0] == e.question
     assert forms[2] == "use reset link login page"
     assert forms[1] != e.question and forms[3] != e.question
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return data_mod.load_faq(data_mod.bundled_faq_path()).entries
-
-
-@pytest.fixture(scope="module")
-def index(bundled, tmp_path_factory):
-    return build_index(tmp_path_factory.mktemp("index"), bundled, load_config(None))
 
 
 def test_each_entry_is_trained_in_several_wordings_with_their_own_neighbours(index, bundled):
