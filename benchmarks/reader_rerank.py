@@ -54,9 +54,9 @@ def side(model, tok, cfg, questions, hits, ok, choice: bool) -> dict:
     lik = [[answer_logprob(model, tok, cfg.data.system_prompt, q, h.answer) for h in hs]
            for q, hs in zip(questions, hits, strict=True)]
     out["likelihood"] = {}
+    priors = [retrieval_prior([h.score for h in hs]) for hs in hits]
     for w in WEIGHTS:
-        picks = [max(range(len(hs)), key=lambda i: s[i] + w * retrieval_prior([h.score for h in hs])[i])
-                 for hs, s in zip(hits, lik, strict=True)]
+        picks = [max(range(len(s)), key=lambda i: s[i] + w * prior[i]) for s, prior in zip(lik, priors, strict=True)]
         out["likelihood"][str(w)] = sum(ok(i, p) for i, p in enumerate(picks)) / len(questions)
     if choice:
         convs = [with_system([{"role": "user", "content": grounded_question(q, hs)}], cfg.data.system_prompt)
