@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 
 from faqtune.cli import parse_overrides
-from faqtune.config import FaqtuneConfig, field_help, load_config, validate
+from faqtune.config import FaqtuneConfig, field_help, load_config, normalise, validate
 from faqtune.errors import ConfigError
 
 
@@ -29,6 +30,55 @@ def test_defaults_validate():
     validate(cfg)
     assert load_config() == cfg
     assert (cfg.lora.r, cfg.lora.target_modules, cfg.quantization.mode) == (64, "all-linear", "4bit")
+
+
+def test_validate_checks_without_changing_the_config():
+    """`validate` only checks: a spelling `normalise` would fix is reported, and the config stays as it was."""
+    cfg = FaqtuneConfig()
+    cfg.quantization.mode, cfg.generation.merged = "NONE", "BF16"
+    before = copy.deepcopy(cfg)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert cfg == before
+    assert [p.split("`")[1] for p in info.value.problems] == ["quantization.mode", "generation.merged"]
+    normalise(cfg)
+    validate(cfg)
+    assert (cfg.quantization.mode, cfg.generation.merged) == ("none", "bf16")
+
+
+CHOICES_AS_TYPED = {"data.format": ("JSONL", "jsonl"), "quantization.mode": ("NONE", "none"),
+                    "quantization.quant_type": ("FP4", "fp4"), "quantization.compute_dtype": ("FP32", "fp32"),
+                    "quantization.adapter_dtype": ("Bf16", "bf16"), "lora.bias": ("Lora_Only", "lora_only"),
+                    "train.gradient_checkpointing": ("True", "true"), "grounding.mode": ("None", "none"),
+                    "generation.merged": ("AUTO", "auto")}
+
+
+def test_choices_are_normalised_once_at_load(tmp_path):
+    cfg = load_config(overrides={key: typed for key, (typed, _) in CHOICES_AS_TYPED.items()})
+    loaded = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in CHOICES_AS_TYPED}
+    assert loaded == {key: spelled for key, (_, spelled) in CHOICES_AS_TYPED.items()}
+    path = tmp_path / "c.yaml"
+    path.write_text("quantization:\n  quant_type: NF4\n  compute_dtype: BF16\n", encoding="utf-8")
+    q = load_config(path).quantization
+    assert (q.quant_type, q.compute_dtype) == ("nf4", "bf16")
+
+
+def test_normalise_leaves_an_invalid_choice_as_written():
+    cfg = FaqtuneConfig()
+    cfg.quantization.mode = "3BIT"
+    normalise(cfg)
+    assert cfg.quantization.mode == "3BIT"
+    assert "got '3BIT'" in _one_problem(overrides={"quantization.mode": "3BIT"})
+
+
+@pytest.mark.parametrize("value", ["-1", "BOGUS", "0"])
+def test_each_bad_value_is_reported_once(value):
+    """One bad setting, one problem: no check runs twice (a key named twice would be a check run twice)."""
+    for key in field_help():
+        try:
+            load_config(overrides={key: value})
+        except ConfigError as e:
+            assert len(e.problems) == 1 and f"`{key}`" in e.problems[0], (key, e.problems)
 
 
 def test_yaml_file_then_overrides(tmp_path):

@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per concern, loaded from YAML with CLI overrides.
 
-Every field's help text lives in its ``metadata`` and nowhere else; ``validate`` collects every
-problem and raises them together in one :class:`ConfigError`.
+Every field's help text lives in its ``metadata`` and nowhere else. ``load_config`` reads the values,
+``normalise`` spells them one way and ``validate`` checks them, each once: it collects every problem and
+raises them together in one :class:`ConfigError`, and changes nothing.
 """
 
 from __future__ import annotations
@@ -185,8 +186,22 @@ _CHOICES = {
 }
 
 
+def normalise(cfg: FaqtuneConfig) -> None:
+    """Spell every choice as `validate` expects it: `NF4` -> `nf4` (the one change made to loaded values).
+
+    A value that is no choice in any case is left as written, so that its error quotes what the user wrote."""
+    for key, choices in _CHOICES.items():
+        section, _, leaf = key.rpartition(".")
+        owner = _get(cfg, section)
+        value = getattr(owner, leaf)
+        if isinstance(value, str) and value.lower() in choices:
+            setattr(owner, leaf, value.lower())
+
+
 def validate(cfg: FaqtuneConfig) -> None:
-    """Raise one ConfigError listing every invalid value."""
+    """Raise one ConfigError listing every invalid value; checks only, never changes `cfg`.
+
+    Choices are compared as `normalise` spells them (`load_config` normalises, then validates)."""
     problems: list[str] = []
 
     def need(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -195,10 +210,6 @@ def validate(cfg: FaqtuneConfig) -> None:
 
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
-        if isinstance(value, str) and value.lower() in choices:
-            value = value.lower()
-            section, _, leaf = key.rpartition(".")
-            setattr(_get(cfg, section), leaf, value)
         need(value in choices, key, "one of " + ", ".join(sorted(choices)), value)
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "in [0, 1)", cfg.data.eval_fraction)
     need(cfg.data.max_seq_length >= 16, "data.max_seq_length", ">= 16", cfg.data.max_seq_length)
@@ -427,7 +438,8 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FaqtuneConfig:
-    """Defaults <- YAML file <- overrides (dotted keys), then validate; every problem reported at once."""
+    """Defaults <- YAML file <- overrides (dotted keys), normalised once, then validated once; every problem
+    reported at once."""
     cfg = FaqtuneConfig()
     problems: list[str] = []
     if path is not None:
@@ -457,6 +469,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _apply(cfg, raw, "", problems, str(path))
     if overrides:
         _apply(cfg, _nest(overrides), "", problems, "override")
+    normalise(cfg)
     try:
         validate(cfg)  # values that failed to parse kept their defaults, so this still checks the rest
     except ConfigError as e:
