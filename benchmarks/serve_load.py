@@ -131,7 +131,7 @@ def run_phase(url: str, model: str, questions: list[str], clients: int, requests
 
 def backend_phases(models, backend, model: str, questions: list[str], args, concurrency: list[int]) -> tuple:
     """Every phase against one backend (None: in-process): (phases, stream_check)."""
-    from faqtune.serve import ServeLimits, ServerThread, create_app
+    from faqtune.serve.app import ServeLimits, ServerThread, create_app
 
     phases = {}
     plan = [(f"c{c}", max(64, c), c, args.requests) for c in concurrency]
@@ -158,8 +158,7 @@ def start_llamacpp(run_dir: str, name: str, python: str) -> tuple:
     import subprocess
     import tempfile
 
-    from faqtune.gguf_export import export_run
-    from faqtune.serve_config import llamacpp_server_args
+    from faqtune.ship.gguf import export_run
 
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
     gguf = folder / f"{name}.gguf"
@@ -169,7 +168,7 @@ def start_llamacpp(run_dir: str, name: str, python: str) -> tuple:
         port = s.getsockname()[1]
     log = (folder / "llama-server.log").open("wb")
     process = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
-                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "False", *llamacpp_server_args(run_dir),
+                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "False",
                                 "--n_threads", str(os.cpu_count() or 1)], stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # busy shared cores
     deadline = time.perf_counter() + 180
@@ -223,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from faqtune.cli import _quiet
     from faqtune.data import bundled_faq_path, load_faq
-    from faqtune.serve_engine import load_served_models
-    from faqtune.serve_upstream import Upstream, load_upstream_models
+    from faqtune.serve.engine import load_served_models
+    from faqtune.serve.upstream import Upstream, load_upstream_models
 
     _quiet()
     questions = [e.question for e in load_faq(args.questions or bundled_faq_path()).entries]

@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 from common import write_result
 
 from faqtune.data import bundled_faq_path, load_faq
-from faqtune.serve import ServeLimits, ServerThread, create_app
-from faqtune.serve_engine import load_served_models
+from faqtune.serve.app import ServeLimits, ServerThread, create_app
+from faqtune.serve.engine import load_served_models
 
 
 def rss_mib() -> float:

@@ -89,8 +89,8 @@ def test_merge_refuses_a_non_empty_out_dir(tiny_run, tmp_path, capsys):
 
 
 def test_model_card(tiny_run, merged, tiny_base):
-    from faqtune.export import model_card
     from faqtune.run import RunDir
+    from faqtune.ship.hub import model_card
 
     run = RunDir(tiny_run)
     cfg = run.load_config()
@@ -132,7 +132,7 @@ class FakeHubApi:
 
 @pytest.fixture(scope="module")
 def pushed(tiny_run, tmp_path_factory) -> Path:
-    from faqtune.export import push
+    from faqtune.ship.hub import push
 
     api = FakeHubApi(tmp_path_factory.mktemp("hub"))
     assert push(tiny_run, "acme/faq-bot", private=True, api=api) == "https://huggingface.co/acme/faq-bot"
@@ -169,7 +169,7 @@ def test_ask_reads_the_base_from_adapter_config_without_faqtune_yaml(pushed, tmp
 
 
 def test_push_merged_and_errors(tiny_run, merged, tmp_path, capsys, monkeypatch):
-    from faqtune.export import push
+    from faqtune.ship.hub import push
 
     api = FakeHubApi(tmp_path)
     push(tiny_run, "acme/faq-merged", merged=True, api=api, merged_dir=merged)
@@ -189,7 +189,7 @@ def test_rope_permutation_is_what_the_transformers_loader_reverses():
     import numpy as np
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from faqtune.gguf_export import rope_permute
+    from faqtune.ship.gguf import rope_permute
 
     rng = np.random.default_rng(0)
     processor = LlamaTensorProcessor({"num_attention_heads": 4, "num_key_value_heads": 2})
@@ -213,7 +213,7 @@ def test_export_gguf_round_trip(tiny_run, tmp_path, capsys):
 def test_gguf_logits_match_the_model(tiny_base, tiny_tokenizer, tmp_path, outtype, tolerance):
     from transformers import AutoModelForCausalLM
 
-    from faqtune.gguf_export import verify_gguf, write_gguf
+    from faqtune.ship.gguf import verify_gguf, write_gguf
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     path = write_gguf(model, tiny_tokenizer, tmp_path / f"m-{outtype}.gguf", outtype)
@@ -233,8 +233,8 @@ def test_modelfile_template_renders_like_the_chat_template(tiny_base_no_template
     from transformers import AutoTokenizer
 
     from faqtune.config import GenerationConfig
-    from faqtune.gguf_export import ollama_modelfile, render_like_ollama, template_parts
     from faqtune.prompting import GUIDE_TEMPLATE, render
+    from faqtune.ship.gguf import ollama_modelfile, render_like_ollama, template_parts
 
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
             {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
@@ -252,18 +252,18 @@ def test_gguf_refuses_what_it_cannot_write():
     from transformers import GPT2Config
 
     from faqtune.errors import ModelError
-    from faqtune.gguf_export import _pre_tokenizer_name, check_llama
+    from faqtune.ship.gguf import check_llama, pre_tokenizer_name
 
     with pytest.raises(ModelError, match="only llama"):
         check_llama(GPT2Config())
     with pytest.raises(ModelError, match="splits text"):
-        _pre_tokenizer_name({"type": "Whitespace"})
-    assert _pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt2"
+        pre_tokenizer_name({"type": "Whitespace"})
+    assert pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt-2"  # llama.cpp's name
 
 
 def test_push_includes_the_faq_index_of_a_grounded_run(tiny_run, tmp_path):
-    from faqtune.export import stage_adapter
     from faqtune.run import RunDir
+    from faqtune.ship.hub import stage_adapter
 
     run = tmp_path / "grounded"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))

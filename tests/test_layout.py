@@ -17,43 +17,65 @@ MAX_LINES = 500
 
 # Known exceptions (issue #16), modules other work is changing now: each runs as an xfail, so the suite stays
 # green meanwhile and says which ones remain; an XPASS means the module is fixed: delete its entry.
-OVER_500_LINES = {
-    "serve_engine": "551 lines at 3da7121; being split (serve_engine + serve_jobs)",
-}
+OVER_500_LINES: dict[str, str] = {}
 FUNCTION_LEVEL_IMPORTS = {
     "cli": "each command imports its stage when it runs; the CLI's owner is reorganising it",
-    "serve*": "the serve modules (serve.py, serve_*.py) are being reorganised",
 }
 
 
 @cache
 def _modules() -> dict[str, Path]:
-    return {p.stem if p.name != "__init__.py" else "__init__": p for p in sorted(SRC.glob("*.py"))}
+    """faqtune's modules by dotted name below the package: `data`, `serve` (its __init__), `serve.app`."""
+    out = {}
+    for p in sorted(SRC.rglob("*.py")):
+        parts = list(p.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1] or ["__init__"]
+        out[".".join(parts)] = p
+    return out
 
 
-def _faqtune_targets(node: ast.Import | ast.ImportFrom, known: set[str]) -> list[str]:
+def _resolve(dotted: str, known: set[str]) -> str | None:
+    """The longest known module a dotted name (below faqtune) names: `serve.engine.Job` -> `serve.engine`."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in known:
+            return ".".join(parts[:n])
+    return None
+
+
+def _faqtune_targets(node: ast.Import | ast.ImportFrom, known: set[str], package: str = "") -> list[str]:
     """The faqtune modules an import statement loads (`from faqtune import data`, `from faqtune.data import x`,
-    `import faqtune.data`, relative imports)."""
+    `import faqtune.data`, `from faqtune.serve import engine`, relative imports from inside `package`)."""
     if isinstance(node, ast.Import):
-        names = [a.name for a in node.names]
-        return [n.split(".")[1] for n in names if n.startswith("faqtune.") and n.split(".")[1] in known]
+        names = [a.name[len("faqtune."):] for a in node.names if a.name.startswith("faqtune.")]
+        return [m for n in names if (m := _resolve(n, known))]
     module = node.module or ""
-    if node.level == 0 and module != "faqtune" and not module.startswith("faqtune."):
+    if node.level:
+        base = package.split(".")[:len(package.split(".")) - node.level + 1] if package else []
+        module = ".".join([*base, *([module] if module else [])])
+    elif module == "faqtune" or module.startswith("faqtune."):
+        module = module[len("faqtune."):] if module != "faqtune" else ""
+    else:
         return []
-    parts = module.split(".")[1:] if node.level == 0 else ([p for p in module.split(".") if p])
-    if parts:
-        return [parts[0]] if parts[0] in known else []
-    return [a.name for a in node.names if a.name in known]  # from faqtune import data, models
+    out = []
+    for alias in node.names:  # `from faqtune.serve import engine` loads serve.engine (and serve)
+        sub = _resolve(f"{module}.{alias.name}" if module else alias.name, known)
+        if sub is not None and sub != (_resolve(module, known) if module else None):
+            out.append(sub)
+    if not out and module and (mod := _resolve(module, known)):  # `from faqtune.serve.engine import Job`
+        out.append(mod)
+    return sorted(set(out))
 
 
-def _imports(path: Path, known: set[str]) -> tuple[set[str], set[str]]:
+def _imports(path: Path, known: set[str], package: str = "") -> tuple[set[str], set[str]]:
     """(every faqtune module `path` imports, the ones it imports inside a function or class body)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     top = {id(n) for n in tree.body}
     every, nested = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            targets = set(_faqtune_targets(node, known))
+            targets = set(_faqtune_targets(node, known, package))
             every |= targets
             if id(node) not in top and not _under_type_checking(tree, node):
                 nested |= targets
@@ -71,7 +93,8 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     known = set(mods)
     graph, nested = {}, {}
     for name, path in mods.items():
-        every, inner = _imports(path, known)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        every, inner = _imports(path, known, package)
         graph[name], nested[name] = every - {name}, inner - {name}
     return graph, nested
 
@@ -119,10 +142,15 @@ def test_cycle_finder_finds_a_cycle_hidden_in_a_function():
 def test_import_parser_sees_every_spelling(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("import os\nfrom faqtune import data, errors\nimport faqtune.models\n"
-                   "def f():\n    from faqtune.export import push\n    from . import run\n    from .merge import x\n")
-    every, nested = _imports(src, {"data", "errors", "models", "export", "run", "merge"})
-    assert every == {"data", "errors", "models", "export", "run", "merge"}
-    assert nested == {"export", "run", "merge"}
+                   "from faqtune.serve import engine\nimport faqtune.ship.gguf\n"
+                   "def f():\n    from faqtune.ship.hub import push\n    from . import run\n    from .merge import x\n"
+                   "    from .. import config\n")
+    known = {"data", "errors", "models", "serve", "serve.engine", "ship", "ship.gguf", "ship.hub", "run", "merge",
+             "serve.run", "serve.merge", "config"}
+    every, nested = _imports(src, known, package="serve")
+    assert every == {"data", "errors", "models", "serve.engine", "ship.gguf", "ship.hub", "serve.run",
+                     "serve.merge", "config"}
+    assert nested == {"ship.hub", "serve.run", "serve.merge", "config"}
 
 
 def test_no_import_cycle_among_faqtune_modules():

@@ -113,7 +113,7 @@ def test_train_resume_takes_remote_code_only_from_its_command_line(tmp_path, cap
 
 
 def test_push_never_writes_trust_remote_code(tmp_path):
-    from faqtune.export import _write_shared_config
+    from faqtune.ship.hub import _write_shared_config
 
     cfg = FaqtuneConfig(trust_remote_code=True)
     _write_shared_config(cfg, tmp_path)
@@ -324,7 +324,7 @@ def test_a_fresh_train_clears_the_logs_of_an_attempt_without_checkpoints(tmp_pat
 
 def test_serve_takes_remote_code_only_from_its_command_line(tmp_path, remote_code_base, tiny_base, capsys):
     from faqtune.errors import ModelError
-    from faqtune.serve_engine import load_served_models
+    from faqtune.serve.engine import load_served_models
 
     base, marker = remote_code_base
     run = _remote_code_run(tmp_path, base, tiny_base)

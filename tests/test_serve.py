@@ -50,7 +50,7 @@ def runs(tiny_base, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def served(runs):
-    from faqtune.serve_engine import load_served_models
+    from faqtune.serve.engine import load_served_models
 
     alpha, second = runs
     return load_served_models([str(alpha), f"second={second}"])
@@ -61,7 +61,7 @@ LIMITS = dict(queue_size=16, max_batch_size=8, max_body_bytes=20_000, max_messag
 
 @pytest.fixture(scope="module")
 def server(served):
-    from faqtune.serve import ServeLimits, ServerThread, create_app
+    from faqtune.serve.app import ServeLimits, ServerThread, create_app
 
     with ServerThread(create_app(served, ServeLimits(**LIMITS), api_key=KEY)) as url:
         yield url
@@ -255,7 +255,7 @@ def test_other_routes_errors_and_key_scope(server):
 
 
 def test_api_key_from_env_and_comparison(monkeypatch):
-    from faqtune.serve import Gate, resolve_api_key
+    from faqtune.serve.app import Gate, resolve_api_key
 
     monkeypatch.setenv("FAQTUNE_API_KEY", "from-env")
     assert resolve_api_key(None) == "from-env" and resolve_api_key("given") == "given"
@@ -268,7 +268,7 @@ def test_api_key_from_env_and_comparison(monkeypatch):
 
 
 def test_full_queue_answers_429_with_retry_after(served):
-    from faqtune.serve import ServeLimits, ServerThread, create_app
+    from faqtune.serve.app import ServeLimits, ServerThread, create_app
 
     limits = ServeLimits(**{**LIMITS, "queue_size": 1, "max_batch_size": 1})
     with ServerThread(create_app(served, limits, api_key=KEY)) as url:
@@ -358,8 +358,8 @@ class BrokenTokenizer:
 
 
 def test_internal_errors_are_generic_and_logged(tiny_tokenizer, caplog):
-    from faqtune.serve import ServerThread, create_app
-    from faqtune.serve_engine import ServedModel, ServedModels
+    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.engine import ServedModel, ServedModels
 
     caplog.set_level(logging.INFO, logger="faqtune.serve")
     entries = {"boom": ServedModel("boom", Exploding(tiny_tokenizer), "a", tiny_tokenizer, 512),
@@ -394,7 +394,7 @@ def test_request_log_lines(server, caplog):
 
 def test_runs_on_different_bases_are_refused(runs, tiny_base_no_template, tmp_path):
     from faqtune.errors import ModelError
-    from faqtune.serve_engine import load_served_models, parse_run_specs
+    from faqtune.serve.engine import load_served_models, parse_run_specs
 
     other = tmp_path / "other"
     shutil.copytree(runs[0], other, ignore=shutil.ignore_patterns("checkpoints", "tb"))
@@ -434,7 +434,7 @@ def test_cli_refuses_ports_out_of_range(capsys, tmp_path, port):
 
 
 def test_streamable_holds_back_partial_markers():
-    from faqtune.serve_engine import streamable
+    from faqtune.serve.engine import streamable
 
     markers = ("<|im_end|>", "STOP")
     assert streamable("  Hello there <|im_", markers) == "Hello there"
@@ -516,8 +516,8 @@ def test_a_rebuilt_index_is_picked_up_without_a_restart(runs, tmp_path, caplog):
     """Issue 15: `faqtune index FAQ --out RUN/index` (swapped into place) is used by a running server: an
     off-topic question it declined without generating is answered once its entry is added. An index that
     fails to load is reported once and the previous one kept."""
-    from faqtune.serve import ServerThread, create_app
-    from faqtune.serve_engine import load_served_models
+    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.engine import load_served_models
 
     caplog.set_level(logging.INFO, logger="faqtune.serve")
     run = tmp_path / "live"

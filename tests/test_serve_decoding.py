@@ -46,8 +46,8 @@ def copy_model(tokenizer, sentence: str = SENTENCE):
 def copy_server(tiny_tokenizer):
     from faqtune.config import GenerationConfig
     from faqtune.generate import Answerer
-    from faqtune.serve import ServeLimits, ServerThread, create_app
-    from faqtune.serve_engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import ServeLimits, ServerThread, create_app
+    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
 
     hooked = HookedModel(copy_model(tiny_tokenizer))
     entries = {name: ServedModel(name, Answerer(hooked, tiny_tokenizer, GenerationConfig(prompt_lookup=lookup)),
@@ -129,8 +129,8 @@ def declining_server(tiny_tokenizer):
     entry's answer, which the stream must show too (not the decline it was generating)."""
     from faqtune.config import FaqtuneConfig
     from faqtune.grounding import GroundedAnswerer
-    from faqtune.serve import ServerThread, create_app
-    from faqtune.serve_engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
 
     cfg = FaqtuneConfig()
     cfg.grounding.decline_message, cfg.grounding.top_k = DECLINE, 2

@@ -36,8 +36,8 @@ def hostile_server(tiny_tokenizer, tmp_path_factory):
     from faqtune.generate import Answerer
     from faqtune.grounding import GroundedAnswerer
     from faqtune.retrieval import FaqIndex
-    from faqtune.serve import ServeLimits, ServerThread, allowed_hosts_for, create_app
-    from faqtune.serve_engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import ServeLimits, ServerThread, allowed_hosts_for, create_app
+    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
 
     hooked = HookedModel(copy_model(tiny_tokenizer))
     rows = [(f"How do I do thing number {i}?", f"Thing {i} is done on page {i}.") for i in range(8)]

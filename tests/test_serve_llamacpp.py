@@ -23,7 +23,6 @@ import pytest
 from test_serve_upstream import KEY  # the key its stream() helper sends
 
 from faqtune.cli import main
-from faqtune.serve_config import llamacpp_server_args
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_PYTHON = Path(os.environ.get("FAQTUNE_LLAMA_PYTHON", ROOT / ".venv-llama" / "bin" / "python"))
@@ -57,7 +56,7 @@ def free_port() -> int:
 def start_llama_server(gguf: Path, alias: str, port: int, log: Path, run: Path) -> subprocess.Popen:
     """llama-cpp-python's server on loopback, waited for (its /v1/models answers)."""
     command = [str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "False", *llamacpp_server_args(run), "--n_threads", str(os.cpu_count() or 1)]
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "False", "--n_threads", str(os.cpu_count() or 1)]
     # OpenMP's spinning barriers stall for seconds a token on busy shared cores (measured here: 12 tokens in
     # 80 s with 2 threads, 1.1 s with passive waits)
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -117,9 +116,9 @@ def answers(url: str, stream: bool = False) -> list[dict]:
 
 
 def test_llamacpp_and_in_process_give_the_same_grounded_answers(engine_and_run, capsys):
-    from faqtune.serve import ServerThread, create_app
-    from faqtune.serve_engine import load_served_models
-    from faqtune.serve_upstream import Upstream, load_upstream_models
+    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.engine import load_served_models
+    from faqtune.serve.upstream import Upstream, load_upstream_models
 
     engine, run = engine_and_run
     with ServerThread(create_app(load_served_models([str(run)]), api_key=KEY)) as url:

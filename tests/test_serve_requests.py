@@ -49,8 +49,8 @@ class GatedAnswerer(Answerer):
 @pytest.fixture(scope="module")
 def app_server(tiny_tokenizer):
     from faqtune.config import GenerationConfig
-    from faqtune.serve import ServeLimits, ServerThread, allowed_hosts_for, create_app
-    from faqtune.serve_engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import ServeLimits, ServerThread, allowed_hosts_for, create_app
+    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
 
     hooked = HookedModel(copy_model(tiny_tokenizer))
     entries = {"copy": ServedModel("copy", Answerer(hooked, tiny_tokenizer, GenerationConfig()), None,
@@ -231,7 +231,7 @@ def test_host_header_is_checked_on_loopback(app_server, host, ok):
 
 
 def test_allowed_hosts_default_by_bound_address():
-    from faqtune.serve import allowed_hosts_for
+    from faqtune.serve.app import allowed_hosts_for
 
     assert allowed_hosts_for("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
     assert allowed_hosts_for("::1", ["Bot.Example."]) == {"127.0.0.1", "localhost", "::1", "bot.example"}

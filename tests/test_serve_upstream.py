@@ -131,7 +131,7 @@ def mode():
 
 
 def served_models(tokenizer):
-    from faqtune.serve_engine import ServedModel, ServedModels
+    from faqtune.serve.engine import ServedModel, ServedModels
 
     cfg = FaqtuneConfig()
     grounded = GroundedAnswerer(None, tokenizer, GenerationConfig(max_new_tokens=32), None, FakeIndex(), cfg)
@@ -141,8 +141,8 @@ def served_models(tokenizer):
 
 
 def start(tokenizer, url: str, timeout: float = 30.0, **limits):
-    from faqtune.serve import ServeLimits, ServerThread, create_app
-    from faqtune.serve_upstream import Upstream
+    from faqtune.serve.app import ServeLimits, ServerThread, create_app
+    from faqtune.serve.upstream import Upstream
 
     limits = ServeLimits(**limits)
     app = create_app(served_models(tokenizer), limits, api_key=KEY,
@@ -325,7 +325,7 @@ def test_the_queue_is_bounded(tiny_tokenizer, engine, mode):
 
 def test_backend_url_and_timeout_are_checked():
     from faqtune.errors import ModelError
-    from faqtune.serve_upstream import Upstream
+    from faqtune.serve.upstream import Upstream
 
     with pytest.raises(ModelError, match="http:// or https://.*\n.*must be > 0"):
         Upstream("127.0.0.1:8001", timeout=0)
@@ -333,7 +333,7 @@ def test_backend_url_and_timeout_are_checked():
 
 
 def test_check_backend_names_missing_models(engine, caplog):
-    from faqtune.serve_upstream import Upstream, check_backend
+    from faqtune.serve.upstream import Upstream, check_backend
 
     assert check_backend(Upstream(engine), ["bot", "plain"]) == []
     assert check_backend(Upstream(engine), ["bot", "other"]) == ["not listed by the backend: other"]

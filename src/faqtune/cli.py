@@ -275,14 +275,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.serve import ServeLimits, serve
+    from faqtune.serve.app import ServeLimits, serve
 
     names = ("queue_size", "max_batch_size", "max_body_bytes", "max_messages", "max_tokens_cap", "max_prompt_tokens",
              "header_timeout")
     limits = ServeLimits(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     backend = None
     if args.backend is not None:
-        from faqtune.serve_upstream import Upstream
+        from faqtune.serve.upstream import Upstream
 
         backend = Upstream(args.backend, args.backend_key or os.environ.get("FAQTUNE_BACKEND_KEY") or None,
                            **({"timeout": args.backend_timeout} if args.backend_timeout is not None else {}))
@@ -293,7 +293,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_serve_config(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.serve_config import serve_config
+    from faqtune.serve.launch import serve_config
 
     print(serve_config(args.run_dirs, args.engine, args.host, args.port, args.gguf_dir, args.trust_remote_code),
           end="")
@@ -301,8 +301,8 @@ def cmd_serve_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.export import format_fidelity, merge_run
     from faqtune.run import check_output
+    from faqtune.ship.merged import format_fidelity, merge_run
 
     check_output(args.out_dir, "dir", "OUT_DIR")
     report = merge_run(args.run_dir, args.out_dir, args.dtype, args.base_weights, args.limit or 0,
@@ -315,8 +315,8 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
     import tempfile
 
-    from faqtune.export import push
     from faqtune.run import RunDir, check_output
+    from faqtune.ship.hub import push
 
     check_output(tempfile.gettempdir(), "dir", "staging folder")  # the upload is staged there
     if args.merged:
@@ -328,8 +328,8 @@ def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.gguf_export import export_run, format_export
     from faqtune.run import check_output
+    from faqtune.ship.gguf import export_run, format_export
 
     check_output(args.out, "file", "OUT.gguf")
     print(format_export(export_run(args.run_dir, args.out, args.outtype, verify=not args.no_verify,

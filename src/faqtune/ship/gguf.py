@@ -90,12 +90,12 @@ def _encode_tensor(data: np.ndarray, outtype: str):
 
 # ---- tokenizer --------------------------------------------------------------------------------------
 
-def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json pre_tokenizer (how text is split before BPE)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"  # ByteLevel's own regex is GPT-2's
+        return "gpt-2"  # ByteLevel's own regex is GPT-2's (llama.cpp's name; "gpt2" there is an unknown one)
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
     kinds = [s.get("type") for s in steps]
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
@@ -138,7 +138,7 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GgufVocab:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     add_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-    return GgufVocab(tokens, types, merges, _pre_tokenizer_name(spec.get("pre_tokenizer")), add_bos)
+    return GgufVocab(tokens, types, merges, pre_tokenizer_name(spec.get("pre_tokenizer")), add_bos)
 
 
 # ---- writing ----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ generates, faqtune stays in front of it.
 For each request faqtune retrieves (a grounded run), declines below the threshold without calling the engine,
 renders the grounded conversation with the run's own chat template (the exact prompt text the in-process
 engine tokenizes) and sends it to the engine's `/completions` endpoint with the run's name as `model` (vLLM:
-`--lora-modules NAME=PATH`; llama-cpp-python: `model_alias`; see serve_config.py), always streamed, so deltas
+`--lora-modules NAME=PATH`; llama-cpp-python: `model_alias`; see launch.py), always streamed, so deltas
 reach the client as they come and a client that goes away closes the engine's stream (which aborts the
 generation there). The answer is cleaned, cut at `stop` strings and cited by the same Answerer `finish` as
 in-process. `--max-batch-size` bounds the requests in flight to the engine, `--queue-size` those waiting for
@@ -25,10 +25,12 @@ import httpx2
 
 from faqtune.errors import ModelError
 from faqtune.generate import Answer, clean
+from faqtune.models import load_run_tokenizer, load_tokenizer
 from faqtune.prompting import TEMPLATE_MARKERS, encode_prompt, render
-from faqtune.serve_http import APIError, printable
-from faqtune.serve_index import IndexWatcher
-from faqtune.serve_jobs import (
+from faqtune.serve.engine import ServedModel, ServedModels
+from faqtune.serve.http import APIError, printable
+from faqtune.serve.index_watch import IndexWatcher
+from faqtune.serve.jobs import (
     GenSettings,
     Job,
     QueueFull,
@@ -81,9 +83,6 @@ def load_upstream_models(specs: list[str], trust_remote_code: bool = False):
     """The served names for an upstream engine: every run's tokenizer (its chat template) and grounded answerer
     (its index and threshold), and the bare base's tokenizer; no model weights are loaded here."""
     from transformers import AutoConfig
-
-    from faqtune.models import load_run_tokenizer, load_tokenizer
-    from faqtune.serve_engine import ServedModel, ServedModels
 
     runs, base = check_runs(specs, trust_remote_code)
     choice = [name for name, _, cfg in runs if cfg.grounding.mode == "retrieval" and cfg.grounding.choice]

@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from faqtune.retrieval import FaqIndex
+
 log = logging.getLogger("faqtune.serve")
 
 
@@ -44,8 +46,6 @@ class IndexWatcher:
         if stamp is None or stamp == self.stamp:
             return False
         self.stamp = stamp  # a broken index is reported once, not before every batch
-        from faqtune.retrieval import FaqIndex
-
         try:
             index = FaqIndex(self.root)
             size = len(index)

@@ -17,8 +17,12 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from faqtune.errors import ModelError
-from faqtune.serve_jobs import base_display_name, check_runs
+from faqtune.models import embedded_gguf, load_run_tokenizer
+from faqtune.serve.jobs import base_display_name, check_runs
+from faqtune.ship.gguf import check_llama
 
 ENGINES = ("vllm", "llamacpp")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -40,7 +44,6 @@ class Recipe:
     runs: list[ServedRun]
     context: int
     quantization: str
-    kv_overrides: list[str]  # llama.cpp metadata overrides its GGUFs need (see `llamacpp_overrides`)
 
 
 def _adapter_rank(name: str, adapter_dir: Path, engine: str, problems: list[str]) -> int:
@@ -71,11 +74,6 @@ def _check_tokenizer(name: str, tokenizer, vocab_size: int, problems: list[str])
 
 def build_recipe(specs: list[str], engine: str, trust_remote_code: bool = False) -> Recipe:
     """Check the runs for `engine` (every problem at once) and gather what its command needs."""
-    from transformers import AutoConfig
-
-    from faqtune.gguf_export import check_llama
-    from faqtune.models import load_run_tokenizer
-
     if engine not in ENGINES:
         raise ModelError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     runs, base = check_runs(specs, trust_remote_code)
@@ -86,13 +84,11 @@ def build_recipe(specs: list[str], engine: str, trust_remote_code: bool = False)
             check_llama(config)
         except ModelError as e:
             problems.append(str(e))
-    served, overrides = [], set()
+    served = []
     for name, run, cfg in runs:
         r = _adapter_rank(name, run.adapter_dir, engine, problems)
         tokenizer = load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code)
         _check_tokenizer(name, tokenizer, int(config.vocab_size), problems)
-        if engine == "llamacpp":
-            overrides.update(llamacpp_overrides(tokenizer))
         served.append(ServedRun(name, run.root.resolve(), run.adapter_dir.resolve(), r))
     if problems:
         raise ModelError(f"cannot serve these runs with {engine}:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -100,32 +96,7 @@ def build_recipe(specs: list[str], engine: str, trust_remote_code: bool = False)
     quantization = "none" if q.mode == "none" else f"{q.mode} {q.quant_type}" if q.mode == "4bit" else q.mode
     context = int(getattr(config, "max_position_embeddings", 0) or 2048)
     return Recipe(base, base_display_name(runs[0][2].base_model), runs[0][2].base_model, served, context,
-                  quantization, sorted(overrides))
-
-
-def llamacpp_overrides(tokenizer) -> list[str]:
-    """llama-cpp-python `kv_overrides` for the GGUF `faqtune export-gguf` writes from this tokenizer: its
-    GPT-2 pre-tokenizer is written as `gpt2`, a name llama.cpp does not know (its name is `gpt-2`; llama.cpp
-    then refuses to load the file), so the server is told the right one."""
-    from faqtune.gguf_export import _pre_tokenizer_name
-
-    try:
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
-        pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    except (AttributeError, ValueError, ModelError):
-        return []
-    return ["tokenizer.ggml.pre=str:gpt-2"] if pre == "gpt2" else []
-
-
-def llamacpp_server_args(run_dir: str | Path) -> list[str]:
-    """The `python -m llama_cpp.server` arguments a run's exported GGUF needs (its `kv_overrides`)."""
-    from faqtune.models import load_run_tokenizer, resolve_base
-    from faqtune.run import RunDir
-
-    run = RunDir(run_dir)
-    cfg = run.load_config()
-    overrides = llamacpp_overrides(load_run_tokenizer(run.tokenizer_dir, resolve_base(cfg.base_model)))
-    return ["--kv_overrides", *overrides] if overrides else []
+                  quantization)
 
 
 def _q(value: str | Path) -> str:
@@ -156,25 +127,10 @@ def vllm_recipe(recipe: Recipe, host: str, port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _embedded_gguf(base_model: str) -> Path | None:
-    from faqtune.models import _EMBEDDED
-
-    if base_model not in _EMBEDDED:
-        return None
-    import importlib.util
-
-    package, gguf_name, _ = _EMBEDDED[base_model]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / gguf_name
-    return path if path.exists() else None
-
-
 def llamacpp_config(recipe: Recipe, gguf_dir: Path, host: str, port: int, base_gguf: Path | None) -> dict:
     """llama-cpp-python's server config: one merged GGUF per run, each under the run's name."""
-    models = [{"model": str(gguf_dir / f"{r.name}.gguf"), "model_alias": r.name, "n_ctx": recipe.context,
-               **({"kv_overrides": recipe.kv_overrides} if recipe.kv_overrides else {})} for r in recipe.runs]
+    models = [{"model": str(gguf_dir / f"{r.name}.gguf"), "model_alias": r.name, "n_ctx": recipe.context}
+              for r in recipe.runs]
     if base_gguf is not None:
         models.append({"model": str(base_gguf), "model_alias": recipe.base_name, "n_ctx": recipe.context})
     # interrupt_requests: llama-cpp-python's default cuts the answer being streamed when another request
@@ -183,7 +139,7 @@ def llamacpp_config(recipe: Recipe, gguf_dir: Path, host: str, port: int, base_g
 
 
 def llamacpp_recipe(recipe: Recipe, gguf_dir: Path, host: str, port: int) -> str:
-    base_gguf = _embedded_gguf(recipe.base_model)
+    base_gguf = embedded_gguf(recipe.base_model)
     config_path = gguf_dir / "llamacpp.json"
     config = json.dumps(llamacpp_config(recipe, gguf_dir, host, port, base_gguf), indent=1)
     lines = ["# llama.cpp: one merged GGUF per run (merged into the dequantized 4-bit base it was trained on; "
@@ -199,10 +155,9 @@ def llamacpp_recipe(recipe: Recipe, gguf_dir: Path, host: str, port: int) -> str
         lines.append(f"# the bare base {recipe.base_name} is not in the config (no GGUF of it here): requests "
                      "for it fail at the engine")
     first = recipe.runs[0]
-    overrides = "".join(f" --override-kv {_q(o)}" for o in recipe.kv_overrides)
     lines += ["# or, one run per process, llama.cpp's own server:",
               f"#   llama-server -m {_q(gguf_dir / (first.name + '.gguf'))} --alias {_q(first.name)} "
-              f"-c {recipe.context} --host {host} --port {port}{overrides}",
+              f"-c {recipe.context} --host {host} --port {port}",
               "# then faqtune in front (retrieval, prompts, declines, citations):",
               faqtune_line(recipe, f"http://{host}:{port}/v1")]
     return "\n".join(lines) + "\n"

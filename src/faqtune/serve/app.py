@@ -9,10 +9,10 @@ Extra response field: when an answer comes from an FAQ entry (grounding), its ch
 `faqtune_citation` = {"id", "question", "score"} (in the last chunk of a stream).
 
 The ASGI layers, outside in: `Gate` (Host check, API key, body size and time, security headers, one log line per
-request, no traceback to a client; serve_http.py), FastAPI (routes, validation: every request is checked here,
+request, no traceback to a client; http.py), FastAPI (routes, validation: every request is checked here,
 before it is queued, so a bad one gets a 400 and never reaches a batch), and the `BatchWorker` thread that
-generates (serve_engine.py), or, with `--backend URL`, the `UpstreamWorker` that sends the grounded prompt to
-an OpenAI-compatible engine (vLLM, llama.cpp's server) and streams its answer back (serve_upstream.py). Bounds (`ServeLimits`): the queue (429), the batch, the body (413, 408), the
+generates (engine.py), or, with `--backend URL`, the `UpstreamWorker` that sends the grounded prompt to
+an OpenAI-compatible engine (vLLM, llama.cpp's server) and streams its answer back (upstream.py). Bounds (`ServeLimits`): the queue (429), the batch, the body (413, 408), the
 messages, `max_tokens`, `n`, the prompt (`max_prompt_tokens`, 2048 by default, and the model's context: 400
 `context_length_exceeded`), and the time to send a request head (the connection is closed).
 """
@@ -38,8 +38,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faqtune.errors import FaqtuneError
 from faqtune.prompting import encode_prompt, with_system
-from faqtune.serve_engine import BatchWorker, GenSettings, Job, QueueFull, Result, ServedModels, WorkerStopped
-from faqtune.serve_http import (  # noqa: F401 (ServerThread: tests and benchmarks import it from here)
+from faqtune.serve.engine import (
+    BatchWorker,
+    GenSettings,
+    Job,
+    QueueFull,
+    Result,
+    ServedModels,
+    WorkerStopped,
+    load_served_models,
+)
+from faqtune.serve.http import (  # noqa: F401 (ServerThread: tests and benchmarks import it from here)
     INTERNAL,
     APIError,
     Gate,
@@ -55,7 +64,7 @@ from faqtune.serve_http import (  # noqa: F401 (ServerThread: tests and benchmar
     resolve_api_key,
     uvicorn_config,
 )
-from faqtune.serve_upstream import Upstream, UpstreamWorker
+from faqtune.serve.upstream import Upstream, UpstreamWorker, check_backend, load_upstream_models
 
 log = logging.getLogger("faqtune.serve")
 STATIC = Path(__file__).parent / "static"
@@ -453,9 +462,6 @@ def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_k
     loopback ones (bound to loopback); bound elsewhere, when given, the only ones. `backend`: generate on that
     OpenAI-compatible engine instead of in-process (no model weights are loaded here then)."""
     import uvicorn
-
-    from faqtune.serve_engine import load_served_models
-    from faqtune.serve_upstream import check_backend, load_upstream_models
 
     limits = limits or ServeLimits()
     limits.validate()

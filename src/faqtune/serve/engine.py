@@ -1,4 +1,4 @@
-"""The in-process backend of `faqtune serve` (the default; serve_upstream.py is the other): every run's adapter
+"""The in-process backend of `faqtune serve` (the default; upstream.py is the other): every run's adapter
 on one shared base, and one worker that batches.
 
 One base model is loaded (4-bit as trained); each run's LoRA adapter is loaded onto it with PEFT under its own
@@ -7,7 +7,7 @@ it takes queued requests, groups those with the same model and generation settin
 and answers them through the Answerer's prepare -> generate -> finish, the one answering path of the project. A `StoppingCriteria`
 watches every decoding step (several tokens per step under prompt lookup) to stream each row's new text, apply
 `stop` strings and stop the rows of clients that went away. A failed batch is answered again one request at a
-time, so a bad request fails alone; a grounded run's index is reloaded when rebuilt (serve_index.py).
+time, so a bad request fails alone; a grounded run's index is reloaded when rebuilt (index_watch.py).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from faqtune.errors import ModelError
 from faqtune.generate import Answerer
+from faqtune.models import load_base_model, load_run_tokenizer, load_tokenizer, safe_adapter_dir
 from faqtune.prompting import TEMPLATE_MARKERS
-from faqtune.serve_index import IndexWatcher
-from faqtune.serve_jobs import (  # noqa: F401 (the names tests, benchmarks and serve.py import from here)
+from faqtune.serve.index_watch import IndexWatcher
+from faqtune.serve.jobs import (  # noqa: F401 (the names tests, benchmarks and app.py import from here)
     Choice,
     GenSettings,
     Job,
@@ -64,7 +65,7 @@ class ServedModel:
     context_length: int
     system_prompt: str | None = None
     run_dir: Path | None = None
-    index_watch: Any = None  # serve_index.IndexWatcher of a grounded run: reloads a rebuilt index
+    index_watch: Any = None  # index_watch.IndexWatcher of a grounded run: reloads a rebuilt index
 
 
 class HookedModel:
@@ -129,8 +130,6 @@ def load_served_models(specs: list[str], trust_remote_code: bool = False) -> Ser
 
     `trust_remote_code` comes from the command line only (`faqtune serve --trust-remote-code`)."""
     from peft import PeftModel
-
-    from faqtune.models import load_base_model, load_run_tokenizer, load_tokenizer, safe_adapter_dir
 
     runs, base = check_runs(specs, trust_remote_code)
     first_cfg = runs[0][2]

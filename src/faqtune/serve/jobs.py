@@ -2,8 +2,8 @@
 way to a backend (`Job`) and back (`Result`), the bound-queue errors, and the streaming rules (what part of a
 partial answer is safe to send, which may still turn into a replaced decline, how an answer becomes a choice).
 
-The backends: serve_engine.py (in-process: one base + every adapter, one batching worker thread) and
-serve_upstream.py (an OpenAI-compatible engine such as vLLM or llama.cpp's server generates; faqtune
+The backends: engine.py (in-process: one base + every adapter, one batching worker thread) and
+upstream.py (an OpenAI-compatible engine such as vLLM or llama.cpp's server generates; faqtune
 retrieves, prompts, declines and cites in front of it).
 """
 
@@ -18,6 +18,9 @@ from typing import Any
 
 from faqtune.errors import FaqtuneError, ModelError
 from faqtune.generate import Answer, Answerer
+from faqtune.grounding import DECLINE, make_answerer
+from faqtune.models import resolve_base
+from faqtune.run import RunDir
 
 # --- the served runs ---------------------------------------------------------------------------------------
 
@@ -51,16 +54,11 @@ def build_answerer(model, tokenizer, cfg, run_dir: Path | None) -> Answerer:
     it retrieves, declines below the threshold and cites), or the bare base's when run_dir is None."""
     if run_dir is None:
         return Answerer(model, tokenizer, cfg.generation, None)
-    from faqtune.grounding import make_answerer
-
     return make_answerer(run_dir, model, tokenizer, cfg)
 
 
 def check_runs(specs: list[str], trust_remote_code: bool = False):
     """Read every run's config; one error listing every problem (missing runs, adapters, mixed bases)."""
-    from faqtune.models import resolve_base
-    from faqtune.run import RunDir
-
     runs, problems = [], []
     for name, path in parse_run_specs(specs):
         run = RunDir(path)
@@ -204,8 +202,6 @@ def replaced_declines(answerer) -> Callable[[str], bool] | None:
     grounding = getattr(answerer, "grounding", None)
     if grounding is None or not getattr(grounding, "fallback", False):
         return None
-    from faqtune.grounding import DECLINE
-
     decline = " ".join(grounding.decline_message.lower().split())
 
     def may_become_decline(text: str) -> bool:
