@@ -2,6 +2,9 @@
 
     python harness.py [faqtune train arguments]
 
+It trains through `faqtune.train.train`, its faults passed as trainer callbacks (the public `callbacks`
+hook), and ends as the CLI does: `error: ...` on stderr and the error's exit code.
+
 Environment:
   HARNESS_STEP_SLEEP=S    sleep S seconds after each optimizer step (so a test can signal it mid-run)
   HARNESS_KILL_AT=WHERE:N SIGKILL this process while it writes checkpoint-N; WHERE is `optimizer` (adapter
@@ -16,14 +19,17 @@ import signal
 import sys
 import time
 
+from support import train_config  # run as a script: this folder is on sys.path
 from transformers import Trainer, TrainerCallback
 
 import faqtune.checkpoints as checkpoints
-import faqtune.train as train_mod
-from faqtune.cli import main
+from faqtune.errors import FaqtuneError
+from faqtune.train import train
 
 
 class SlowSteps(TrainerCallback):
+    """Sleeps after every optimizer step."""
+
     def __init__(self, seconds: float):
         self.seconds = seconds
 
@@ -35,23 +41,14 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install() -> None:
-    sleep = float(os.environ.get("HARNESS_STEP_SLEEP", "0"))
-    if sleep:
-        build = train_mod._build_trainer
-
-        def slow_build(*args, **kwargs):
-            trainer = build(*args, **kwargs)
-            trainer.add_callback(SlowSteps(sleep))
-            return trainer
-
-        train_mod._build_trainer = slow_build
-    where, _, step = os.environ.get("HARNESS_KILL_AT", "").partition(":")
+def install_kill(where: str, step: int) -> None:
+    """SIGKILL partway through writing checkpoint-`step`. No trainer callback runs while a checkpoint is
+    written (`on_save` comes after faqtune sealed and rotated), so these two wrap the writers themselves."""
     if where == "optimizer":
         save = Trainer._save_optimizer_and_scheduler
 
         def save_then_maybe_die(self, output_dir):
-            if self.state.global_step == int(step):
+            if self.state.global_step == step:
                 _die()
             return save(self, output_dir)
 
@@ -67,6 +64,18 @@ def install() -> None:
         checkpoints.seal = die_before_seal
 
 
+def main(argv: list[str]) -> int:
+    sleep = float(os.environ.get("HARNESS_STEP_SLEEP", "0"))
+    where, _, step = os.environ.get("HARNESS_KILL_AT", "").partition(":")
+    if where:
+        install_kill(where, int(step))
+    try:
+        train(train_config(argv), callbacks=(SlowSteps(sleep),) if sleep else ())
+    except FaqtuneError as e:  # reported as `faqtune train` reports it (cli.main)
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    return 0
+
+
 if __name__ == "__main__":
-    install()
     sys.exit(main(sys.argv[1:]))

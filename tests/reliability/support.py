@@ -16,6 +16,21 @@ SETTINGS = ["--train.max_steps", str(STEPS), "--train.save_steps", str(SAVE_STEP
             "--grounding.mode", "none", "--train.logging_steps", "1"]
 
 
+def train_config(argv: list[str]):
+    """The config `faqtune ARGV` trains with, for a fresh run (`train_argv`'s): its settings, and --config,
+    --base, --data and --output as `faqtune train` maps them. For calls to `faqtune.train.train`, whose
+    `callbacks` inject faults."""
+    from faqtune.cli import TRAIN_SHORTCUTS, build_parser, parse_overrides
+    from faqtune.config import load_config
+
+    args, extra = build_parser().parse_known_args(argv)
+    assert args.command == "train" and not args.resume and not args.mix, argv
+    overrides = parse_overrides(extra)
+    overrides.update({key: getattr(args, flag) for flag, key in TRAIN_SHORTCUTS.items()
+                      if getattr(args, flag) is not None})
+    return load_config(args.config, overrides)
+
+
 def adapter_tensors(run: Path) -> dict:
     from safetensors.torch import load_file
 

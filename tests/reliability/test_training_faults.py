@@ -18,11 +18,12 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-import faqtune.train as train_mod
 from faqtune.checkpoints import problem
 from faqtune.cli import main
+from faqtune.errors import TrainingStopped
+from faqtune.train import train
 
-from .support import ACROSS_PROCESSES, assert_same_adapter, error_line, sealed
+from .support import ACROSS_PROCESSES, assert_same_adapter, error_line, sealed, train_config
 
 HARNESS = Path(__file__).with_name("harness.py")
 
@@ -109,6 +110,8 @@ def test_sigint_finishes_the_step_checkpoints_and_says_how_to_resume(train_argv,
 
 
 class SignalAt(TrainerCallback):
+    """Sends this process `signum` at the end of optimizer step `step`."""
+
     def __init__(self, step: int, signum: int):
         self.step, self.signum = step, signum
 
@@ -117,29 +120,24 @@ class SignalAt(TrainerCallback):
             os.kill(os.getpid(), self.signum)
 
 
-def add_callback(monkeypatch, callback: TrainerCallback) -> None:
-    build = train_mod._build_trainer
-
-    def build_with(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(callback)
-        return trainer
-
-    monkeypatch.setattr(train_mod, "_build_trainer", build_with)
+def stopped_by(argv: list[str], callback: TrainerCallback) -> TrainingStopped:
+    """Train as `faqtune ARGV` would, with `callback` added (train's public hook); the TrainingStopped raised."""
+    with pytest.raises(TrainingStopped) as info:
+        train(train_config(argv), callbacks=(callback,))
+    assert "\n" not in str(info.value)  # the CLI prints it as one `error: ` line
+    return info.value
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint(train_argv, reference, tmp_path, monkeypatch, capsys):
+def test_sigterm_stops_after_the_step_with_a_checkpoint(train_argv, reference, tmp_path):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers are installed from the main thread only; SIGTERM would end the test run")
     run = tmp_path / "run"
-    add_callback(monkeypatch, SignalAt(3, signal.SIGTERM))
     before = signal.getsignal(signal.SIGTERM)
-    assert main(train_argv(run)) == 128 + signal.SIGTERM
+    stopped = stopped_by(train_argv(run), SignalAt(3, signal.SIGTERM))
+    assert stopped.exit_code == 128 + signal.SIGTERM  # what `faqtune train` exits with
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
-    line = error_line(capsys.readouterr().err)
-    assert "SIGTERM: training stopped after step 3 of 10" in line and "--resume" in line
+    assert "SIGTERM: training stopped after step 3 of 10" in str(stopped) and "--resume" in str(stopped)
     assert sealed(run) == ["checkpoint-3"]
-    monkeypatch.undo()
 
     assert resume(run) == 0
     assert_same_adapter(run, reference)
@@ -210,20 +208,33 @@ def test_disk_full_while_writing_the_adapter(train_argv, reference, tmp_path, mo
     assert_same_adapter(run, reference)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-        train_argv, tmp_path, monkeypatch, capsys):
+class NanLossAt(TrainerCallback):
+    """Makes optimizer step `step`'s loss nan: a forward hook turns the input embeddings into nan for that
+    step's training forward passes only (evaluations run between steps)."""
+
+    def __init__(self, step: int):
+        self.step, self.hook = step, None
+
+    @staticmethod
+    def poison(module, inputs, output):
+        return output * float("nan")
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.hook = model.get_input_embeddings().register_forward_hook(self.poison)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_argv, tmp_path):
     run = tmp_path / "run"
-    compute_loss = train_mod.FaqTrainer.compute_loss
-
-    def nan_at_step_6(self, model, inputs, *args, **kwargs):
-        loss = compute_loss(self, model, inputs, *args, **kwargs)
-        return loss * float("nan") if model.training and self.state.global_step == 5 else loss
-
-    monkeypatch.setattr(train_mod.FaqTrainer, "compute_loss", nan_at_step_6)
-    assert main(train_argv(run)) == 1
-    line = error_line(capsys.readouterr().err)
-    assert "the loss is nan at step 6" in line
-    assert f"The last good checkpoint is {run / 'checkpoints' / 'checkpoint-4'}" in line
+    stopped = stopped_by(train_argv(run), NanLossAt(6))
+    assert stopped.exit_code == 1
+    assert "the loss is nan at step 6" in str(stopped)
+    assert f"The last good checkpoint is {run / 'checkpoints' / 'checkpoint-4'}" in str(stopped)
     assert sealed(run) == ["checkpoint-4"] and not (run / "adapter").exists()
 
 
@@ -242,6 +253,8 @@ def test_huge_learning_rate_stops_with_finite_checkpoints(train_argv, tmp_path, 
 
 
 class PoisonWeightsAt(TrainerCallback):
+    """Sets a trainable weight to inf in the optimizer step that ends at step `step`."""
+
     def __init__(self, step: int):
         self.step = step
 
@@ -250,10 +263,10 @@ class PoisonWeightsAt(TrainerCallback):
             next(p for p in model.parameters() if p.requires_grad).data.fill_(float("inf"))
 
 
-def test_non_finite_weights_are_never_checkpointed(train_argv, tmp_path, monkeypatch, capsys):
+def test_non_finite_weights_are_never_checkpointed(train_argv, tmp_path):
     run = tmp_path / "run"
-    add_callback(monkeypatch, PoisonWeightsAt(4))
-    assert main(train_argv(run)) == 1
-    line = error_line(capsys.readouterr().err)
-    assert "the adapter weights became nan/inf at step 4" in line and "checkpoint-4 was not written" in line
+    stopped = stopped_by(train_argv(run), PoisonWeightsAt(4))
+    assert stopped.exit_code == 1
+    assert "the adapter weights became nan/inf at step 4" in str(stopped)
+    assert "checkpoint-4 was not written" in str(stopped)
     assert sealed(run) == [] and not (run / "checkpoints" / "checkpoint-4").exists()
