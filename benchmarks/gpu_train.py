@@ -134,16 +134,16 @@ def run_faqtune(base: Path, rows, steps: int, warmup: int, out: str, batch: int,
     from faqtune.config import load_config
     from faqtune.models import attach_lora, load_base_model
     from faqtune.run import RunDir
-    from faqtune.train import TokenizedSplit, _build_trainer
+    from faqtune.train import TokenizedSplit, build_trainer
 
     _reset_memory()
     cfg = load_config(None, {"output_dir": out, "train.max_steps": steps + warmup, "train.batch_size": batch,
                              "train.gradient_accumulation_steps": accum, "train.packing": packing,
                              "train.save_steps": 10_000, "train.eval_steps": 0, "data.eval_fraction": 0})
     model = attach_lora(load_base_model(str(base), cfg), cfg)
-    trainer = _build_trainer(cfg, RunDir(out), model, id_tokenizer(), TokenizedSplit(rows), TokenizedSplit([]))
     timer = StepTimer(warmup)
-    trainer.add_callback(timer)
+    trainer = build_trainer(cfg, RunDir(out), model, id_tokenizer(), TokenizedSplit(rows), TokenizedSplit([]),
+                            callbacks=(timer,))
     trainer.train()
     per_step_tokens = batch * accum * sum(len(r["input_ids"]) for r in rows) / len(rows)
     del trainer, model

@@ -316,9 +316,7 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     torch.manual_seed(cfg.train.seed)  # the LoRA init draws from torch's RNG: same seed, same adapter
     model = attach_lora(model, cfg)
     _say(trainable_report(model))
-    trainer = _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok)
-    for callback in callbacks:
-        trainer.add_callback(callback)
+    trainer = build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok, callbacks)
 
     started = time.time()
     if last is not None and checkpoints.is_final(last, cfg.train.max_steps, effective_epochs(cfg)):
@@ -375,7 +373,14 @@ def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train
     return grounded[0], grounded[1]
 
 
-def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
+def build_trainer(cfg: FaqtuneConfig, run: RunDir, model, tokenizer, train_tok: TokenizedSplit,
+                  eval_tok: TokenizedSplit, callbacks: tuple[TrainerCallback, ...] = ()) -> FaqTrainer:
+    """The trainer `train` fits: `cfg`'s training arguments (gradient checkpointing sized to the longest
+    micro-batch of `train_tok`), the adapter cast to its resolved dtype, faqtune's callbacks (metrics.jsonl,
+    the progress bar, TensorBoard), then `callbacks`.
+
+    `model` is the base with LoRA attached (`models.attach_lora`); the splits are already tokenized, so a
+    benchmark can time training on rows of its own."""
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -399,6 +404,8 @@ def _build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok):
     trainer.add_callback(ProgressCallback())
     if trainer.is_world_process_zero():
         trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tb_dir))))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     return trainer
 
 
