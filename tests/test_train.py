@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from faqtune import models
 from faqtune.config import load_config
@@ -118,25 +119,31 @@ def test_nf4_double_quant_storage(tiny_base):
     assert all(m.weight.quant_state.nested for m in layers)
 
 
+class LayoutProbe(TrainerCallback):
+    """Records, at each optimizer step, whether any 4-bit layer is packed for CPU inference and whether every
+    LoRA B matrix got a gradient (two entries a step)."""
+
+    def __init__(self):
+        self.seen: list[bool] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import bitsandbytes as bnb
+
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        self.seen.append(any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers))
+        self.seen.append(all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n))
+
+
 def test_evaluation_during_training_keeps_4bit_layers_differentiable(tiny_base, tmp_path):
     """bitsandbytes repacks 4-bit weights for CPU inference in eval mode, cutting the backward pass; training
     with held-out evaluations must keep every 4-bit layer in its trainable layout."""
-    import bitsandbytes as bnb
-    from transformers import TrainerCallback
-
     import faqtune.train as train_mod
 
-    seen = []
-
-    class Probe(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-            seen.append(any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers))
-            seen.append(all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n))
-
+    probe = LayoutProbe()
     cfg = load_config(None, {"base_model": str(tiny_base), "output_dir": str(tmp_path / "run"),
                              "train.max_steps": 4, "train.eval_steps": 1, "lora.r": 4})
-    train_mod.train(cfg, callbacks=(Probe(),))
+    train_mod.train(cfg, callbacks=(probe,))
+    seen = probe.seen
     assert len(seen) == 8
     assert seen[0::2] == [False] * 4  # never repacked for inference, even after evaluations
     assert all(seen[1::2])
@@ -153,19 +160,14 @@ def test_8bit_mode_trains_and_answers(tiny_base, tmp_path, capsys):
     assert main(["ask", str(run), "How do I return an item?", "--max-new-tokens", "4"]) == 0
 
 
-class DtypeProbe:
+class DtypeProbe(TrainerCallback):
     """Records the dtype of every trainable parameter at each optimizer step (what the optimizer updates)."""
 
     def __init__(self):
-        from transformers import TrainerCallback
+        self.seen: list[set[torch.dtype]] = []
 
-        seen = self.seen = []
-
-        class Probe(TrainerCallback):
-            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-                seen.append({p.dtype for p in model.parameters() if p.requires_grad})
-
-        self.callback = Probe()
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.seen.append({p.dtype for p in model.parameters() if p.requires_grad})
 
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
@@ -180,7 +182,7 @@ def test_adapters_train_in_the_compute_dtype(tiny_base, tmp_path, compute):
                  "train.eval_steps": 0, "train.save_steps": 1, "lora.r": 4,
                  "quantization.compute_dtype": compute}
     probe = DtypeProbe()
-    summary = train(load_config(None, overrides), callbacks=(probe.callback,))
+    summary = train(load_config(None, overrides), callbacks=(probe,))
     assert probe.seen and all(dtypes == {expected} for dtypes in probe.seen), probe.seen
     assert (summary["compute_dtype"], summary["adapter_dtype"]) == (compute, compute)
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -190,7 +192,7 @@ def test_adapters_train_in_the_compute_dtype(tiny_base, tmp_path, compute):
 
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-2")
     resumed = DtypeProbe()
-    train(load_config(None, overrides), resume=True, callbacks=(resumed.callback,))
+    train(load_config(None, overrides), resume=True, callbacks=(resumed,))
     assert resumed.seen and all(dtypes == {expected} for dtypes in resumed.seen), resumed.seen
 
 
