@@ -163,14 +163,14 @@ def available_memory() -> int | None:
     return None
 
 
-def use_checkpointing(setting: str, activations: int | None = None) -> bool:
+def use_checkpointing(setting: str, activations: int | None = None, free: int | None = None) -> bool:
     """`auto`: on where accelerator memory is the limit (GPU); on CPU off (~1.5x faster steps), unless the
-    micro-batch's activations (`activations`, bytes) would take over a quarter of the available memory."""
+    micro-batch's activations (`activations`, bytes) would take over a quarter of the `free` memory (bytes,
+    as `available_memory` measures it; None where unknown: off)."""
     if setting != "auto":
         return setting == "true"
     if torch.cuda.is_available():
         return True
-    free = available_memory()
     return activations is not None and free is not None and activations > free / 4
 
 
@@ -207,7 +207,7 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations:
     t = cfg.train
     on_gpu = torch.cuda.is_available()
     compute = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    checkpointing = use_checkpointing(t.gradient_checkpointing, activations)
+    checkpointing = use_checkpointing(t.gradient_checkpointing, activations, available_memory())
     if checkpointing and t.gradient_checkpointing == "auto" and not on_gpu:
         _say(f"memory: a micro-batch's activations (~{activations / 2**30:.1f} GiB) would take over a quarter of "
              "the free memory: gradient checkpointing on (slower steps, less memory)")
