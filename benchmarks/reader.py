@@ -39,6 +39,7 @@ from faqtune.evaluate import (
 )
 from faqtune.grounding import GroundedAnswerer, build_index, is_decline, open_run_index
 from faqtune.metrics import matches_own_answer
+from faqtune.report import to_dict
 
 OFFTOPIC = ROOT / "benchmarks" / "data" / "offtopic_heldout.txt"
 BUNDLED = data_mod.bundled_faq_path()
@@ -162,7 +163,7 @@ def measure_run(run: Path, index, sets, pool, offtopic, convs, latency_questions
         off = bot.ask_many(offtopic)
         f["offtopic_decline_rate"] = sum(a.declined or is_decline(a.text) for a in off) / len(offtopic)
         if convs and (side == "tuned" or base_follow_ups):
-            f["followup"] = follow_up_side(bot, *convs, pool)
+            f["followup"] = to_dict(follow_up_side(bot, *convs, pool))  # this benchmark's JSON: accuracy, rows
             print(f"{side} follow-ups: {f['followup']['accuracy']:.3f}", flush=True)
         f["general_text_perplexity"] = text_perplexity(model, tok, packaged("general_text.txt").read_text())
         if side == "tuned" and cfg.grounding.choice:

@@ -19,6 +19,7 @@ from faqtune.evaluate import (
 )
 from faqtune.generate import Answer
 from faqtune.grounding import is_decline
+from faqtune.report import EvalReport, summary
 from faqtune.run import RunDir
 
 POOL = ["Returns are accepted within 45 days of delivery.",
@@ -38,11 +39,11 @@ def test_score_answers_known_values():
         _answer("blah " * 30, stopped=False, n=128),           # never stops
     ]
     figures, rows = score_answers(answers, [0.1, 0.2, 0.3], es)
-    assert [r["match"] for r in rows] == [True, False, False]
+    assert [r.match for r in rows] == [True, False, False]
     assert figures["answer_accuracy"] == pytest.approx(1 / 3)
     assert figures["exact_match"] == pytest.approx(1 / 3)
-    assert rows[0]["rouge_l"] == 1.0 and rows[0]["token_f1"] == 1.0
-    assert rows[2]["rouge_l"] == 0.0
+    assert rows[0].rouge_l == 1.0 and rows[0].token_f1 == 1.0
+    assert rows[2].rouge_l == 0.0
     assert figures["stop_rate"] == pytest.approx(2 / 3)
     assert figures["mean_answer_tokens"] == pytest.approx((10 + 10 + 128) / 3)
     assert figures["latency_p50_s"] == pytest.approx(0.2)
@@ -164,7 +165,10 @@ def test_eval_cli_writes_the_report(tiny_run, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["eval", str(tiny_run), "--compare-base", "--limit", "2", "--max-new-tokens", "4",
                  "--out", str(out)]) == 0
-    assert "Answer accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Answer accuracy" in printed
+    head = summary(EvalReport.load(out / "report.json"))  # the summary printed is the one report.md opens with
+    assert printed == f"{head}\n\nreport: {out / 'report.md'}\n" and (out / "report.md").read_text().startswith(head)
     report = json.loads((out / "report.json").read_text())
     assert report["questions_evaluated"] == 2 and report["base"] is not None
     for key in ("answer_accuracy", "stop_rate", "answer_perplexity", "offtopic_decline_rate", "latency_p95_s"):

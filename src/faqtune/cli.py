@@ -249,7 +249,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.evaluate import build_eval_set, evaluate_run, load_conversations, read_offtopic
     from faqtune.models import load_for_inference
-    from faqtune.report import write_report
+    from faqtune.report import summary, write_report
     from faqtune.run import RunDir, check_output
 
     run = RunDir(args.run_dir)
@@ -264,11 +264,11 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     bot = _open_answerer(run.root, model, tokenizer, cfg, grounded=not args.no_grounding)
     report = evaluate_run(model, tokenizer, cfg, eval_set, args.compare_base, offtopic, args.forgetting_threshold,
                           bot=bot, conversations=conversations)
-    report["run_dir"] = str(run.root)
+    report.run_dir = str(run.root)
     md = write_report(report, out, run.metrics_path)
-    print(md.read_text(encoding="utf-8").split("\n## Figures")[0].split("![")[0].strip())
+    print(summary(report))
     print(f"\nreport: {md}")
-    if args.fail_on_forgetting and report["forgetting"]["flagged"]:
+    if args.fail_on_forgetting and report.forgetting.flagged:
         print("error: forgetting beyond the threshold (see the report)", file=sys.stderr)
         return 1
     return 0

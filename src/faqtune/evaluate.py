@@ -3,7 +3,7 @@
 `build_eval_set` pairs questions with reference answers (the run's held-out split, an FAQ file, or a
 questions file paired with an FAQ by id or by order); `evaluate_run` generates and scores answers with
 the adapter on and off (one loaded model), measures answer loss, general-text perplexity, general
-instructions and off-topic declines, and returns one JSON-able report (rendered by `report.py`).
+instructions and off-topic declines, and returns one `report.EvalReport` (rendered and written by `report.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -26,6 +25,25 @@ from faqtune.grounding import is_decline, retrieval_only, retrieve_turns
 from faqtune.loss import answer_token_loss
 from faqtune.metrics import answer_accuracy, matches_own_answer, rouge_l, token_f1, tokens
 from faqtune.prompting import TEMPLATE_MARKERS, encode_conversation, with_system
+from faqtune.report import (
+    AnswerRow,
+    Difference,
+    EvalReport,
+    Figures,
+    FollowUpRow,
+    FollowUps,
+    FollowUpSide,
+    Forgetting,
+    ForgettingSide,
+    GeneralAnswer,
+    GroundedFigures,
+    Grounding,
+    OfftopicAnswer,
+    QuestionResult,
+    RetrievalFigures,
+    TopkRecall,
+    UngroundedFigures,
+)
 from faqtune.run import RunDir
 
 
@@ -123,23 +141,25 @@ def answer_all(bot: Answerer, questions: list[str]) -> tuple[list[Answer], list[
     return answers, seconds
 
 
-def score_answers(answers: list[Answer], seconds: list[float], es: EvalSet) -> tuple[dict[str, Any], list[dict]]:
+def score_answers(answers: list[Answer], seconds: list[float],
+                  es: EvalSet) -> tuple[dict[str, float], list[AnswerRow]]:
+    """The answers' scores (the `Figures` fields measured from answers alone) and one row per answer."""
     texts = [a.text for a in answers]
     norm = [" ".join(tokens(t)) for t in texts]
     rows = [
-        {"answer": a.text, "match": matches_own_answer(a.text, ref, es.pool), "rouge_l": rouge_l(a.text, ref),
-         "token_f1": token_f1(a.text, ref), "exact": n == " ".join(tokens(ref)), "stopped": a.stopped,
-         "tokens": a.new_tokens, "seconds": s}
+        AnswerRow(a.text, match=matches_own_answer(a.text, ref, es.pool), rouge_l=rouge_l(a.text, ref),
+                  token_f1=token_f1(a.text, ref), exact=n == " ".join(tokens(ref)), stopped=a.stopped,
+                  tokens=a.new_tokens, seconds=s, source=a.source)
         for a, ref, n, s in zip(answers, es.references, norm, seconds, strict=True)
     ]
     n = max(1, len(rows))
-    total_tokens = sum(r["tokens"] for r in rows)
+    total_tokens = sum(r.tokens for r in rows)
     figures = {
-        "answer_accuracy": sum(r["match"] for r in rows) / n,
-        "mean_rouge_l": statistics.fmean(r["rouge_l"] for r in rows) if rows else 0.0,
-        "mean_token_f1": statistics.fmean(r["token_f1"] for r in rows) if rows else 0.0,
-        "exact_match": sum(r["exact"] for r in rows) / n,
-        "stop_rate": sum(r["stopped"] for r in rows) / n,
+        "answer_accuracy": sum(r.match for r in rows) / n,
+        "mean_rouge_l": statistics.fmean(r.rouge_l for r in rows) if rows else 0.0,
+        "mean_token_f1": statistics.fmean(r.token_f1 for r in rows) if rows else 0.0,
+        "exact_match": sum(r.exact for r in rows) / n,
+        "stop_rate": sum(r.stopped for r in rows) / n,
         "mean_answer_tokens": total_tokens / n,
         "template_leaks": sum(any(m in a.raw for m in TEMPLATE_MARKERS) for a in answers),
         "latency_p50_s": _percentile(seconds, 0.5),
@@ -195,39 +215,44 @@ def read_offtopic(path: str | Path | None) -> list[str]:
     return lines
 
 
-def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[str], cfg) -> dict[str, Any]:
+@dataclass
+class Side:
+    """One adapter state's answers to the eval set and the off-topic questions, scored."""
+    figures: Figures
+    rows: list[AnswerRow]
+    offtopic: list[str]  # the answers to the off-topic questions
+    citations_right: float | None  # share of citing answers whose entry's answer is the reference
+
+
+def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[str], cfg) -> Side:
     """Every figure for whatever adapter state the model is in now."""
     answers, seconds = answer_all(bot, es.questions)
-    figures, rows = score_answers(answers, seconds, es)
+    scores, rows = score_answers(answers, seconds, es)
     loss = answer_loss(model, tokenizer, es.questions, es.references, cfg.data.system_prompt,
                        cfg.data.max_seq_length)
-    figures["answer_loss"] = loss
-    figures["answer_perplexity"] = math.exp(loss)
     off_answers, _ = answer_all(bot, offtopic)
-    figures["offtopic_decline_rate"] = sum(is_decline(a.text) for a in off_answers) / len(off_answers)
-    figures["false_decline_rate"] = sum(is_decline(a.text) for a in answers) / max(1, len(answers))
-    for row, a in zip(rows, answers, strict=True):
-        row["source"] = a.source
+    figures = Figures(**scores, answer_loss=loss, answer_perplexity=math.exp(loss),
+                      offtopic_decline_rate=sum(is_decline(a.text) for a in off_answers) / len(off_answers),
+                      false_decline_rate=sum(is_decline(a.text) for a in answers) / max(1, len(answers)))
     # a citation is right when the cited entry's answer is the reference
     cited = [(a.source["id"], ref) for a, ref in zip(answers, es.references, strict=True) if a.source]
     right = None
     if cited and getattr(bot, "index", None) is not None:
         texts = bot.index.answers([i for i, _ in cited])
         right = sum(texts.get(i) == ref for i, ref in cited) / len(cited)
-    return {"figures": figures, "rows": rows, "offtopic": [a.text for a in off_answers], "citations_right": right}
+    return Side(figures, rows, [a.text for a in off_answers], right)
 
 
-def _forgetting_side(model, tokenizer, cfg) -> dict[str, Any]:
+def _forgetting_side(model, tokenizer, cfg) -> tuple[ForgettingSide, list[tuple[str, str]]]:
     """General text and general instructions, asked plainly: never through retrieval, whose threshold would
-    decline every general instruction without generating (the figure then compared the decline with itself)."""
+    decline every general instruction without generating (the figure then compared the decline with itself).
+    Returns the figures and the (instruction, answer) pairs."""
     gq, gref = _general_instructions()
     answers, _ = answer_all(Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt), gq)
-    return {
-        "general_text_perplexity": text_perplexity(model, tokenizer, packaged("general_text.txt").read_text()),
-        "general_instruction_rouge_l": statistics.fmean(rouge_l(a.text, r) for a, r in zip(answers, gref,
-                                                                                           strict=True)),
-        "general_answers": [{"question": q, "answer": a.text} for q, a in zip(gq, answers, strict=True)],
-    }
+    side = ForgettingSide(
+        general_text_perplexity=text_perplexity(model, tokenizer, packaged("general_text.txt").read_text()),
+        general_instruction_rouge_l=statistics.fmean(rouge_l(a.text, r) for a, r in zip(answers, gref, strict=True)))
+    return side, [(q, a.text) for q, a in zip(gq, answers, strict=True)]
 
 
 def forgetting_flagged(base_ppl: float, tuned_ppl: float, threshold: float) -> bool:
@@ -249,8 +274,7 @@ def topk_recall(index, questions: list[str], references: list[str], pool: list[s
     return right / max(1, len(questions))
 
 
-def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: list[str],
-                           tuned: dict[str, Any]) -> dict[str, Any]:
+def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: list[str], tuned: Side) -> Grounding:
     """(a) the tuned model without grounding, (b) retrieval alone (top-1 answer verbatim, with and without
     the threshold), the retriever's top-k recall (the ceiling of any reader), (c) tuned + grounded (the
     `tuned` figures already measured), with off-topic and false decline rates, and the questions where
@@ -261,27 +285,27 @@ def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: li
     gated = retrieval_only(bot.index, es.questions, bot.threshold, cfg.grounding.decline_message)
     gated_off = retrieval_only(bot.index, offtopic, bot.threshold, cfg.grounding.decline_message)
     k = max(3, cfg.grounding.top_k)
-    f = tuned["figures"]
+    f = tuned.figures
     differ = []
-    for q, ref, b, row in zip(es.questions, es.references, gated, tuned["rows"], strict=True):
+    for q, ref, b, row in zip(es.questions, es.references, gated, tuned.rows, strict=True):
         b_match = matches_own_answer(b.text, ref, es.pool)
-        if b_match != row["match"]:
-            differ.append({"question": q, "reference": ref, "retrieval_only": b.text, "retrieval_match": b_match,
-                           "tuned": row["answer"], "tuned_match": row["match"]})
-    return {
-        "threshold": bot.threshold,
-        "tuned_without_grounding": {"answer_accuracy": eval_accuracy(ungrounded, es),
-                                    "false_decline_rate": sum(is_decline(a.text) for a in ungrounded) / max(
-                                        1, len(ungrounded))},
-        "retrieval_only": {"answer_accuracy": eval_accuracy(top1, es),
-                           "answer_accuracy_with_threshold": eval_accuracy(gated, es),
-                           "offtopic_decline_rate": sum(a.declined for a in gated_off) / max(1, len(offtopic)),
-                           "false_decline_rate": sum(a.declined for a in gated) / max(1, len(gated))},
-        "retrieval_topk": {"k": k, "recall": topk_recall(bot.index, es.questions, es.references, es.pool, k)},
-        "tuned_grounded": {k: f[k] for k in ("answer_accuracy", "offtopic_decline_rate", "false_decline_rate")},
-        "citations_right": tuned["citations_right"],
-        "differences": differ,
-    }
+        if b_match != row.match:
+            differ.append(Difference(q, ref, retrieval_only=b.text, retrieval_match=b_match, tuned=row.answer,
+                                     tuned_match=row.match))
+    return Grounding(
+        threshold=bot.threshold,
+        tuned_without_grounding=UngroundedFigures(
+            answer_accuracy=eval_accuracy(ungrounded, es),
+            false_decline_rate=sum(is_decline(a.text) for a in ungrounded) / max(1, len(ungrounded))),
+        retrieval_only=RetrievalFigures(
+            answer_accuracy=eval_accuracy(top1, es), answer_accuracy_with_threshold=eval_accuracy(gated, es),
+            offtopic_decline_rate=sum(a.declined for a in gated_off) / max(1, len(offtopic)),
+            false_decline_rate=sum(a.declined for a in gated) / max(1, len(gated))),
+        retrieval_topk=TopkRecall(k, topk_recall(bot.index, es.questions, es.references, es.pool, k)),
+        tuned_grounded=GroundedFigures(f.answer_accuracy, f.offtopic_decline_rate, f.false_decline_rate),
+        citations_right=tuned.citations_right,
+        differences=differ,
+    )
 
 
 # --- follow-ups: two-turn conversations ----------------------------------------------------------------------
@@ -328,13 +352,13 @@ def answer_conversation(bot: Answerer, turns: list[str]) -> Answer:
 
 
 def follow_up_side(bot: Answerer, conversations: list[list[str]], references: list[str],
-                   pool: list[str]) -> dict[str, Any]:
+                   pool: list[str]) -> FollowUpSide:
     """Accuracy of the last answer of each conversation (the follow-up), with the answers."""
     answers = [answer_conversation(bot, turns) for turns in conversations]
     matches = [matches_own_answer(a.text, ref, pool) for a, ref in zip(answers, references, strict=True)]
-    return {"accuracy": sum(matches) / max(1, len(matches)),
-            "rows": [{"turns": t, "reference": r, "answer": a.text, "match": m}
-                     for t, r, a, m in zip(conversations, references, answers, matches, strict=True)]}
+    return FollowUpSide(sum(matches) / max(1, len(matches)),
+                        [FollowUpRow(t, r, a.text, m)
+                         for t, r, a, m in zip(conversations, references, answers, matches, strict=True)])
 
 
 def retrieval_follow_ups(index, conversations: list[list[str]], references: list[str], pool: list[str],
@@ -351,61 +375,43 @@ def retrieval_follow_ups(index, conversations: list[list[str]], references: list
 
 def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopic: list[str],
                  forgetting_threshold: float, bot: Answerer | None = None,
-                 conversations: tuple[list[list[str]], list[str]] | None = None) -> dict[str, Any]:
+                 conversations: tuple[list[list[str]], list[str]] | None = None) -> EvalReport:
     """The whole evaluation of a loaded base+adapter (PeftModel); base figures via disable_adapter().
 
     `bot` answers (default: a plain Answerer); a GroundedAnswerer adds the grounding side-by-side figures.
     `conversations` (turns, references: `read_conversations`) adds the follow-up accuracy.
     """
     bot = bot or Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
+    grounded = hasattr(bot, "index")
     tuned = _measure_side(bot, model, tokenizer, es, offtopic, cfg)
-    grounding = grounding_side_by_side(bot, model, tokenizer, cfg, es, offtopic, tuned) if hasattr(
-        bot, "index") else None
+    grounding = grounding_side_by_side(bot, model, tokenizer, cfg, es, offtopic, tuned) if grounded else None
     pool = list(dict.fromkeys(es.pool + (conversations[1] if conversations else [])))
-    follow = {"conversations": len(conversations[0]), "tuned": follow_up_side(bot, *conversations, pool)} if (
-        conversations) else None
-    if follow and hasattr(bot, "index"):
-        follow["retrieval_only"] = retrieval_follow_ups(bot.index, *conversations, pool, None)
-        follow["retrieval_only_with_threshold"] = retrieval_follow_ups(bot.index, *conversations, pool,
-                                                                       bot.threshold)
-    tuned_forget = _forgetting_side(model, tokenizer, cfg)
+    follow = FollowUps(len(conversations[0]), follow_up_side(bot, *conversations, pool)) if conversations else None
+    if follow and grounded:
+        follow.retrieval_only = retrieval_follow_ups(bot.index, *conversations, pool, None)
+        follow.retrieval_only_with_threshold = retrieval_follow_ups(bot.index, *conversations, pool, bot.threshold)
+    tuned_forget, tuned_general = _forgetting_side(model, tokenizer, cfg)
     with model.disable_adapter():
         base = _measure_side(bot, model, tokenizer, es, offtopic, cfg) if compare_base else None
         if follow and compare_base:
-            follow["base"] = follow_up_side(bot, *conversations, pool)
-        base_forget = _forgetting_side(model, tokenizer, cfg)
-    ppl_ratio = tuned_forget["general_text_perplexity"] / base_forget["general_text_perplexity"]
-    rouge_drop = base_forget["general_instruction_rouge_l"] - tuned_forget["general_instruction_rouge_l"]
-    flagged = forgetting_flagged(base_forget["general_text_perplexity"], tuned_forget["general_text_perplexity"],
-                                 forgetting_threshold)
-    questions = [
-        {"question": q, "reference": r, "tuned": t, **({"base": b} if base else {})}
-        for q, r, t, b in zip(es.questions, es.references, tuned["rows"],
-                              base["rows"] if base else [None] * len(es.questions), strict=True)
-    ]
-    return {
-        "source": es.source,
-        "questions_evaluated": len(es.questions),
-        "offtopic_questions": len(offtopic),
-        "tuned": tuned["figures"],
-        "base": base["figures"] if base else None,
-        "grounding": grounding,
-        "follow_ups": follow,
-        "forgetting": {
-            "base": {k: v for k, v in base_forget.items() if k != "general_answers"},
-            "tuned": {k: v for k, v in tuned_forget.items() if k != "general_answers"},
-            "perplexity_ratio": ppl_ratio,
-            "general_instruction_rouge_drop": rouge_drop,
-            "threshold": forgetting_threshold,
-            "flagged": flagged,
-            "general_answers": [
-                {"question": b["question"], "base": b["answer"], "tuned": t["answer"]}
-                for b, t in zip(base_forget["general_answers"], tuned_forget["general_answers"], strict=True)
-            ],
-        },
-        "per_question": questions,
-        "offtopic_answers": [{"question": q, "tuned": a, **({"base": b} if base else {})}
-                             for q, a, b in zip(offtopic, tuned["offtopic"],
-                                                base["offtopic"] if base else [None] * len(offtopic),
-                                                strict=True)],
-    }
+            follow.base = follow_up_side(bot, *conversations, pool)
+        base_forget, base_general = _forgetting_side(model, tokenizer, cfg)
+    b_ppl, t_ppl = base_forget.general_text_perplexity, tuned_forget.general_text_perplexity
+    forgetting = Forgetting(
+        base=base_forget, tuned=tuned_forget, perplexity_ratio=t_ppl / b_ppl,
+        general_instruction_rouge_drop=base_forget.general_instruction_rouge_l
+        - tuned_forget.general_instruction_rouge_l,
+        threshold=forgetting_threshold, flagged=forgetting_flagged(b_ppl, t_ppl, forgetting_threshold),
+        general_answers=[GeneralAnswer(q, base=b, tuned=t)
+                         for (q, b), (_, t) in zip(base_general, tuned_general, strict=True)])
+    base_rows = base.rows if base else [None] * len(es.questions)
+    base_offtopic = base.offtopic if base else [None] * len(offtopic)
+    return EvalReport(
+        source=es.source, questions_evaluated=len(es.questions), offtopic_questions=len(offtopic),
+        tuned=tuned.figures, base=base.figures if base else None, grounding=grounding, follow_ups=follow,
+        forgetting=forgetting,
+        per_question=[QuestionResult(q, r, t, b)
+                      for q, r, t, b in zip(es.questions, es.references, tuned.rows, base_rows, strict=True)],
+        offtopic_answers=[OfftopicAnswer(q, t, b)
+                          for q, t, b in zip(offtopic, tuned.offtopic, base_offtopic, strict=True)],
+    )

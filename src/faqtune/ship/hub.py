@@ -18,6 +18,7 @@ from faqtune.errors import FaqtuneError, ModelError
 from faqtune.models import (
     EMBEDDED_HUB_IDS,
 )
+from faqtune.report import EvalReport
 from faqtune.run import RunDir
 from faqtune.ship.merged import REPORT_NAME, merge_run
 
@@ -27,15 +28,16 @@ def _hub_base(cfg) -> str:
     return EMBEDDED_HUB_IDS.get(cfg.base_model, cfg.base_model)
 
 
-def eval_figures(run: RunDir) -> dict[str, Any] | None:
-    """The newest `faqtune eval` report of the run (RUN_DIR/eval/*.json holding tuned figures), if any."""
+def eval_figures(run: RunDir) -> EvalReport | None:
+    """The newest `faqtune eval` report of the run (RUN_DIR/eval/*.json holding tuned figures), if any; reports
+    written by older faqtune versions read too (what they lack reads as None)."""
     reports = sorted((run.root / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in reports:
         try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            report = EvalReport.load(path)
+        except (OSError, ValueError):  # unreadable, not JSON, or not a report's shape
             continue
-        if isinstance(report, dict) and isinstance(report.get("tuned"), dict):
+        if report.tuned is not None:
             return report
     return None
 
@@ -49,19 +51,21 @@ _CARD_FIGURES = [("answer_accuracy", "answer accuracy", "{:.3f}"), ("mean_rouge_
                  ("offtopic_decline_rate", "off-topic declines", "{:.2f}")]
 
 
-def _eval_section(report: dict[str, Any]) -> list[str]:
-    base = report.get("base") or {}
-    lines = ["## Evaluation", "",
-             f"`faqtune eval` on {report.get('questions_evaluated', '?')} questions ({Path(report.get('source', '')).name}).",
+def _eval_section(report: EvalReport) -> list[str]:
+    """The card's figures: those the report holds (a report read from an older file may lack some)."""
+    base = report.base
+    n = report.questions_evaluated if report.questions_evaluated is not None else "?"
+    lines = ["## Evaluation", "", f"`faqtune eval` on {n} questions ({Path(report.source or '').name}).",
              "", "| measure | tuned |" + (" base |" if base else ""), "| --- | --- |" + (" --- |" if base else "")]
     for key, label, fmt in _CARD_FIGURES:
-        if key in report["tuned"]:
-            row = f"| {label} | {fmt.format(report['tuned'][key])} |"
-            lines.append(row + (f" {fmt.format(base[key])} |" if key in base else (" |" if base else "")))
-    forgetting = report.get("forgetting") or {}
-    if "perplexity_ratio" in forgetting:
-        lines += ["", f"General-text perplexity ratio tuned/base: {forgetting['perplexity_ratio']:.2f}"
-                      + (" (flagged as forgetting)" if forgetting.get("flagged") else "") + "."]
+        if (tuned := getattr(report.tuned, key)) is not None:
+            base_value = getattr(base, key) if base else None
+            lines.append(f"| {label} | {fmt.format(tuned)} |"
+                         + (f" {fmt.format(base_value)} |" if base_value is not None else (" |" if base else "")))
+    forgetting = report.forgetting
+    if forgetting and forgetting.perplexity_ratio is not None:
+        lines += ["", f"General-text perplexity ratio tuned/base: {forgetting.perplexity_ratio:.2f}"
+                      + (" (flagged as forgetting)" if forgetting.flagged else "") + "."]
     return lines + [""]
 
 
