@@ -164,7 +164,7 @@ def test_training_logs_eval_loss_and_mixes(tiny_run):
 def test_eval_cli_writes_the_report(tiny_run, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["eval", str(tiny_run), "--compare-base", "--limit", "2", "--max-new-tokens", "4",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--merged", "none"]) == 0
     printed = capsys.readouterr().out
     assert "Answer accuracy" in printed
     head = summary(EvalReport.load(out / "report.json"))  # the summary printed is the one report.md opens with
@@ -177,6 +177,19 @@ def test_eval_cli_writes_the_report(tiny_run, tmp_path, capsys):
     assert "| answer accuracy |" in md and "## Per question" in md and "## Forgetting" in md
     for png in ("comparison.png", "loss_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("merged", ["auto", "bf16", "fp32"])
+def test_eval_refuses_a_merged_model(tiny_run, tmp_path, capsys, merged):
+    """Eval measures the base by turning the adapter off, which a merged model cannot: --merged is refused in one
+    line before anything loads (it was once accepted and silently ignored)."""
+    out = tmp_path / "r"
+    assert main(["eval", str(tiny_run), "--limit", "1", "--max-new-tokens", "2", "--out", str(out),
+                 "--merged", merged]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: eval takes no --merged {merged}: ") and err.count("\n") == 1
+    assert "adapter off" in err and "ask, chat" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_fail_on_forgetting_exit_code(tiny_run, tmp_path, monkeypatch, capsys):

@@ -247,11 +247,12 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.evaluate import build_eval_set, evaluate_run, load_conversations, read_offtopic
+    from faqtune.evaluate import build_eval_set, check_merged, evaluate_run, load_conversations, read_offtopic
     from faqtune.models import load_for_inference
     from faqtune.report import summary, write_report
     from faqtune.run import RunDir, check_output
 
+    check_merged(args.gen_merged)  # before anything loads; the model below is the 4-bit base + adapter
     run = RunDir(args.run_dir)
     cfg = _run_config(args.run_dir, args)
     out = check_output(args.out or run.root / "eval", "dir", "--out")  # before the evaluation, not after it

@@ -19,7 +19,7 @@ import torch
 
 from faqtune import data as data_mod
 from faqtune.data import packaged
-from faqtune.errors import DataError
+from faqtune.errors import DataError, FaqtuneError
 from faqtune.generate import Answer, Answerer
 from faqtune.grounding import is_decline, retrieval_only, retrieve_turns
 from faqtune.loss import answer_token_loss
@@ -371,6 +371,15 @@ def retrieval_follow_ups(index, conversations: list[list[str]], references: list
                 and matches_own_answer(hits[0].answer, ref, pool)
                 for hits, ref in zip(found, references, strict=True))
     return right / max(1, len(conversations))
+
+
+def check_merged(merged: str | None) -> None:
+    """Refuse `eval --merged`: eval measures the base (forgetting, --compare-base) by turning the adapter
+    off, which a model with the adapter merged in cannot do."""
+    if merged not in (None, "none"):
+        raise FaqtuneError(f"eval takes no --merged {merged}: it measures the base (forgetting, --compare-base) by "
+                           "turning the adapter off, which a merged model cannot do; --merged is for ask, chat "
+                           "and demo")
 
 
 def evaluate_run(model, tokenizer, cfg, es: EvalSet, compare_base: bool, offtopic: list[str],
