@@ -21,8 +21,8 @@ from pathlib import Path
 from faqtune.config import load_config
 from faqtune.data import load_faq
 from faqtune.generate import Answerer
+from faqtune.loading import load_for_inference
 from faqtune.metrics import answer_accuracy, rouge_l
-from faqtune.models import load_for_inference
 from faqtune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -221,7 +221,7 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
     peak = TrainingPeak()
     summary = ft.train(cfg, callbacks=(seen["probe"],))
     peak.note()
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
 
     model, tok, cfg = load_for_inference(cfg.output_dir)
     bits = bits_per_param(model)  # as stored after loading (bitsandbytes' CPU inference kernel repacks later)

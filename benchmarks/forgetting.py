@@ -44,8 +44,8 @@ def _child(spec: dict) -> dict:
     from faqtune.config import load_config
     from faqtune.evaluate import text_perplexity
     from faqtune.grounding import make_answerer
+    from faqtune.loading import load_for_inference
     from faqtune.metrics import matches_own_answer
-    from faqtune.models import load_for_inference
     from faqtune.train import train
 
     torch.set_num_threads(spec["threads"])

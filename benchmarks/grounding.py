@@ -26,7 +26,7 @@ from faqtune.config import load_config
 from faqtune.evaluate import build_eval_set, eval_accuracy, read_offtopic
 from faqtune.generate import Answerer
 from faqtune.grounding import GroundedAnswerer, is_decline, open_run_index, retrieval_only
-from faqtune.models import load_for_inference
+from faqtune.loading import load_for_inference
 from faqtune.run import RunDir
 from faqtune.train import train
 

@@ -19,8 +19,8 @@ from common import write_result
 
 from faqtune.data import load_faq
 from faqtune.grounding import make_answerer
+from faqtune.loading import load_for_inference
 from faqtune.metrics import answer_accuracy
-from faqtune.models import load_for_inference
 
 
 def measure(run: str, mode: str, lookup: int, questions: list[str], refs: list[str], n: int) -> dict:

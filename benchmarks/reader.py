@@ -142,7 +142,7 @@ def main() -> int:
 
 def measure_run(run: Path, index, sets, pool, offtopic, convs, latency_questions: int, base_max_new_tokens: int,
                 base_follow_ups: bool, priors: list[float]) -> dict:
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
     from faqtune.run import RunDir
 
     cfg = RunDir(run).load_config()

@@ -131,7 +131,8 @@ def run_phase(url: str, model: str, questions: list[str], clients: int, requests
 
 def backend_phases(models, backend, model: str, questions: list[str], args, concurrency: list[int]) -> tuple:
     """Every phase against one backend (None: in-process): (phases, stream_check)."""
-    from faqtune.serve.app import ServeLimits, ServerThread, create_app
+    from faqtune.serve.app import create_app
+    from faqtune.serve.http import ServeLimits, ServerThread
 
     phases = {}
     plan = [(f"c{c}", max(64, c), c, args.requests) for c in concurrency]

@@ -21,8 +21,9 @@ from urllib.parse import urlparse
 from common import write_result
 
 from faqtune.data import bundled_faq_path, load_faq
-from faqtune.serve.app import ServeLimits, ServerThread, create_app
+from faqtune.serve.app import create_app
 from faqtune.serve.engine import load_served_models
+from faqtune.serve.http import ServeLimits, ServerThread
 
 
 def rss_mib() -> float:

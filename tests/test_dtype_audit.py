@@ -58,7 +58,7 @@ class AuditStep(TrainerCallback):
 
 def test_fp32_training_and_answering_touch_no_half_precision(tiny_base, small_faq, tmp_path):
     from faqtune.generate import Answerer
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
     from faqtune.train import train
 
     run = tmp_path / "run"

@@ -50,7 +50,7 @@ def test_training_lowered_the_answer_loss_of_what_it_trained_on(default_run):
     well below the base's (a training step that learns nothing, or the wrong tokens, fails this)."""
     from faqtune.data import load_faq
     from faqtune.evaluate import answer_loss
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
 
     model, tok, cfg = load_for_inference(default_run)
     shown = load_faq(default_run / "data" / "train_grounded.jsonl").entries[:12]

@@ -64,7 +64,7 @@ def test_merge_equals_adapter_on_dequantized_base(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from faqtune.models import dequantized_weights, merge_adapter
+    from faqtune.loading import dequantized_weights, merge_adapter
     from faqtune.run import RunDir
 
     cfg = RunDir(tiny_run).load_config()
@@ -287,7 +287,7 @@ def test_merge_without_check_saves_the_dequantized_merge(tiny_run, tmp_path, cap
 def test_ask_can_merge_in_memory(tiny_run):
     """`generation.merged`: the adapter merged into the dequantized weights for answering, next-token logits
     as the 4-bit model's (the trained weights), and no 4-bit or LoRA layer left."""
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
 
     trained, tok, _ = load_for_inference(tiny_run)
     merged, _, _ = load_for_inference(tiny_run, merged="fp32")
@@ -303,8 +303,9 @@ def test_ask_can_merge_in_memory(tiny_run):
 def test_merged_dtype_and_parameter_count(tiny_base):
     from transformers import AutoModelForCausalLM
 
+    from faqtune.config import load_config
     from faqtune.errors import ConfigError
-    from faqtune.models import _parameter_count, merged_dtype
+    from faqtune.loading import _parameter_count, merged_dtype
 
     config = json.loads((tiny_base / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
@@ -313,13 +314,13 @@ def test_merged_dtype_and_parameter_count(tiny_base):
     assert merged_dtype("none", str(tiny_base)) is None and merged_dtype("bf16", str(tiny_base)) == "bf16"
     assert merged_dtype("auto", str(tiny_base)) in ("fp32", "bf16")  # CPU, and the tiny model fits
     assert merged_dtype("auto", "no/such-folder") is None  # size unknown: keep the 4-bit base
-    with pytest.raises(ConfigError):
-        merged_dtype("fp8", str(tiny_base))
+    with pytest.raises(ConfigError, match="generation.merged"):  # checked once, when the settings load
+        load_config(None, {"generation.merged": "fp8"})
 
 
 def test_prompt_lookup_is_used_for_one_greedy_answer_and_changes_nothing(tiny_run):
     from faqtune.generate import Answerer
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
 
     model, tok, cfg = load_for_inference(tiny_run, merged="fp32")  # fp32: the two decodings' sums agree
     seen = []

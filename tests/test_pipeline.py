@@ -72,7 +72,7 @@ def test_adapter_loads_with_plain_peft_and_was_trained(trained_run, tiny_base):
 def test_ask_prints_only_the_answer(trained_run, capsys):
     from faqtune.config import GenerationConfig
     from faqtune.generate import Answerer
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
 
     question = "How do I do thing number 3?"
     assert main(["ask", str(trained_run), question, "--max-new-tokens", "12"]) == 0

@@ -83,7 +83,7 @@ def test_trust_remote_code_flag_enables_it(tmp_path, remote_code_base, tiny_base
 
 
 def test_run_and_adapter_settings_ignore_trust_remote_code(tmp_path, capsys):
-    from faqtune.models import adapter_folder_config
+    from faqtune.loading import adapter_folder_config
 
     run = _fake_run(tmp_path / "run", trust_remote_code=True)
     assert RunDir(run).load_config().trust_remote_code is False
@@ -253,7 +253,7 @@ def _adapter(folder: Path) -> Path:
 
 
 def test_a_truncated_adapter_is_named(tmp_path):
-    from faqtune.models import safe_adapter_dir
+    from faqtune.loading import safe_adapter_dir
 
     folder = _adapter(tmp_path / "adapter")
     weights = folder / "adapter_model.safetensors"
@@ -263,7 +263,7 @@ def test_a_truncated_adapter_is_named(tmp_path):
 
 
 def test_a_bad_adapter_config_is_named(tmp_path):
-    from faqtune.models import safe_adapter_dir
+    from faqtune.loading import safe_adapter_dir
 
     folder = _adapter(tmp_path / "adapter")
     (folder / "adapter_config.json").write_text('{"peft_type": ')

@@ -61,7 +61,8 @@ LIMITS = dict(queue_size=16, max_batch_size=8, max_body_bytes=20_000, max_messag
 
 @pytest.fixture(scope="module")
 def server(served):
-    from faqtune.serve.app import ServeLimits, ServerThread, create_app
+    from faqtune.serve.app import create_app
+    from faqtune.serve.http import ServeLimits, ServerThread
 
     with ServerThread(create_app(served, ServeLimits(**LIMITS), api_key=KEY)) as url:
         yield url
@@ -132,14 +133,14 @@ def test_model_selects_the_adapter_on_the_shared_base(client, served, runs):
     """Each name answers exactly as that adapter (or the bare base) loaded alone would."""
     from faqtune.config import GenerationConfig
     from faqtune.generate import Answerer
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
 
     got = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTION}],
                                                 max_tokens=16).choices[0].message.content
            for name in served.names}
     assert len(set(got.values())) == 3, got  # three different models
     assert len(served.peft_model.peft_config) == 2  # two adapters on one model, the base loaded once
-    assert all(e.answerer.model is served.hooked for e in served.entries.values())
+    assert all(e.answerer.model is served.peft_model for e in served.entries.values())
     for name, base_only in (("second", False), (served.names[2], True)):
         model, tokenizer, _ = load_for_inference(runs[1], base_only=base_only)
         alone = Answerer(model, tokenizer, GenerationConfig(max_new_tokens=16)).ask(QUESTION)[0].text
@@ -255,7 +256,7 @@ def test_other_routes_errors_and_key_scope(server):
 
 
 def test_api_key_from_env_and_comparison(monkeypatch):
-    from faqtune.serve.app import Gate, resolve_api_key
+    from faqtune.serve.http import Gate, resolve_api_key
 
     monkeypatch.setenv("FAQTUNE_API_KEY", "from-env")
     assert resolve_api_key(None) == "from-env" and resolve_api_key("given") == "given"
@@ -268,7 +269,8 @@ def test_api_key_from_env_and_comparison(monkeypatch):
 
 
 def test_full_queue_answers_429_with_retry_after(served):
-    from faqtune.serve.app import ServeLimits, ServerThread, create_app
+    from faqtune.serve.app import create_app
+    from faqtune.serve.http import ServeLimits, ServerThread
 
     limits = ServeLimits(**{**LIMITS, "queue_size": 1, "max_batch_size": 1})
     with ServerThread(create_app(served, limits, api_key=KEY)) as url:
@@ -343,10 +345,7 @@ class Exploding:
 
         self.tokenizer, self.gen, self.system_prompt, self.stop_ids = tokenizer, GenerationConfig(), None, [0]
 
-    def prepare(self, conversations):
-        return [(c, None) for c in conversations]
-
-    def generate(self, conversations, gen=None):
+    def answer_batch(self, conversations, gen=None, stopping=None):
         raise RuntimeError("secret internals at /srv/model")
 
 
@@ -358,8 +357,9 @@ class BrokenTokenizer:
 
 
 def test_internal_errors_are_generic_and_logged(tiny_tokenizer, caplog):
-    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.app import create_app
     from faqtune.serve.engine import ServedModel, ServedModels
+    from faqtune.serve.http import ServerThread
 
     caplog.set_level(logging.INFO, logger="faqtune.serve")
     entries = {"boom": ServedModel("boom", Exploding(tiny_tokenizer), "a", tiny_tokenizer, 512),
@@ -394,7 +394,8 @@ def test_request_log_lines(server, caplog):
 
 def test_runs_on_different_bases_are_refused(runs, tiny_base_no_template, tmp_path):
     from faqtune.errors import ModelError
-    from faqtune.serve.engine import load_served_models, parse_run_specs
+    from faqtune.serve.engine import load_served_models
+    from faqtune.serve.jobs import parse_run_specs
 
     other = tmp_path / "other"
     shutil.copytree(runs[0], other, ignore=shutil.ignore_patterns("checkpoints", "tb"))
@@ -434,7 +435,7 @@ def test_cli_refuses_ports_out_of_range(capsys, tmp_path, port):
 
 
 def test_streamable_holds_back_partial_markers():
-    from faqtune.serve.engine import streamable
+    from faqtune.serve.jobs import streamable
 
     markers = ("<|im_end|>", "STOP")
     assert streamable("  Hello there <|im_", markers) == "Hello there"
@@ -516,8 +517,9 @@ def test_a_rebuilt_index_is_picked_up_without_a_restart(runs, tmp_path, caplog):
     """Issue 15: `faqtune index FAQ --out RUN/index` (swapped into place) is used by a running server: an
     off-topic question it declined without generating is answered once its entry is added. An index that
     fails to load is reported once and the previous one kept."""
-    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.app import create_app
     from faqtune.serve.engine import load_served_models
+    from faqtune.serve.http import ServerThread
 
     caplog.set_level(logging.INFO, logger="faqtune.serve")
     run = tmp_path / "live"

@@ -88,7 +88,8 @@ def test_real_runs_answer_through_the_engine_with_their_index(runs, engine, mode
     from test_serve import request
     from test_serve_upstream import KEY
 
-    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.app import create_app
+    from faqtune.serve.http import ServerThread
     from faqtune.serve.upstream import Upstream, load_upstream_models
 
     alpha, second = runs

@@ -46,14 +46,15 @@ def copy_model(tokenizer, sentence: str = SENTENCE):
 def copy_server(tiny_tokenizer):
     from faqtune.config import GenerationConfig
     from faqtune.generate import Answerer
-    from faqtune.serve.app import ServeLimits, ServerThread, create_app
-    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import create_app
+    from faqtune.serve.engine import ServedModel, ServedModels
+    from faqtune.serve.http import ServeLimits, ServerThread
 
-    hooked = HookedModel(copy_model(tiny_tokenizer))
-    entries = {name: ServedModel(name, Answerer(hooked, tiny_tokenizer, GenerationConfig(prompt_lookup=lookup)),
+    model = copy_model(tiny_tokenizer)
+    entries = {name: ServedModel(name, Answerer(model, tiny_tokenizer, GenerationConfig(prompt_lookup=lookup)),
                                  None, tiny_tokenizer, 512)
                for name, lookup in (("lookup", 10), ("plain", 0))}
-    with ServerThread(create_app(ServedModels(entries, None, hooked), ServeLimits())) as url:
+    with ServerThread(create_app(ServedModels(entries), ServeLimits())) as url:
         yield url
 
 
@@ -129,15 +130,16 @@ def declining_server(tiny_tokenizer):
     entry's answer, which the stream must show too (not the decline it was generating)."""
     from faqtune.config import FaqtuneConfig
     from faqtune.grounding import GroundedAnswerer
-    from faqtune.serve.app import ServerThread, create_app
-    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import create_app
+    from faqtune.serve.engine import ServedModel, ServedModels
+    from faqtune.serve.http import ServerThread
 
     cfg = FaqtuneConfig()
     cfg.grounding.decline_message, cfg.grounding.top_k = DECLINE, 2
-    hooked = HookedModel(copy_model(tiny_tokenizer, DECLINE))
-    answerer = GroundedAnswerer(hooked, tiny_tokenizer, cfg.generation, None, StubIndex(), cfg)
+    model = copy_model(tiny_tokenizer, DECLINE)
+    answerer = GroundedAnswerer(model, tiny_tokenizer, cfg.generation, None, StubIndex(), cfg)
     entries = {"grounded": ServedModel("grounded", answerer, None, tiny_tokenizer, 512)}
-    with ServerThread(create_app(ServedModels(entries, None, hooked))) as url:
+    with ServerThread(create_app(ServedModels(entries))) as url:
         yield url
 
 

@@ -36,20 +36,21 @@ def hostile_server(tiny_tokenizer, tmp_path_factory):
     from faqtune.generate import Answerer
     from faqtune.grounding import GroundedAnswerer
     from faqtune.retrieval import FaqIndex
-    from faqtune.serve.app import ServeLimits, ServerThread, allowed_hosts_for, create_app
-    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import create_app
+    from faqtune.serve.engine import ServedModel, ServedModels
+    from faqtune.serve.http import ServeLimits, ServerThread, allowed_hosts_for
 
-    hooked = HookedModel(copy_model(tiny_tokenizer))
+    model = copy_model(tiny_tokenizer)
     rows = [(f"How do I do thing number {i}?", f"Thing {i} is done on page {i}.") for i in range(8)]
     index = FaqIndex.build([FaqEntry((("user", q), ("assistant", a))) for q, a in rows],
                            tmp_path_factory.mktemp("hostile-index"), threshold=0.3)
     cfg = FaqtuneConfig()
-    entries = {"copy": ServedModel("copy", Answerer(hooked, tiny_tokenizer, GenerationConfig()), None,
+    entries = {"copy": ServedModel("copy", Answerer(model, tiny_tokenizer, GenerationConfig()), None,
                                    tiny_tokenizer, 512),
-               "grounded": ServedModel("grounded", GroundedAnswerer(hooked, tiny_tokenizer, cfg.generation,
+               "grounded": ServedModel("grounded", GroundedAnswerer(model, tiny_tokenizer, cfg.generation,
                                                                     None, index, cfg), "x", tiny_tokenizer, 512)}
     limits = ServeLimits(max_tokens_cap=16, max_messages=8, max_body_bytes=50_000, max_prompt_tokens=400)
-    app = create_app(ServedModels(entries, None, hooked), limits, allowed_hosts=allowed_hosts_for("127.0.0.1"))
+    app = create_app(ServedModels(entries), limits, allowed_hosts=allowed_hosts_for("127.0.0.1"))
     with ServerThread(app, limits=limits) as url:
         yield url, app
 

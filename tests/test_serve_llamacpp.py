@@ -116,8 +116,9 @@ def answers(url: str, stream: bool = False) -> list[dict]:
 
 
 def test_llamacpp_and_in_process_give_the_same_grounded_answers(engine_and_run, capsys):
-    from faqtune.serve.app import ServerThread, create_app
+    from faqtune.serve.app import create_app
     from faqtune.serve.engine import load_served_models
+    from faqtune.serve.http import ServerThread
     from faqtune.serve.upstream import Upstream, load_upstream_models
 
     engine, run = engine_and_run

@@ -49,16 +49,17 @@ class GatedAnswerer(Answerer):
 @pytest.fixture(scope="module")
 def app_server(tiny_tokenizer):
     from faqtune.config import GenerationConfig
-    from faqtune.serve.app import ServeLimits, ServerThread, allowed_hosts_for, create_app
-    from faqtune.serve.engine import HookedModel, ServedModel, ServedModels
+    from faqtune.serve.app import create_app
+    from faqtune.serve.engine import ServedModel, ServedModels
+    from faqtune.serve.http import ServeLimits, ServerThread, allowed_hosts_for
 
-    hooked = HookedModel(copy_model(tiny_tokenizer))
-    entries = {"copy": ServedModel("copy", Answerer(hooked, tiny_tokenizer, GenerationConfig()), None,
+    model = copy_model(tiny_tokenizer)
+    entries = {"copy": ServedModel("copy", Answerer(model, tiny_tokenizer, GenerationConfig()), None,
                                    tiny_tokenizer, 512),
-               "gated": ServedModel("gated", GatedAnswerer(hooked, tiny_tokenizer, GenerationConfig()), None,
+               "gated": ServedModel("gated", GatedAnswerer(model, tiny_tokenizer, GenerationConfig()), None,
                                     tiny_tokenizer, 512)}
     limits = ServeLimits(**LIMITS)
-    app = create_app(ServedModels(entries, None, hooked), limits, allowed_hosts=allowed_hosts_for(
+    app = create_app(ServedModels(entries), limits, allowed_hosts=allowed_hosts_for(
         "127.0.0.1", ["faq.example"]))
     with ServerThread(app, limits=limits) as url:
         yield url
@@ -231,7 +232,7 @@ def test_host_header_is_checked_on_loopback(app_server, host, ok):
 
 
 def test_allowed_hosts_default_by_bound_address():
-    from faqtune.serve.app import allowed_hosts_for
+    from faqtune.serve.http import allowed_hosts_for
 
     assert allowed_hosts_for("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
     assert allowed_hosts_for("::1", ["Bot.Example."]) == {"127.0.0.1", "localhost", "::1", "bot.example"}

@@ -141,7 +141,8 @@ def served_models(tokenizer):
 
 
 def start(tokenizer, url: str, timeout: float = 30.0, **limits):
-    from faqtune.serve.app import ServeLimits, ServerThread, create_app
+    from faqtune.serve.app import create_app
+    from faqtune.serve.http import ServeLimits, ServerThread
     from faqtune.serve.upstream import Upstream
 
     limits = ServeLimits(**limits)

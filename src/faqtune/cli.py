@@ -112,13 +112,9 @@ def _gen_overrides(args: argparse.Namespace) -> dict[str, object]:
 def _run_config(run_dir: str, args: argparse.Namespace):
     """The run's saved config with this command's generation flags applied (validated); remote code only with
     this command's --trust-remote-code, never from the saved settings."""
-    from faqtune.models import adapter_folder_config, is_adapter_folder
-    from faqtune.run import RunDir
+    from faqtune.loading import open_run
 
-    trust = getattr(args, "trust_remote_code", False)
-    if is_adapter_folder(run_dir):  # a pushed adapter (or its Hub download): settings from its faqtune.yaml
-        return adapter_folder_config(run_dir, _gen_overrides(args), trust)
-    return RunDir(run_dir).load_config(_gen_overrides(args), trust)
+    return open_run(run_dir, _gen_overrides(args), getattr(args, "trust_remote_code", False)).cfg
 
 
 def _positive_int(text: str) -> int:
@@ -178,22 +174,20 @@ def _end_process_group() -> None:
 
 
 def _answerer(run_dir: str, args: argparse.Namespace, base_only: bool = False):
-    from faqtune.models import fetch_adapter, load_for_inference
+    from faqtune.loading import load_for_inference, open_run
 
-    run_dir = fetch_adapter(run_dir)  # a Hub repo id (OWNER/NAME) is downloaded first
-    cfg = _run_config(run_dir, args)
-    model, tokenizer, cfg = load_for_inference(run_dir, base_only=base_only, cfg=cfg, merged=cfg.generation.merged)
-    return _open_answerer(run_dir, model, tokenizer, cfg, grounded=not args.no_grounding)
+    run = open_run(run_dir, _gen_overrides(args), getattr(args, "trust_remote_code", False))  # Hub ids downloaded
+    model, tokenizer, cfg = load_for_inference(run.root, base_only=base_only, cfg=run.cfg, merged=run.cfg.generation.merged)
+    return _open_answerer(run.root, model, tokenizer, cfg, grounded=not args.no_grounding)
 
 
 def _open_answerer(run_dir, model, tokenizer, cfg, grounded: bool):
     """make_answerer, with a damaged FAQ index (a missing LanceDB table, say) as one line naming it."""
-    from pathlib import Path
 
-    from faqtune.grounding import INDEX_DIR, make_answerer
-    from faqtune.run import named_damage
+    from faqtune.grounding import make_answerer
+    from faqtune.run import RunDir, named_damage
 
-    with named_damage(Path(run_dir) / INDEX_DIR, "FAQ index"):
+    with named_damage(RunDir(run_dir).index_dir, "FAQ index"):
         return make_answerer(run_dir, model, tokenizer, cfg, grounded=grounded)
 
 
@@ -248,7 +242,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.evaluate import build_eval_set, check_merged, evaluate_run, load_conversations, read_offtopic
-    from faqtune.models import load_for_inference
+    from faqtune.loading import load_for_inference
     from faqtune.report import summary, write_report
     from faqtune.run import RunDir, check_output
 
@@ -276,7 +270,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.serve.app import ServeLimits, serve
+    from faqtune.serve.app import serve
+    from faqtune.serve.http import ServeLimits
 
     names = ("queue_size", "max_batch_size", "max_body_bytes", "max_messages", "max_tokens_cap", "max_prompt_tokens",
              "header_timeout")
@@ -321,7 +316,7 @@ def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
 
     check_output(tempfile.gettempdir(), "dir", "staging folder")  # the upload is staged there
     if args.merged:
-        check_output(RunDir(args.run_dir).root / "merged", "dir", "merged model folder")
+        check_output(RunDir(args.run_dir).merged_dir, "dir", "merged model folder")
     url = push(args.run_dir, args.repo_id, merged=args.merged, private=args.private,
                trust_remote_code=args.trust_remote_code)
     print(url)

@@ -12,7 +12,7 @@ from faqtune.config import load_config
 from faqtune.data import load_faq
 from faqtune.generate import Answerer
 from faqtune.grounding import cite, make_answerer
-from faqtune.models import load_for_inference
+from faqtune.loading import load_for_inference
 from faqtune.run import RunDir
 from faqtune.train import train
 
@@ -52,7 +52,7 @@ def run_demo(output: str, overrides: dict, retrain: bool = False, out=sys.stdout
     run = RunDir(output)
     if retrain and run.root.exists():
         shutil.rmtree(run.root)
-    if (run.adapter_dir / "adapter_config.json").exists():
+    if run.has_adapter():
         print(f"reusing the trained run in {run.root} (pass --retrain to train again)", file=sys.stderr)
     else:
         train(load_config(None, {"output_dir": output, **overrides}))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from faqtune.config import GenerationConfig
 from faqtune.prompting import TEMPLATE_MARKERS, build_messages, encode_prompt
@@ -37,6 +39,10 @@ def clean(text: str) -> str:
         if cut != -1:
             text = text[:cut]
     return text.strip()
+
+
+# (indices of the conversations generated for, left-padded prompt width) -> the batch's stopping criteria
+Stopping = Callable[[list[int], int], StoppingCriteria]
 
 
 class Answerer:
@@ -74,13 +80,19 @@ class Answerer:
     def unanswered(self, context: Any) -> Answer:
         raise NotImplementedError
 
-    def answer_batch(self, conversations: list[list[dict[str, str]]],
-                     gen: GenerationConfig | None = None) -> list[list[Answer]]:
-        """Answer several conversations at once (left-padded batch); one list of answers per conversation."""
+    def answer_batch(self, conversations: list[list[dict[str, str]]], gen: GenerationConfig | None = None,
+                     stopping: Stopping | None = None) -> list[list[Answer]]:
+        """Answer several conversations at once (left-padded batch); one list of answers per conversation.
+
+        `stopping(generated, width)`, if given, makes the `StoppingCriteria` generate() calls after every
+        decoding step, from the indices of the conversations that are generated for (the others were answered
+        without generating) and the batch's left-padded prompt width (`faqtune serve` streams and cancels
+        rows with it)."""
         gen = gen or self.gen
         prepared = self.prepare(conversations)
         todo = [i for i, (conv, _) in enumerate(prepared) if conv is not None]
-        generated = self.generate([prepared[i][0] for i in todo], gen) if todo else []
+        criteria = (lambda width: stopping(todo, width)) if stopping is not None else None
+        generated = self.generate([prepared[i][0] for i in todo], gen, criteria) if todo else []
         out = [[self.unanswered(ctx) for _ in range(gen.num_return_sequences)] if conv is None else []
                for conv, ctx in prepared]
         for i, group in zip(todo, generated, strict=True):
@@ -88,8 +100,10 @@ class Answerer:
         return out
 
     @torch.inference_mode()
-    def generate(self, conversations: list[list[dict[str, str]]], gen: GenerationConfig) -> list[list[Answer]]:
-        """Generate for conversations as given (left-padded batch): one list of answers per conversation."""
+    def generate(self, conversations: list[list[dict[str, str]]], gen: GenerationConfig,
+                 stopping: Callable[[int], StoppingCriteria] | None = None) -> list[list[Answer]]:
+        """Generate for conversations as given (left-padded batch): one list of answers per conversation.
+        `stopping(width)` makes a StoppingCriteria for the batch, given its prompt width."""
         prompts = [encode_prompt(self.tokenizer, msgs) for msgs in conversations]
         width = max(len(p) for p in prompts)
         device = next(self.model.parameters()).device
@@ -98,6 +112,8 @@ class Answerer:
         kwargs = self._generate_kwargs(gen)
         if len(prompts) == 1 and gen.temperature == 0 and gen.num_return_sequences == 1 and gen.prompt_lookup:
             kwargs["prompt_lookup_num_tokens"] = gen.prompt_lookup  # greedy output unchanged; fewer forwards
+        if stopping is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stopping(width)])
         out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         new = out[:, width:].tolist()
         answers: list[list[Answer]] = []

@@ -19,8 +19,8 @@ from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
 from faqtune.reader import NONE, check_choice, choice_target, pick, score_choices
 from faqtune.retrieval import FaqIndex, Hit, building_dir, calibrate_threshold, swap_into_place
+from faqtune.run import RunDir
 
-INDEX_DIR = "index"  # inside a run directory
 INSTRUCTION = "Answer the customer's question from the FAQ entries above. If none of them answers it, say so."
 DECLINE = re.compile(
     r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i can only (help|answer|assist)|i can'?t (help|assist|answer)|"
@@ -308,7 +308,7 @@ class GroundedAnswerer(Answerer):
 
 def open_run_index(run_root: str | Path) -> FaqIndex | None:
     """The run's index when it was trained with grounding, else None."""
-    root = Path(run_root) / INDEX_DIR
+    root = RunDir(run_root).index_dir
     return FaqIndex(root) if (root / "index.json").exists() else None
 
 

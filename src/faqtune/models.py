@@ -1,5 +1,5 @@
-"""Base models and adapters: resolve a base (alias, folder, hub id), quantize it, attach or load LoRA, load a
-run for answering (4-bit base + adapter, or the adapter merged into the dequantized weights: `merge.py`).
+"""Base models: resolve a base (alias, folder, hub id; the embedded default's cache), measure which compute
+dtype this machine runs fast, quantize the base and attach LoRA for training. loading.py loads a trained run.
 
 `BitsAndBytesConfig` and `peft.LoraConfig` are built here and nowhere else.
 """
@@ -20,10 +20,8 @@ from typing import Any
 
 import torch
 
-from faqtune import merge
-from faqtune.config import MERGED_CHOICES, FaqtuneConfig, LoraConfig, QuantizationConfig
-from faqtune.errors import ConfigError, FaqtuneError, ModelError
-from faqtune.run import RunDir, load_saved_settings, named_damage
+from faqtune.config import FaqtuneConfig, LoraConfig, QuantizationConfig
+from faqtune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +219,7 @@ def build_lora_config(lora: LoraConfig):
     )
 
 
-def _from_pretrained(loader: Any, ident: str, **kwargs: Any) -> Any:
+def from_pretrained_or_explain(loader: Any, ident: str, **kwargs: Any) -> Any:
     """Call a transformers loader, turning 'not found / offline / unsafe' into one clear sentence."""
     try:
         return loader.from_pretrained(ident, **kwargs)
@@ -245,7 +243,7 @@ def _from_pretrained(loader: Any, ident: str, **kwargs: Any) -> Any:
 def load_tokenizer(ident: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, ident, trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained_or_explain(AutoTokenizer, ident, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Pad equal to EOS is safe here: labels are built from explicit masks, never from pad positions.
         tokenizer.pad_token = tokenizer.eos_token
@@ -267,7 +265,7 @@ def load_base_model(ident: str, cfg: FaqtuneConfig, quantize: bool = True):
         kwargs["quantization_config"] = bnb
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if _distributed() else "auto"
-    model = _from_pretrained(AutoModelForCausalLM, ident, **kwargs)
+    model = from_pretrained_or_explain(AutoModelForCausalLM, ident, **kwargs)
     model.config.use_cache = False
     if bnb is not None and dtype == torch.float32 and not torch.cuda.is_available():
         # bitsandbytes answers through its own bf16 kernel on any CPU that reports AVX512-BF16, whatever the
@@ -301,7 +299,7 @@ def keep_4bit_layers_trainable(model) -> int:
     except ImportError:
         return 0
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers:
+    for layer in layers:  # no public switch: the flag comes with the CPU fused kernel (bitsandbytes PR #1804)
         layer.support_avx512bf16_for_cpu = False
     return len(layers)
 
@@ -323,161 +321,3 @@ def attach_lora(model, cfg: FaqtuneConfig):
 def trainable_report(model) -> str:
     trainable, total = model.get_nb_trainable_parameters()
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-
-
-def is_adapter_folder(path: str | Path) -> bool:
-    """A pushed adapter (what `faqtune push` uploads): adapter_config.json at the root, no run layout."""
-    return (Path(path) / "adapter_config.json").exists()
-
-
-def fetch_adapter(ident: str) -> str:
-    """A run directory or adapter folder as is; a Hub repo id (OWNER/NAME) downloaded first (snapshot)."""
-    if Path(ident).expanduser().exists() or ident.startswith((".", "/", "~")) or ident.count("/") != 1:
-        return ident
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(ident)
-    except Exception as e:  # offline, no such repo, gated: one sentence
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"'{ident}' is neither a local run or adapter folder nor a Hub repo that could be "
-                         f"downloaded ({first})") from None
-
-
-def adapter_folder_config(folder: str | Path, overrides: dict[str, Any] | None = None,
-                          trust_remote_code: bool = False) -> FaqtuneConfig:
-    """Settings of a pushed adapter: its faqtune.yaml (the run's settings) when present; the base comes from
-    there if it can be loaded here (an alias, a hub id), else from adapter_config.json, as PEFT does.
-    `trust_remote_code` is the caller's (the command line's), never faqtune.yaml's."""
-    folder = Path(folder)
-    yaml_path = folder / "faqtune.yaml"
-    cfg = load_saved_settings(yaml_path if yaml_path.exists() else None, overrides, trust_remote_code)
-    with named_damage(folder / "adapter_config.json", "adapter config"):
-        named = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    local_missing = cfg.base_model.startswith((".", "/", "~")) and not Path(cfg.base_model).expanduser().exists()
-    if named and (not yaml_path.exists() or local_missing):
-        cfg.base_model = named
-    return cfg
-
-
-def safe_adapter_dir(adapter_dir: str | Path) -> Path:
-    """An adapter folder checked before PEFT loads it: a config and safetensors weights (PEFT would fall back
-    to a pickled adapter_model.bin, which can run code when loaded)."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise ModelError(f"{adapter_dir}: no adapter_config.json (did training finish?)")
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        raise ModelError(f"{adapter_dir}: no adapter_model.safetensors; faqtune loads adapters only from "
-                         "safetensors, never from pickled weights such as adapter_model.bin")
-    from safetensors import safe_open
-
-    with named_damage(adapter_dir / "adapter_config.json", "adapter config"):  # damaged files: one line each
-        if not isinstance(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")), dict):
-            raise ValueError("not a JSON object")
-    with named_damage(adapter_dir / "adapter_model.safetensors", "adapter weights"):
-        safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt")  # checks a truncated file too
-    return adapter_dir
-
-
-def load_run_tokenizer(tokenizer_dir: Path, base: str, trust_remote_code: bool = False):
-    """A run's saved tokenizer (a damaged one is one line naming it), else the base's."""
-    if not tokenizer_dir.exists():
-        return load_tokenizer(base, trust_remote_code)
-    with named_damage(tokenizer_dir, "tokenizer"):
-        return load_tokenizer(str(tokenizer_dir), trust_remote_code)
-
-
-def dequantized_weights(base: str, cfg: FaqtuneConfig) -> dict[str, torch.Tensor]:
-    """The weights the adapter was trained against: the base quantized exactly as in training (same loader,
-    same BitsAndBytesConfig), then dequantized to fp32. Keyed by state-dict name."""
-    quantized = load_base_model(base, cfg)
-    weights = merge.dequantize(quantized)
-    del quantized
-    return weights
-
-
-def merge_adapter(run_dir: str | Path, base_weights: str = "dequantized", dtype: str = "fp32",
-                  cfg: FaqtuneConfig | None = None, dequantized: dict[str, torch.Tensor] | None = None):
-    """Base (full precision) + the run's adapter merged into plain weights; returns a plain transformers model.
-
-    base_weights: `dequantized` merges into the NF4-dequantized weights the adapter was trained on (`dequantized`
-    if given, else measured now), `original` into the base checkpoint's own weights. The merge itself runs in
-    fp32, then casts to `dtype`.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if base_weights not in ("dequantized", "original"):
-        raise FaqtuneError(f"base weights must be 'dequantized' or 'original', got {base_weights!r}")
-    run = RunDir(run_dir)
-    cfg = cfg or run.load_config()
-    adapter_dir = safe_adapter_dir(run.adapter_dir)
-    base = resolve_base(cfg.base_model)
-    model = _from_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, use_safetensors=True,
-                             trust_remote_code=cfg.trust_remote_code)
-    weights = None
-    if base_weights == "dequantized" and cfg.quantization.mode != "none":
-        weights = dequantized if dequantized is not None else dequantized_weights(base, cfg)
-    return merge.merge_into(model, adapter_dir, dtype, weights)
-
-
-def load_for_inference(run_dir: str | Path, base_only: bool = False, cfg: FaqtuneConfig | None = None,
-                       merged: str = "none"):
-    """Base (quantized as trained) + the run's adapter, ready to generate; returns (model, tokenizer, cfg).
-
-    `run_dir` may also be an adapter folder as `faqtune push` uploads it (adapter and tokenizer side by side).
-    `merged` (fp32 | bf16 | auto) instead merges the adapter into the dequantized 4-bit weights in memory (the
-    weights it was trained against: `faqtune merge`'s fidelity) for faster generation; `auto` merges on CPU
-    when the merged model fits in a quarter of the free memory (see `merged_dtype`), else keeps the 4-bit base.
-    """
-    run = RunDir(run_dir)
-    flat = is_adapter_folder(run.root)
-    cfg = cfg or (adapter_folder_config(run.root) if flat else run.load_config())
-    base = resolve_base(cfg.base_model)
-    tokenizer_dir = run.root if flat and (run.root / "tokenizer_config.json").exists() else run.tokenizer_dir
-    tokenizer = load_run_tokenizer(tokenizer_dir, base, cfg.trust_remote_code)
-    dtype = merged_dtype(merged, base) if not (base_only or flat) else None
-    if dtype is not None:
-        return merge_adapter(run.root, "dequantized", dtype, cfg=cfg), tokenizer, cfg
-    model = load_base_model(base, cfg)
-    if not base_only:
-        from peft import PeftModel
-
-        adapter_dir = run.root if flat else run.adapter_dir
-        model = PeftModel.from_pretrained(model, str(safe_adapter_dir(adapter_dir)))
-    model.eval()
-    model.config.use_cache = True
-    return model, tokenizer, cfg
-
-
-def merged_dtype(merged: str, base: str) -> str | None:
-    """The dtype to merge the adapter in for inference, or None to keep the 4-bit base + adapter.
-
-    `auto`: on CPU only (a GPU runs the 4-bit kernels fast and has little memory to spare), in bf16 where this
-    CPU computes it fast (measured), else fp32, when that model takes at most a quarter of the free memory."""
-    if merged not in MERGED_CHOICES:
-        raise ConfigError([f"`generation.merged` must be one of {', '.join(MERGED_CHOICES)}, got {merged!r}"])
-    if merged != "auto":
-        return None if merged == "none" else merged
-    if torch.cuda.is_available():
-        return None
-    dtype = "bf16" if cpu_bf16_is_fast() else "fp32"
-    try:
-        config = json.loads((Path(base) / "config.json").read_text())
-        params = _parameter_count(config)
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unknown size: keep the 4-bit base
-    return dtype if params * (2 if dtype == "bf16" else 4) <= free / 4 else None
-
-
-def _parameter_count(config: dict) -> int:
-    """A Llama-like decoder's parameter count from its config.json (embeddings, attention, MLP, head)."""
-    h, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    inter = config.get("intermediate_size", 4 * h)
-    heads = config.get("num_attention_heads", 1)
-    kv = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim", h // heads)
-    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    per_layer = attention + 3 * h * inter
-    head = 0 if config.get("tie_word_embeddings", False) else vocab * h
-    return vocab * h + layers * per_layer + head

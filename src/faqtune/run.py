@@ -18,7 +18,9 @@ LOCK_NAME = ".lock"
 
 
 class RunDir:
-    """Paths inside a run directory: adapter/, tokenizer/, config.yaml, metrics.jsonl, tb/, checkpoints/, data/."""
+    """Every artifact's place in a run directory: adapter/, tokenizer/, config.yaml, metrics.jsonl, tb/,
+    checkpoints/, data/ (the split, what the model saw, the general-text mix), index/ (a grounded run's FAQ
+    index), eval/ (`faqtune eval`'s reports), merged/ (`faqtune push --merged`'s model), summary.json."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -32,8 +34,16 @@ class RunDir:
     train_split = property(lambda self: self.root / "data" / "train.jsonl")
     eval_split = property(lambda self: self.root / "data" / "eval.jsonl")
     mix_split = property(lambda self: self.root / "data" / "mix.jsonl")
+    grounded_split = property(lambda self: self.root / "data" / "train_grounded.jsonl")  # what the model saw
+    index_dir = property(lambda self: self.root / "index")
+    eval_dir = property(lambda self: self.root / "eval")
+    merged_dir = property(lambda self: self.root / "merged")
     summary_path = property(lambda self: self.root / "summary.json")
     lock_path = property(lambda self: self.root / LOCK_NAME)
+
+    def has_adapter(self) -> bool:
+        """Training finished: the adapter was written."""
+        return (self.adapter_dir / "adapter_config.json").exists()
 
     def load_config(self, overrides: dict[str, Any] | None = None, trust_remote_code: bool = False) -> FaqtuneConfig:
         """The run's saved settings (+ `overrides`); `trust_remote_code` comes from the caller, never the file."""

@@ -30,7 +30,7 @@ from faqtune import data as data_mod
 from faqtune.config import FaqtuneConfig, effective_epochs, parse_mix
 from faqtune.data import general_instructions_path
 from faqtune.errors import FaqtuneError, TrainingStopped
-from faqtune.grounding import INDEX_DIR, build_index, ground_entries
+from faqtune.grounding import build_index, ground_entries
 from faqtune.loss import answer_token_loss
 from faqtune.models import (
     attach_lora,
@@ -189,6 +189,8 @@ class FaqTrainer(checkpoints.SafeCheckpoints, SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
         mode = "train" if model.training else "eval"
+        # TRL logs its metrics from the private `_metrics` its own compute_loss fills; there is no public way to
+        # add one from an overriding compute_loss (its accuracy: huggingface/trl#2597)
         self._metrics[mode]["mean_token_accuracy"].append(scored.correct / scored.tokens if scored.tokens else 0.0)
         return (loss, scored.outputs) if return_outputs else loss
 
@@ -256,7 +258,7 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations:
 
 def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
     if run.root.exists() and any(run.root.iterdir()) and not resume:
-        if (run.adapter_dir / "adapter_config.json").exists() or checkpoints.last_checkpoint(run.checkpoints_dir) is not None:
+        if run.has_adapter() or checkpoints.last_checkpoint(run.checkpoints_dir) is not None:
             raise FaqtuneError(
                 f"{run.root} already holds a run; pass --resume to continue it or choose another --output"
             )
@@ -358,17 +360,17 @@ def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train
         state = PartialState(cpu=not torch.cuda.is_available())  # on CPU accelerate needs telling
         main = state.is_main_process
         with state.main_process_first():
-            index = (build_index(run.root / INDEX_DIR, faq, cfg, seed=cfg.data.seed) if state.is_main_process
-                     else FaqIndex(run.root / INDEX_DIR))
+            index = (build_index(run.index_dir, faq, cfg, seed=cfg.data.seed) if state.is_main_process
+                     else FaqIndex(run.index_dir))
     else:
-        index = build_index(run.root / INDEX_DIR, faq, cfg, seed=cfg.data.seed)
+        index = build_index(run.index_dir, faq, cfg, seed=cfg.data.seed)
     position = {id(e): i for i, e in enumerate(faq)}
     if main:
         _say(f"grounding: indexed {len(faq)} entries in {time.time() - started:.1f}s "
              f"(decline below similarity {index.threshold:.3f})")
     grounded = [ground_entries(index, split, [position[id(e)] for e in split], cfg, seed=cfg.data.seed + k)
                 for k, split in enumerate((train_entries, eval_entries))]
-    data_mod.write_jsonl(grounded[0], run.root / "data" / "train_grounded.jsonl")  # what the model saw
+    data_mod.write_jsonl(grounded[0], run.grounded_split)  # what the model saw
     release_embedders()  # training needs no embedder: its memory goes back before the activations need it
     return grounded[0], grounded[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faqtune import models
+from faqtune import loading, models
 from faqtune.config import load_config
 from faqtune.errors import ModelError
 
@@ -71,7 +71,7 @@ def test_a_pickled_adapter_is_refused(reference, tmp_path):
     torch.save(load_file(weights), run / "adapter" / "adapter_model.bin")
     weights.unlink()
     with pytest.raises(ModelError, match="no adapter_model.safetensors; faqtune loads adapters only from safetensors"):
-        models.load_for_inference(run)
+        loading.load_for_inference(run)
 
 
 def test_checkpoints_and_adapters_are_written_as_safetensors(reference):

@@ -38,22 +38,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faqtune.errors import FaqtuneError
 from faqtune.prompting import encode_prompt, with_system
-from faqtune.serve.engine import (
-    BatchWorker,
-    GenSettings,
-    Job,
-    QueueFull,
-    Result,
-    ServedModels,
-    WorkerStopped,
-    load_served_models,
-)
-from faqtune.serve.http import (  # noqa: F401 (ServerThread: tests and benchmarks import it from here)
+from faqtune.serve.engine import BatchWorker, ServedModels, load_served_models
+from faqtune.serve.http import (
     INTERNAL,
     APIError,
     Gate,
     ServeLimits,
-    ServerThread,
     allowed_hosts_for,
     bind_socket,
     configure_logging,
@@ -64,6 +54,7 @@ from faqtune.serve.http import (  # noqa: F401 (ServerThread: tests and benchmar
     resolve_api_key,
     uvicorn_config,
 )
+from faqtune.serve.jobs import GenSettings, Job, QueueFull, Result, WorkerStopped
 from faqtune.serve.upstream import Upstream, UpstreamWorker, check_backend, load_upstream_models
 
 log = logging.getLogger("faqtune.serve")
@@ -305,7 +296,6 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
     engine's client (`models` then from `load_upstream_models`). `allowed_hosts`: the Host names answered (None:
     any; `serve` sets it from the bound address, see `allowed_hosts_for`)."""
     limits = limits or ServeLimits()
-    limits.validate()
     worker = (BatchWorker(models, limits.queue_size, limits.max_batch_size) if backend is None
               else UpstreamWorker(models, backend, limits.queue_size, limits.max_batch_size))
 
@@ -464,7 +454,6 @@ def serve(run_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_k
     import uvicorn
 
     limits = limits or ServeLimits()
-    limits.validate()
     if not 1 <= port <= 65535:
         raise FaqtuneError(f"`--port` must be between 1 and 65535, got {port}")
     configure_logging()

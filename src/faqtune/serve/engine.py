@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria
 
 from faqtune.errors import ModelError
 from faqtune.generate import Answerer
-from faqtune.models import load_base_model, load_run_tokenizer, load_tokenizer, safe_adapter_dir
+from faqtune.loading import load_adapters
+from faqtune.models import load_tokenizer
 from faqtune.prompting import TEMPLATE_MARKERS
+from faqtune.run import RunDir
 from faqtune.serve.index_watch import IndexWatcher
-from faqtune.serve.jobs import (  # noqa: F401 (the names tests, benchmarks and app.py import from here)
-    Choice,
-    GenSettings,
+from faqtune.serve.jobs import (
     Job,
     QueueFull,
     Result,
@@ -43,10 +43,8 @@ from faqtune.serve.jobs import (  # noqa: F401 (the names tests, benchmarks and 
     build_answerer,
     check_runs,
     finish_choice,
-    parse_run_specs,
     replaced_declines,
     send_safe,
-    streamable,
 )
 
 log = logging.getLogger("faqtune.serve")
@@ -61,44 +59,18 @@ class ServedModel:
     name: str
     answerer: Answerer
     adapter: str | None  # PEFT adapter name on the shared model; None = adapters disabled
-    count_tokenizer: Any  # a second tokenizer instance, for the HTTP side's prompt checks (not the worker's)
+    count_tokenizer: Any  # what the HTTP side counts prompt tokens with (the answerer's tokenizer, loaded once)
     context_length: int
     system_prompt: str | None = None
     run_dir: Path | None = None
     index_watch: Any = None  # index_watch.IndexWatcher of a grounded run: reloads a rebuilt index
 
 
-class HookedModel:
-    """The shared model as the Answerers see it: `generate` also gets the current batch's stopping criteria.
-
-    `Answerer.generate` takes no generate() arguments; wrapping the model keeps it the single answering path
-    (grounding and any other change made there applies to the server too) while the worker adds streaming,
-    stop strings and cancellation per batch.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self.stopping: StoppingCriteria | None = None
-
-    def generate(self, *args, **kwargs):
-        if self.stopping is not None:
-            if isinstance(self.stopping, BatchMonitor) and "input_ids" in kwargs:
-                self.stopping.prompt_len = kwargs["input_ids"].shape[1]  # generated tokens start here
-            kwargs["stopping_criteria"] = StoppingCriteriaList([self.stopping, *kwargs.get("stopping_criteria", [])])
-        return self.model.generate(*args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 class ServedModels:
     """The name -> model table, and the switch between adapters on the one shared model."""
 
-    def __init__(self, entries: dict[str, ServedModel], peft_model=None, hooked: HookedModel | None = None):
-        self.entries, self.peft_model, self.hooked = entries, peft_model, hooked
+    def __init__(self, entries: dict[str, ServedModel], peft_model=None):
+        self.entries, self.peft_model = entries, peft_model
         self.lock = threading.Lock()  # two workers (e.g. two apps in one process) never interleave batches
 
     @property
@@ -106,60 +78,45 @@ class ServedModels:
         return list(self.entries)
 
     @contextlib.contextmanager
-    def activate(self, entry: ServedModel, stopping: StoppingCriteria | None):
-        """Select the entry's adapter (or none) and install the batch's stopping criteria, for one batch."""
+    def activate(self, entry: ServedModel):
+        """Select the entry's adapter (or none), for one batch."""
         with self.lock:
-            if self.hooked is not None:
-                self.hooked.stopping = stopping
-            try:
-                if self.peft_model is None:
+            if self.peft_model is None:
+                yield
+            elif entry.adapter is None:
+                with self.peft_model.disable_adapter():
                     yield
-                elif entry.adapter is None:
-                    with self.peft_model.disable_adapter():
-                        yield
-                else:
-                    self.peft_model.set_adapter(entry.adapter, inference_mode=True)
-                    yield
-            finally:
-                if self.hooked is not None:
-                    self.hooked.stopping = None
+            else:
+                self.peft_model.set_adapter(entry.adapter, inference_mode=True)
+                yield
 
 
 def load_served_models(specs: list[str], trust_remote_code: bool = False) -> ServedModels:
     """Load the shared base once, every run's adapter onto it, and an Answerer per name (plus the bare base).
 
     `trust_remote_code` comes from the command line only (`faqtune serve --trust-remote-code`)."""
-    from peft import PeftModel
-
     runs, base = check_runs(specs, trust_remote_code)
     first_cfg = runs[0][2]
     base_name = base_display_name(first_cfg.base_model)
     if base_name in [name for name, _, _ in runs]:
         raise ModelError(f"the run name {base_name!r} is the base model's name: rename the run with NAME=RUN_DIR")
-    model = load_base_model(base, first_cfg)
-    for i, (name, run, _) in enumerate(runs):
-        # internal adapter names: PEFT keeps adapters in module dicts, where a user's name (dots...) may not fit
-        if i == 0:
-            model = PeftModel.from_pretrained(model, str(safe_adapter_dir(run.adapter_dir)), adapter_name=f"run{i}")
-        else:
-            model.load_adapter(str(safe_adapter_dir(run.adapter_dir)), adapter_name=f"run{i}")
+    # internal adapter names: PEFT keeps adapters in module dicts, where a user's name (dots...) may not fit
+    model = load_adapters(base, first_cfg, {f"run{i}": run.adapter_dir for i, (_, run, _) in enumerate(runs)})
+    for name, run, _ in runs:
         log.info("adapter %s loaded from %s", name, run.root)
-    model.eval()
-    model.config.use_cache = True
-    hooked = HookedModel(model)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
     entries: dict[str, ServedModel] = {}
     for i, (name, run, cfg) in enumerate(runs):
-        tokenizer = load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code)  # once (it was twice)
-        answerer = build_answerer(hooked, tokenizer, cfg, run.root)
-        watch = IndexWatcher(name, answerer, run.root / "index") if hasattr(answerer, "index") else None
+        tokenizer = run.tokenizer()
+        answerer = build_answerer(model, tokenizer, cfg, run.root)
+        watch = IndexWatcher(name, answerer, RunDir(run.root).index_dir) if hasattr(answerer, "index") else None
         entries[name] = ServedModel(name, answerer, f"run{i}", tokenizer, context,
                                     answerer.system_prompt, run.root, watch)
     tokenizer = load_tokenizer(base, first_cfg.trust_remote_code)
-    answerer = build_answerer(hooked, tokenizer, first_cfg, None)
+    answerer = build_answerer(model, tokenizer, first_cfg, None)
     entries[base_name] = ServedModel(base_name, answerer, None, tokenizer, context)
-    return ServedModels(entries, model, hooked)
+    return ServedModels(entries, model)
 
 
 # --- the batching worker ------------------------------------------------------------------------------
@@ -169,12 +126,12 @@ class BatchMonitor(StoppingCriteria):
     cancelled requests (only those rows: the rest of the batch goes on)."""
 
     def __init__(self, rows: list[Row], tokenizer, stop_ids: list[int], stops: tuple[str, ...],
-                 hold: Callable[[str], bool] | None = None):
+                 hold: Callable[[str], bool] | None = None, prompt_len: int | None = None):
         self.rows, self.tokenizer, self.stop_ids, self.stops = rows, tokenizer, set(stop_ids), stops
         self.hold = hold  # True for a partial answer not to stream yet (the answerer may still replace it)
         self.markers = tuple(TEMPLATE_MARKERS) + stops
         self.cancelled_rows = 0
-        self.prompt_len: int | None = None  # the batch's (left-padded) prompt width, set as generate() starts
+        self.prompt_len = prompt_len  # the batch's (left-padded) prompt width: generated tokens start there
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         # input_ids: (rows, prompt + generated so far)
@@ -340,33 +297,29 @@ class BatchWorker:
         s = batch[0].settings
         if entry.index_watch is not None and entry.index_watch.check():  # `faqtune index` rebuilt it
             self.stats["index_reloads"] += 1
-        # grounding declines some questions without generating: answer those now, generate for the rest
-        prepared = entry.answerer.prepare([job.messages for job in batch])
-        for job, (conv, ctx) in zip(batch, prepared, strict=True):
-            if conv is None:
-                answer = entry.answerer.unanswered(ctx)
-                self._answer(job, Result([finish_choice(answer, k, s.stop, None) for k in range(s.n)], 0))
-        kept = [(job, conv, ctx) for job, (conv, ctx) in zip(batch, prepared, strict=True) if conv is not None]
-        if not kept:
-            return
-        batch = [job for job, _, _ in kept]
         # greedy decoding gives n equal answers: generate one and replicate it
         n_gen = s.n if s.temperature > 0 else 1
         gen = replace(entry.answerer.gen, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, num_return_sequences=n_gen)
         per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
-        rows = [Row(job, choices, sent=job.sent.get(choices[0], "")) for job in batch for choices in per_row]
-        monitor = BatchMonitor(rows, entry.answerer.tokenizer, entry.answerer.stop_ids, s.stop,
-                               replaced_declines(entry.answerer))
-        with self.models.activate(entry, monitor):
-            groups = entry.answerer.generate([conv for _, conv, _ in kept], gen)
-        groups = [[entry.answerer.finish(a, ctx) for a in group] for group, (_, _, ctx) in zip(groups, kept,
-                                                                                                strict=True)]
-        self.stats["stopped_mid_generation"] += monitor.cancelled_rows
+        rows: dict[int, list[Row]] = {}  # job index -> its rows, for the jobs generated for
+        monitors: list[BatchMonitor] = []
+
+        def stopping(generated: list[int], width: int) -> BatchMonitor:
+            for i in generated:
+                rows[i] = [Row(batch[i], choices, sent=batch[i].sent.get(choices[0], "")) for choices in per_row]
+            monitors.append(BatchMonitor([r for i in generated for r in rows[i]], entry.answerer.tokenizer,
+                                         entry.answerer.stop_ids, s.stop, replaced_declines(entry.answerer), width))
+            return monitors[-1]
+
+        # the one answering path: grounding answers some questions without generating (declines, no rows)
+        with self.models.activate(entry):
+            groups = entry.answerer.answer_batch([job.messages for job in batch], gen, stopping)
+        self.stats["stopped_mid_generation"] += sum(m.cancelled_rows for m in monitors)
         for i, (job, answers) in enumerate(zip(batch, groups, strict=True)):
             if job.cancelled.is_set():
                 continue
-            job_rows = rows[i * len(per_row):(i + 1) * len(per_row)]
-            choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s.stop, job_rows[k if n_gen > 1 else 0])
-                       for k in range(s.n)]
-            self._answer(job, Result(choices, answers[0].prompt_tokens))
+            job_rows = rows.get(i)
+            choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s.stop,
+                                     job_rows[k if n_gen > 1 else 0] if job_rows else None) for k in range(s.n)]
+            self._answer(job, Result(choices, answers[0].prompt_tokens if job_rows else 0))

@@ -43,7 +43,7 @@ class ServeLimits:
     keep_alive: int = 5  # seconds an idle keep-alive connection stays open
     max_head_bytes: int = 16_384  # request line + headers
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:  # checked once, when made (the CLI makes it before any model loads)
         problems = [f"`--{k.replace('_', '-')}` must be > 0, got {v}" for k, v in vars(self).items() if not v > 0]
         if problems:
             raise ConfigError(problems)

@@ -10,17 +10,22 @@ retrieves, prompts, declines and cites in front of it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from faqtune.config import FaqtuneConfig
 from faqtune.errors import FaqtuneError, ModelError
 from faqtune.generate import Answer, Answerer
 from faqtune.grounding import DECLINE, make_answerer
+from faqtune.loading import OpenedRun, open_run
 from faqtune.models import resolve_base
-from faqtune.run import RunDir
+
+log = logging.getLogger("faqtune.serve")
+
 
 # --- the served runs ---------------------------------------------------------------------------------------
 
@@ -57,20 +62,24 @@ def build_answerer(model, tokenizer, cfg, run_dir: Path | None) -> Answerer:
     return make_answerer(run_dir, model, tokenizer, cfg)
 
 
-def check_runs(specs: list[str], trust_remote_code: bool = False):
-    """Read every run's config; one error listing every problem (missing runs, adapters, mixed bases)."""
+def check_runs(specs: list[str], trust_remote_code: bool = False) -> tuple[list[tuple[str, OpenedRun,
+                                                                                       FaqtuneConfig]], str]:
+    """Open every run (a run directory, a pushed adapter folder or its Hub id); one error listing every problem
+    (missing runs, adapters, mixed bases). Returns (name, run, its settings) for each, and the shared base."""
     runs, problems = [], []
     for name, path in parse_run_specs(specs):
-        run = RunDir(path)
         try:
-            cfg = run.load_config(trust_remote_code=trust_remote_code)
+            run = open_run(path, trust_remote_code=trust_remote_code)
         except FaqtuneError as e:
             problems.append(str(e))
             continue
-        if not (run.adapter_dir / "adapter_config.json").exists():
+        if not run.has_adapter():
             problems.append(f"{path}: no adapter/adapter_config.json (did training finish?)")
             continue
-        runs.append((name, run, cfg))
+        if run.cfg.generation.merged != "none":  # one base serves every adapter: nothing is merged
+            log.warning("%s: generation.merged %r is not used by serve (every run's adapter is served on the one "
+                        "shared 4-bit base); ask and chat use it", name, run.cfg.generation.merged)
+        runs.append((name, run, run.cfg))
     if problems:
         raise ModelError("cannot serve:\n" + "\n".join(f"  - {p}" for p in problems))
     if not runs:

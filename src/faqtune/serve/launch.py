@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from faqtune.errors import ModelError
-from faqtune.models import embedded_gguf, load_run_tokenizer
+from faqtune.models import embedded_gguf
 from faqtune.serve.jobs import base_display_name, check_runs
 from faqtune.ship.gguf import check_llama
 
@@ -85,9 +85,9 @@ def build_recipe(specs: list[str], engine: str, trust_remote_code: bool = False)
         except ModelError as e:
             problems.append(str(e))
     served = []
-    for name, run, cfg in runs:
+    for name, run, _ in runs:
         r = _adapter_rank(name, run.adapter_dir, engine, problems)
-        tokenizer = load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code)
+        tokenizer = run.tokenizer()
         _check_tokenizer(name, tokenizer, int(config.vocab_size), problems)
         served.append(ServedRun(name, run.root.resolve(), run.adapter_dir.resolve(), r))
     if problems:

@@ -25,25 +25,14 @@ import httpx2
 
 from faqtune.errors import ModelError
 from faqtune.generate import Answer, clean
-from faqtune.models import load_run_tokenizer, load_tokenizer
+from faqtune.models import load_tokenizer
 from faqtune.prompting import TEMPLATE_MARKERS, encode_prompt, render
+from faqtune.run import RunDir
+from faqtune.serve import jobs
 from faqtune.serve.engine import ServedModel, ServedModels
 from faqtune.serve.http import APIError, printable
 from faqtune.serve.index_watch import IndexWatcher
-from faqtune.serve.jobs import (
-    GenSettings,
-    Job,
-    QueueFull,
-    Result,
-    Row,
-    WorkerStopped,
-    base_display_name,
-    build_answerer,
-    check_runs,
-    finish_choice,
-    replaced_declines,
-    send_safe,
-)
+from faqtune.serve.jobs import GenSettings, Job, QueueFull, Result, Row, WorkerStopped
 
 log = logging.getLogger("faqtune.serve")
 
@@ -84,27 +73,27 @@ def load_upstream_models(specs: list[str], trust_remote_code: bool = False):
     (its index and threshold), and the bare base's tokenizer; no model weights are loaded here."""
     from transformers import AutoConfig
 
-    runs, base = check_runs(specs, trust_remote_code)
+    runs, base = jobs.check_runs(specs, trust_remote_code)
     choice = [name for name, _, cfg in runs if cfg.grounding.mode == "retrieval" and cfg.grounding.choice]
     if choice:
         raise ModelError(f"cannot serve {', '.join(choice)} through --backend: grounding.choice scores the shown "
                          "entries with the model itself, which only the in-process engine can do")
     first_cfg = runs[0][2]
-    base_name = base_display_name(first_cfg.base_model)
+    base_name = jobs.base_display_name(first_cfg.base_model)
     if base_name in [name for name, _, _ in runs]:
         raise ModelError(f"the run name {base_name!r} is the base model's name: rename the run with NAME=RUN_DIR")
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     context = int(getattr(config, "max_position_embeddings", 0) or 2048)
     entries: dict[str, ServedModel] = {}
     for name, run, cfg in runs:
-        tokenizer = load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code)
-        answerer = build_answerer(None, tokenizer, cfg, run.root)
-        watch = IndexWatcher(name, answerer, run.root / "index") if hasattr(answerer, "index") else None
-        count = load_run_tokenizer(run.tokenizer_dir, base, cfg.trust_remote_code)
-        entries[name] = ServedModel(name, answerer, name, count, context, answerer.system_prompt, run.root, watch)
+        tokenizer = run.tokenizer()
+        answerer = jobs.build_answerer(None, tokenizer, cfg, run.root)
+        watch = IndexWatcher(name, answerer, RunDir(run.root).index_dir) if hasattr(answerer, "index") else None
+        entries[name] = ServedModel(name, answerer, name, tokenizer, context, answerer.system_prompt, run.root,
+                                    watch)
     tokenizer = load_tokenizer(base, first_cfg.trust_remote_code)
-    entries[base_name] = ServedModel(base_name, build_answerer(None, tokenizer, first_cfg, None), None,
-                                     load_tokenizer(base, first_cfg.trust_remote_code), context)
+    entries[base_name] = ServedModel(base_name, jobs.build_answerer(None, tokenizer, first_cfg, None), None,
+                                     tokenizer, context)
     return ServedModels(entries)
 
 
@@ -304,19 +293,19 @@ class UpstreamWorker:
         conv, ctx, prompt, prompt_tokens = await asyncio.to_thread(self._prepare, job.model, job.messages)
         if conv is None:  # declined (or answered verbatim) without calling the engine
             answer = entry.answerer.unanswered(ctx)
-            return self._done(job, Result([finish_choice(answer, k, s.stop, None) for k in range(s.n)], 0))
+            return self._done(job, Result([jobs.finish_choice(answer, k, s.stop, None) for k in range(s.n)], 0))
         n_gen = s.n if s.temperature > 0 else 1  # greedy: one answer, replicated
         per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
         rows = [Row(job, choices, sent=job.sent.get(choices[0], "")) for choices in per_row]
         body = completion_request(job.model, prompt, s, entry.answerer.gen, n_gen)
-        got = await self._stream(body, rows, replaced_declines(entry.answerer), tuple(TEMPLATE_MARKERS) + s.stop)
+        got = await self._stream(body, rows, jobs.replaced_declines(entry.answerer), tuple(TEMPLATE_MARKERS) + s.stop)
         counts = await asyncio.to_thread(self._count, entry.answerer.tokenizer, got.texts)
         answers = []
         for k in range(n_gen):
             raw, tokens, stopped = got.texts[k], counts[k], got.finish[k] == "stop"
             answer = Answer(clean(raw), stopped, tokens + stopped, prompt_tokens, raw)
             answers.append(entry.answerer.finish(answer, ctx))
-        choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s.stop, rows[k if n_gen > 1 else 0])
+        choices = [jobs.finish_choice(answers[k if n_gen > 1 else 0], k, s.stop, rows[k if n_gen > 1 else 0])
                    for k in range(s.n)]
         self._done(job, Result(choices, prompt_tokens))
 
@@ -371,5 +360,5 @@ class UpstreamWorker:
             got.texts[index] += text or ""
             if choice.get("finish_reason"):
                 got.finish[index] = choice["finish_reason"]
-            send_safe(rows[index], got.texts[index], markers, hold)
+            jobs.send_safe(rows[index], got.texts[index], markers, hold)
         got.done = all(f is not None for f in got.finish)

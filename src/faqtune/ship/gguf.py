@@ -20,7 +20,7 @@ import torch
 
 from faqtune.data import load_faq
 from faqtune.errors import ModelError
-from faqtune.models import load_run_tokenizer, merge_adapter, resolve_base
+from faqtune.loading import merge_adapter, open_run
 from faqtune.prompting import encode_conversation, encode_prompt, render, with_system
 from faqtune.run import RunDir
 
@@ -328,12 +328,12 @@ def export_run(run_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
                trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge the run (into the dequantized NF4 weights, the faithful merge), write OUT.gguf and a Modelfile
     next to it, and (verify) load the GGUF back with transformers to compare logits and template ids."""
-    run = RunDir(run_dir)
-    cfg = run.load_config(trust_remote_code=trust_remote_code)
+    opened = open_run(run_dir, trust_remote_code=trust_remote_code)
+    run, cfg = RunDir(opened.root), opened.cfg
     out = Path(out_path)
     if out.suffix != ".gguf":
         raise ModelError(f"{out}: the output file must end in .gguf")
-    tokenizer = load_run_tokenizer(run.tokenizer_dir, resolve_base(cfg.base_model), cfg.trust_remote_code)
+    tokenizer = opened.tokenizer()
     weights = "dequantized" if cfg.quantization.mode != "none" else "original"
     model = merge_adapter(run.root, weights, "fp32", cfg)
     check_llama(model.config)

@@ -15,9 +15,7 @@ import yaml
 
 from faqtune.data import load_faq
 from faqtune.errors import FaqtuneError, ModelError
-from faqtune.models import (
-    EMBEDDED_HUB_IDS,
-)
+from faqtune.models import EMBEDDED_HUB_IDS
 from faqtune.report import EvalReport
 from faqtune.run import RunDir
 from faqtune.ship.merged import REPORT_NAME, merge_run
@@ -168,8 +166,8 @@ def stage_adapter(run: RunDir, cfg, dest: Path) -> Path:
     (dest / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
     for path in run.tokenizer_dir.iterdir():
         shutil.copy2(path, dest)
-    if (run.root / "index").is_dir():  # a grounded run answers from its FAQ index: `faqtune ask REPO` opens it
-        shutil.copytree(run.root / "index", dest / "index", dirs_exist_ok=True)
+    if run.index_dir.is_dir():  # a grounded run answers from its FAQ index: `faqtune ask REPO` opens it
+        shutil.copytree(run.index_dir, dest / "index", dirs_exist_ok=True)
     _write_shared_config(cfg, dest)
     return dest
 
@@ -197,7 +195,7 @@ def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool 
     """
     run = RunDir(run_dir)
     cfg = run.load_config()
-    if not (run.adapter_dir / "adapter_config.json").exists():
+    if not run.has_adapter():
         raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise FaqtuneError(f"repo id must look like OWNER/NAME, got {repo_id!r}")
@@ -206,7 +204,7 @@ def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool 
         staging = Path(tmp)
         merge_report = None
         if merged:
-            folder = Path(merged_dir) if merged_dir else run.root / "merged"
+            folder = Path(merged_dir) if merged_dir else run.merged_dir
             if not (folder / "config.json").exists():
                 print(f"push: no merged model in {folder}; merging it now (faqtune merge {run.root} {folder})",
                       file=sys.stderr)

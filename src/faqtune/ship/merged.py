@@ -23,17 +23,16 @@ import torch
 from faqtune.data import load_faq
 from faqtune.errors import FaqtuneError, ModelError
 from faqtune.generate import Answerer
+from faqtune.loading import (
+    dequantized_weights,
+    load_for_inference,
+    merge_adapter,
+    open_run,
+)
 from faqtune.loss import answer_token_loss
 from faqtune.merge import MERGE_DTYPES, save_merged
 from faqtune.metrics import answer_accuracy
-from faqtune.models import (
-    dequantized_weights,
-    load_for_inference,
-    load_run_tokenizer,
-    load_tokenizer,
-    merge_adapter,
-    resolve_base,
-)
+from faqtune.models import load_tokenizer
 from faqtune.prompting import encode_conversation, with_system
 from faqtune.run import RunDir
 
@@ -122,10 +121,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
         raise FaqtuneError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     if base_weights not in BASE_WEIGHTS:
         raise FaqtuneError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
-    run = RunDir(run_dir)
-    cfg = run.load_config(trust_remote_code=trust_remote_code)
-    if not (run.adapter_dir / "adapter_config.json").exists():
-        raise ModelError(f"{run.adapter_dir}: no adapter_config.json (did training finish?)")
+    opened = open_run(run_dir, trust_remote_code=trust_remote_code)
+    run, cfg = RunDir(opened.root), opened.cfg
+    if not opened.has_adapter():
+        raise ModelError(f"{opened.adapter_dir}: no adapter_config.json (did training finish?)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FaqtuneError(f"{out} exists and is not empty; choose another OUT_DIR or remove it")
@@ -133,7 +132,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
     candidates = (["dequantized", "original"] if quantized and base_weights == "auto"
                   else ["original"] if not quantized else
                   ["dequantized" if base_weights == "auto" else base_weights])
-    tokenizer = load_run_tokenizer(run.tokenizer_dir, resolve_base(cfg.base_model), cfg.trust_remote_code)
+    tokenizer = opened.tokenizer()
     report: dict[str, Any] = {"run_dir": str(run.root), "dtype": dtype, "base_model": cfg.base_model,
                               "quantization": cfg.quantization.mode}
     if not check:
@@ -150,7 +149,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
     ref_loss, ref_argmax = teacher_forced(ref_model, ref_tok, fs, cfg)
     reference = Side("4-bit base + adapter", ref_loss, answer_accuracy=generated_accuracy(ref_model, ref_tok, fs, cfg))
     del ref_model
-    deq = dequantized_weights(resolve_base(cfg.base_model), cfg) if "dequantized" in candidates else None
+    deq = dequantized_weights(opened.base, cfg) if "dequantized" in candidates else None
     sides: dict[str, Side] = {}
     best = None
     for name in candidates:
