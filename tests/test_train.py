@@ -59,21 +59,40 @@ def test_paged_optimizer_falls_back_on_cpu(capsys):
     assert resolve_optimizer("adamw_torch") == "adamw_torch"
 
 
-@pytest.mark.parametrize("bf16_seconds,expected", [(0.001, torch.bfloat16), (0.01, torch.float32)])
-def test_auto_compute_dtype_is_measured_and_cached(tmp_path, monkeypatch, bf16_seconds, expected):
+@pytest.mark.parametrize("fp32_s,bf16_s,fast", [(0.004, 0.001, True), (0.004, 0.0035, False), (0.004, 0.01, False)])
+def test_bf16_is_chosen_only_when_clearly_faster(fp32_s, bf16_s, fast):
+    assert models.bf16_beats_fp32(fp32_s, bf16_s) is fast
+
+
+@pytest.mark.parametrize("bf16_fast,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_compute_dtype_follows_the_cached_measurement(tmp_path, monkeypatch, bf16_fast, expected):
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    monkeypatch.setenv("FAQTUNE_HOME", str(tmp_path))
+    # one of the two cases contradicts what this CPU measures: it passes only if the cache is read, not re-measured
+    known = {models.hardware_key(): {"fp32_s": 1.0, "bf16_s": 1.0, "bf16_fast": bf16_fast}}
+    (tmp_path / "hardware.json").write_text(json.dumps(known))
+    models.cpu_bf16_is_fast.cache_clear()
+    try:
+        assert models.resolve_compute_dtype("auto") == expected
+    finally:
+        models.cpu_bf16_is_fast.cache_clear()
+    assert models.resolve_compute_dtype("fp32") == torch.float32
+
+
+def test_auto_compute_dtype_is_measured_and_cached(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CPU behaviour")
     monkeypatch.setenv("FAQTUNE_HOME", str(tmp_path))
     models.cpu_bf16_is_fast.cache_clear()
-    monkeypatch.setattr(models, "matmul_seconds", lambda dtype: bf16_seconds if dtype == torch.bfloat16
-                        else 0.004)
     try:
-        assert models.resolve_compute_dtype("auto") == expected
-        cached = json.loads((tmp_path / "hardware.json").read_text())
-        assert list(cached.values())[0]["bf16_fast"] is (expected == torch.bfloat16)
+        fast = models.cpu_bf16_is_fast()
     finally:
         models.cpu_bf16_is_fast.cache_clear()
-    assert models.resolve_compute_dtype("fp32") == torch.float32
+    entry = json.loads((tmp_path / "hardware.json").read_text())[models.hardware_key()]
+    assert entry["fp32_s"] > 0 and entry["bf16_s"] > 0
+    assert entry["bf16_fast"] is fast
+    assert fast is models.bf16_beats_fp32(entry["fp32_s"], entry["bf16_s"])
 
 
 def test_fp16_is_refused_on_cpu():

@@ -126,13 +126,23 @@ def matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = (256, 1024,
     return best
 
 
+def bf16_beats_fp32(fp32_seconds: float, bf16_seconds: float) -> bool:
+    """The decision from two measured matmul timings: bf16 only where it is clearly (over 20%) faster."""
+    return bf16_seconds < 0.8 * fp32_seconds
+
+
+def hardware_key() -> str:
+    """This machine's entry in FAQTUNE_HOME/hardware.json: the CPU, torch's version and its thread count."""
+    return f"{platform.processor() or platform.machine()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
 @lru_cache(maxsize=1)
 def cpu_bf16_is_fast() -> bool:
     """Measure (once per machine, cached in FAQTUNE_HOME) whether bf16 matmuls beat fp32 on this CPU.
 
     CPU flags are not enough: some CPUs report avx512_bf16 and still run bf16 matmuls ~5x slower than fp32.
     """
-    key = f"{platform.processor() or platform.machine()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    key = hardware_key()
     cache = faqtune_home() / "hardware.json"
     try:
         known = json.loads(cache.read_text())
@@ -140,7 +150,7 @@ def cpu_bf16_is_fast() -> bool:
         known = {}
     if key not in known:
         fp32, bf16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
-        known[key] = {"fp32_s": fp32, "bf16_s": bf16, "bf16_fast": bf16 < 0.8 * fp32}
+        known[key] = {"fp32_s": fp32, "bf16_s": bf16, "bf16_fast": bf16_beats_fp32(fp32, bf16)}
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(known, indent=1))
