@@ -22,7 +22,6 @@ import time
 from support import train_config  # run as a script: this folder is on sys.path
 from transformers import Trainer, TrainerCallback
 
-import faqtune.checkpoints as checkpoints
 from faqtune.errors import FaqtuneError
 from faqtune.train import train
 
@@ -43,7 +42,8 @@ def _die() -> None:
 
 def install_kill(where: str, step: int) -> None:
     """SIGKILL partway through writing checkpoint-`step`. No trainer callback runs while a checkpoint is
-    written (`on_save` comes after faqtune sealed and rotated), so these two wrap the writers themselves."""
+    written (`on_save` comes after faqtune sealed and rotated), so these two wrap transformers' writers:
+    faqtune's `SafeCheckpoints._save_checkpoint` seals the folder once `Trainer._save_checkpoint` returns."""
     if where == "optimizer":
         save = Trainer._save_optimizer_and_scheduler
 
@@ -54,14 +54,14 @@ def install_kill(where: str, step: int) -> None:
 
         Trainer._save_optimizer_and_scheduler = save_then_maybe_die
     elif where == "seal":
-        seal = checkpoints.seal
+        save_checkpoint = Trainer._save_checkpoint
 
-        def die_before_seal(folder):
-            if folder.name == f"checkpoint-{step}":
+        def save_then_die_before_seal(self, model, trial):
+            save_checkpoint(self, model, trial)
+            if self.state.global_step == step:
                 _die()
-            return seal(folder)
 
-        checkpoints.seal = die_before_seal
+        Trainer._save_checkpoint = save_then_die_before_seal
 
 
 def main(argv: list[str]) -> int:
