@@ -192,14 +192,19 @@ def test_eval_refuses_a_merged_model(tiny_run, tmp_path, capsys, merged):
     assert not out.exists()
 
 
-def test_fail_on_forgetting_exit_code(tiny_run, tmp_path, monkeypatch, capsys):
-    values = iter([20.0, 10.0])  # tuned first, then base: perplexity doubled
-    monkeypatch.setattr("faqtune.evaluate.text_perplexity", lambda *a, **k: next(values))
-    code = main(["eval", str(tiny_run), "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "r"),
-                 "--fail-on-forgetting"])
-    assert code == 1
-    assert "forgetting" in capsys.readouterr().err
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["forgetting"]["flagged"] is True
+def test_fail_on_forgetting_exit_code(tiny_run, tmp_path, capsys):
+    """The real perplexities, measured twice: a threshold below the measured rise fails the run, one above passes."""
+    def run(out: str, threshold: float) -> tuple[int, dict]:
+        code = main(["eval", str(tiny_run), "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp_path / out),
+                     "--fail-on-forgetting", "--forgetting-threshold", str(threshold)])
+        return code, json.loads((tmp_path / out / "report.json").read_text())["forgetting"]
+
+    code, forgetting = run("flagged", -1.0)  # -100%: any finite perplexity ratio rises more than that
+    assert code == 1 and forgetting["flagged"] is True
+    assert "error: forgetting beyond the threshold" in capsys.readouterr().err
+    code, forgetting = run("kept", forgetting["perplexity_ratio"] - 1 + 0.01)
+    assert code == 0 and forgetting["flagged"] is False
+    assert "forgetting" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line,field", [('{"turns": ["only one"], "id": 0}', "turns"),
