@@ -100,16 +100,27 @@ def test_run_and_adapter_settings_ignore_trust_remote_code(tmp_path, capsys):
     assert adapter_folder_config(folder, trust_remote_code=True).trust_remote_code is True
 
 
-def test_train_resume_takes_remote_code_only_from_its_command_line(tmp_path, capsys, monkeypatch):
-    import faqtune.train
+def test_train_resume_takes_remote_code_only_from_its_command_line(tmp_path, remote_code_base, tiny_base, capsys):
+    """The run's saved config says trust_remote_code and names a base shipping its own model code: a resume
+    runs that code (when it loads the base model) only when its own command line asks."""
+    from faqtune.checkpoints import REQUIRED, seal
 
-    seen = []
-    monkeypatch.setattr(faqtune.train, "train", lambda cfg, resume: seen.append(cfg.trust_remote_code))
-    run = _fake_run(tmp_path / "run", trust_remote_code=True)
-    assert main(["train", "--output", str(run), "--resume"]) == 0
-    assert "ignored" in capsys.readouterr().err
-    assert main(["train", "--output", str(run), "--resume", "--trust_remote_code", "true"]) == 0
-    assert seen == [False, True]
+    base, marker = remote_code_base
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a plain tokenizer: the model is what runs code
+        shutil.copy(tiny_base / name, base)
+    run = _fake_run(tmp_path / "run", base_model=str(base), trust_remote_code=True)
+    checkpoint = run / "checkpoints" / "checkpoint-1"  # sealed, so the resume goes on to load the base
+    checkpoint.mkdir(parents=True)
+    for name in REQUIRED:
+        (checkpoint / name).write_bytes(b"")
+    seal(checkpoint)
+    assert main(["train", "--output", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the base model's own code ran"
+    assert "trust_remote_code: true` ignored" in err and "ships its own model code" in err
+    with pytest.raises(Exception, match="remote code ran"):
+        main(["train", "--output", str(run), "--resume", "--trust_remote_code", "true"])
+    assert marker.exists()
 
 
 def test_push_never_writes_trust_remote_code(tmp_path):
