@@ -36,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import commit, write_result  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from faqtune.generate import Answerer  # noqa: E402
 
 SHARED_FAQ = ROOT.parent / "shared" / "data" / "ecommerce_faq.json"
 BANK_FAQ = ROOT.parent / "shared" / "data" / "bank_faq.csv"
@@ -160,53 +163,54 @@ def worker_reference(out: Path, steps: int) -> None:
     }))
 
 
-def worker_faqtune(out: Path, sets: list[str]) -> None:
-    from transformers import TrainerCallback
+class Probe(TrainerCallback):
+    """Answer accuracy at the SCHEDULE steps; the time spent here is excluded from training time. `grounded`
+    makes the run's grounded answerer (None: plain), `curve` collects the points, `rows` the examples as
+    trained (grounded prompts included)."""
 
+    def __init__(self, cfg, questions: list[str], refs: list[str], grounded, peak: TrainingPeak):
+        self.cfg, self.questions, self.refs, self.grounded, self.peak = cfg, questions, refs, grounded, peak
+        self.curve: list[dict] = []
+        self.rows: list = []
+        self.paused = 0.0
+        self.start = None
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
+                       **kw):
+        self.rows = list(train_dataloader.dataset) if train_dataloader is not None else []
+        self.start = time.perf_counter()
+        self.steps = {max(1, round(f * state.max_steps)) for f in SCHEDULE}
+        self.probe(state, model, processing_class)  # step 0: the base model (grounded: with the entries)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kw):
+        if state.global_step in self.steps:
+            self.probe(state, model, processing_class)
+
+    def probe(self, state, model, processing_class):
+        self.peak.note()
+        t = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        bot = Answerer(model, processing_class, self.cfg.generation, self.cfg.data.system_prompt)
+        if self.grounded is not None:
+            bot = self.grounded(model, processing_class)
+        texts = [a.text for a in bot.ask_many(self.questions, batch_size=16)]
+        model.train(was_training)
+        self.curve.append({"step": state.global_step, "train_seconds": t - self.start - self.paused,
+                           "answer_accuracy": score(texts, self.refs)})
+        self.paused += time.perf_counter() - t
+        self.peak.reset()
+
+
+def worker_faqtune(out: Path, sets: list[str]) -> None:
     import faqtune.train as ft
     from faqtune.config import load_config
     from faqtune.data import load_faq
-    from faqtune.generate import Answerer
     from faqtune.grounding import make_answerer
 
     entries = load_faq(SHARED_FAQ).entries
     scored = entries[:LIMIT]
     questions, refs = [e.question for e in scored], [e.answer for e in scored]
-    curve: list[dict] = []
-
-    class Probe(TrainerCallback):
-        """Answer accuracy at the SCHEDULE steps; the time spent here is excluded from training time."""
-
-        def __init__(self):
-            self.paused = 0.0
-            self.start = None
-
-        def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
-                           **kw):
-            # the examples exactly as trained (grounded prompts included)
-            seen["rows"] = list(train_dataloader.dataset) if train_dataloader is not None else []
-            self.start = time.perf_counter()
-            self.steps = {max(1, round(f * state.max_steps)) for f in SCHEDULE}
-            self.probe(state, model, processing_class)  # step 0: the base model (grounded: with the entries)
-
-        def on_step_end(self, args, state, control, model=None, processing_class=None, **kw):
-            if state.global_step in self.steps:
-                self.probe(state, model, processing_class)
-
-        def probe(self, state, model, processing_class):
-            peak.note()
-            t = time.perf_counter()
-            was_training = model.training
-            model.eval()
-            bot = Answerer(model, processing_class, cfg.generation, cfg.data.system_prompt)
-            if grounded is not None:
-                bot = grounded(model, processing_class)
-            texts = [a.text for a in bot.ask_many(questions, batch_size=16)]
-            model.train(was_training)
-            curve.append({"step": state.global_step, "train_seconds": t - self.start - self.paused,
-                          "answer_accuracy": score(texts, refs)})
-            self.paused += time.perf_counter() - t
-            peak.reset()
 
     overrides = {"data.path": str(SHARED_FAQ), "data.eval_fraction": "0", "train.eval_steps": "0",
                  "output_dir": str(out.parent / "faqtune-run")}
@@ -217,9 +221,9 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
         def grounded(model, tok):
             return make_answerer(cfg.output_dir, model, tok, cfg)
 
-    seen: dict = {"probe": Probe()}
     peak = TrainingPeak()
-    summary = ft.train(cfg, callbacks=(seen["probe"],))
+    probe = Probe(cfg, questions, refs, grounded, peak)
+    summary = ft.train(cfg, callbacks=(probe,))
     peak.note()
     from faqtune.loading import load_for_inference
 
@@ -240,16 +244,16 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
     batched = bot.ask_many(questions, batch_size=16)  # every question: accuracy, stop rate, batched throughput
     batched_s = time.perf_counter() - t
     tokens = summary["tokens_per_second"] * summary["train_seconds"]
-    rows = seen["rows"]
+    rows = probe.rows
     mean_len = statistics.fmean(len(r["input_ids"]) for r in rows)
     answer_share = sum(sum(x != -100 for x in r["labels"]) for r in rows) / sum(len(r["labels"]) for r in rows)
     flops = train_flops(model.config, base_linear, lora, int(tokens), int(tokens * answer_share), mean_len)
     out.write_text(json.dumps({
         # training time without the probes' answering (the summary's wall clock includes it)
-        "train_seconds": summary["train_seconds"] - seen["probe"].paused,
+        "train_seconds": summary["train_seconds"] - probe.paused,
         "wall_seconds_with_probes": summary["train_seconds"], "setup_seconds": summary.get("grounding_seconds", 0.0),
         "steps": summary["steps"], "real_tokens": int(tokens),
-        "final_loss": summary["final_loss"], "train_flops": flops, "curve": curve,
+        "final_loss": summary["final_loss"], "train_flops": flops, "curve": probe.curve,
         "answer_accuracy": score([a.text for a in batched], refs),
         "stop_rate": sum(a.stopped for a in batched) / len(batched),
         "answer_p50_s": statistics.median(latencies),

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, machine, machine_line, write_result
+from transformers import TrainerCallback
 
 DEFAULT_VARIANTS = [
     # What an AVX2-only CPU got before: fp32 compute (measured fastest there), adapters cast to bf16 by TRL.
@@ -37,23 +38,24 @@ DEFAULT_VARIANTS = [
 ]
 
 
+class StepClock(TrainerCallback):
+    """Each optimizer step's wall time."""
+
+    def __init__(self):
+        self.times, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
 def _child(spec: dict) -> dict:
     """Train in this process and report step times, losses and the adapter's dtype."""
-    from transformers import TrainerCallback
-
     import faqtune
     from faqtune.config import load_config
     from faqtune.train import train
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.times, self._start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
 
     clock = StepClock()
     summary = train(load_config(None, spec["overrides"]), callbacks=(clock,))
