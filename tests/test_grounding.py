@@ -289,8 +289,8 @@ def test_forgetting_probes_bypass_retrieval(grounded_run, tmp_path):
     assert general and all(g["tuned"] != decline and g["base"] != decline for g in general)
 
 
-def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, small_faq, monkeypatch):
-    from faqtune import grounding
+def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, small_faq):
+    from faqtune.retrieval import TABLE, load_embedder
 
     cfg = load_config(None)
     entries = data_mod.load_faq(small_faq).entries
@@ -298,18 +298,22 @@ def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, sm
     first = build_index(out, entries[:5], cfg)
     before = (out / "index.json").read_text()
 
-    def killed(*args, **kwargs):  # the process dies between the table and the calibrated threshold
-        raise KeyboardInterrupt
+    def killed(module, args):  # Ctrl-C between the table and the calibrated threshold: calibration's first embedding
+        if any(tmp_path.glob(f".idx.building-*/{TABLE}.lance")):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(grounding, "calibrate", killed)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(out, entries, cfg)
+    # a torch forward hook on the embedding model (the one load_embedder caches and the build uses)
+    hook = next(load_embedder(cfg.grounding.embedder).children()).register_forward_pre_hook(killed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_index(out, entries, cfg)
+    finally:
+        hook.remove()
     assert (out / "index.json").read_text() == before
     again = FaqIndex(out)
     assert len(again) == 5 and again.threshold == first.threshold
     leftovers = list(tmp_path.glob(".idx.building-*"))
     assert leftovers and all(not (d / "index.json").exists() for d in leftovers)  # never a null threshold
-    monkeypatch.undo()
     rebuilt = build_index(out, entries, cfg)  # the next build replaces it and sweeps what was left
     assert len(rebuilt) == 10 and FaqIndex(out).search("thing number 7")[0].id == 7
     assert [p.name for p in tmp_path.iterdir() if p.name != "faq.json"] == ["idx"]
