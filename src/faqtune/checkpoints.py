@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
-
+# torch is imported where a tensor is touched, inside the Trainer's calls: this module is also imported without
+# training (checkpoint checks, resume, the fast tests), and torch costs seconds to import.
 from faqtune.errors import CheckpointError, TrainingStopped
 
 MANIFEST = "faqtune-manifest.json"
@@ -264,7 +263,13 @@ class SafeCheckpoints:
 
     keep_checkpoints: int | None = None
 
+    # Trainer has no public hook around writing a checkpoint (callbacks' on_save runs after it is written and
+    # rotated), so sealing and named write errors override the private method. transformers' own answer to
+    # half-written checkpoints (huggingface/transformers#35782, PR #35580) skips incomplete folders on resume
+    # but still rotates before a checkpoint is complete.
     def _save_checkpoint(self, model, trial):
+        import torch
+
         folder = Path(self._get_output_dir(trial)) / f"{PREFIX}{self.state.global_step}"
         bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:
@@ -310,6 +315,8 @@ class SafeCheckpoints:
         return TrainOutput(self.state.global_step, float("nan"), {})
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        import torch
+
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Checked before the optimizer step, so the weights (and the checkpoints) stay finite.
         if not torch.isfinite(loss).all():
@@ -340,13 +347,29 @@ def is_final(checkpoint: Path, max_steps: int, epochs: float) -> bool:
     return step >= (max_steps if max_steps > 0 else planned) and same_plan
 
 
-class GracefulStop(TrainerCallback):
-    """On SIGINT/SIGTERM: finish the current optimizer step, write a checkpoint, then stop training."""
+def _ignore_event(*args, **kwargs) -> None:
+    return None
+
+
+class GracefulStop:
+    """On SIGINT/SIGTERM: finish the current optimizer step, write a checkpoint, then stop training.
+
+    A Trainer callback without transformers' `TrainerCallback` as its base: importing that class imports
+    transformers' trainer (torch, peft, bitsandbytes: ~10 s) into everything that imports this module. The
+    Trainer calls each callback's `on_<event>` for every event; the ones other than `on_step_end` do nothing
+    here, as in `TrainerCallback`."""
 
     def __init__(self):
         self.received: int | None = None
 
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return _ignore_event
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
         if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every process must stop after the same step, or the others wait forever in the next all-reduce.
             flag = torch.tensor([0.0 if self.received is None else 1.0], device=args.device)
