@@ -74,8 +74,14 @@ def test_ask_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "not a faqtune run directory" in _one_line_error(capsys)
 
 
+@pytest.mark.pipeline  # `faqtune train` imports the training stack (transformers' trainer, peft, trl): ~10 s
 def test_offline_hub_id_is_one_sentence(tmp_path, capsys, monkeypatch, small_faq):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, when imported (by an earlier test, often): set its constant too,
+    # or the Hub is asked over the network (~45 s of retries where there is none).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     code = main(["train", "--base", "no-such-org/no-such-model", "--data", str(small_faq),
                  "--output", str(tmp_path / "run")])
     assert code == 2
