@@ -106,12 +106,15 @@ def index(bundled, tmp_path_factory):
     return build_index(tmp_path_factory.mktemp("index"), bundled, load_config(None))
 
 
-MODEL_FIXTURES = {"tiny_base", "tiny_base_no_template", "tiny_tokenizer"}
+# Fixtures that load a model: the tiny Llama, its tokenizer, and the index (the embedded MiniLM embedder, through
+# sentence-transformers and torch).
+MODEL_FIXTURES = {"tiny_base", "tiny_base_no_template", "tiny_tokenizer", "index"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the tiers: `e2e` (marked in its module), `pipeline` (anything that needs a tiny model, directly or
-    through another fixture), `unit` (the rest): `pytest -m unit` runs the fast tier alone."""
+    """Mark the tiers: `e2e` (marked in its module), `pipeline` (anything that loads a model: a fixture of
+    MODEL_FIXTURES, directly or through another fixture, or marked so), `unit` (the rest): `pytest -m unit` runs
+    the fast tier alone."""
     for item in items:
         if item.get_closest_marker("e2e") or item.get_closest_marker("pipeline"):
             continue

@@ -88,6 +88,7 @@ def test_python_dash_m_faqtune_is_the_launch_entry_point():
     assert proc.returncode == 0 and "usage: faqtune train" in proc.stdout
 
 
+@pytest.mark.pipeline  # accelerate's config reader imports torch
 @pytest.mark.parametrize("name", ["ddp", "fsdp_qlora", "multi_node"])
 def test_accelerate_example_configs(name):
     from accelerate.commands.config.config_args import load_config_from_file
@@ -104,6 +105,7 @@ def test_accelerate_example_configs(name):
         assert config.num_machines == 2 and config.main_process_ip
 
 
+@pytest.mark.pipeline  # torch dtypes in transformers' BitsAndBytesConfig
 def test_quant_storage_follows_the_compute_dtype_under_fsdp(monkeypatch):
     import torch
 

@@ -144,6 +144,7 @@ def test_grounded_answerer_declines_below_threshold_and_cites(tiny_base, index, 
     assert answers[0].prompt_tokens > 100  # the entries went into the prompt
 
 
+@pytest.mark.pipeline  # builds an index: loads the embedded MiniLM embedder
 def test_index_command_builds_an_index_and_reports_bad_files(tmp_path, small_faq, capsys):
     from faqtune.cli import main
 
@@ -289,6 +290,7 @@ def test_forgetting_probes_bypass_retrieval(grounded_run, tmp_path):
     assert general and all(g["tuned"] != decline and g["base"] != decline for g in general)
 
 
+@pytest.mark.pipeline  # builds an index: loads the embedded MiniLM embedder
 def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, small_faq):
     from faqtune.retrieval import TABLE, load_embedder
 
