@@ -10,53 +10,16 @@ bf16 measured slow), turned off by `models.load_base_model`.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import TrainerCallback
 
 from faqtune.config import load_config
 
 pytestmark = pytest.mark.pipeline
 
-HALF = (torch.bfloat16, torch.float16)
-
-
-class HalfOps(TorchDispatchMode):
-    """Counts the aten operations that read or write a half-precision tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        if any(t.dtype in HALF for t in tensors):
-            self.ops[str(func)] += 1
-        return out
-
-
-class AuditStep(TrainerCallback):
-    """Audits one whole optimizer step (forward, backward, optimizer) of the real trainer."""
-
-    def __init__(self):
-        self.mode = HalfOps()
-        self.audited = False
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == 1:  # the second step: the first has built every lazy state
-            self.mode.__enter__()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 2:
-            self.mode.__exit__(None, None, None)
-            self.audited = True
-
 
 def test_fp32_training_and_answering_touch_no_half_precision(tiny_base, small_faq, tmp_path):
+    from half_precision import AuditStep, HalfOps
+
     from faqtune.generate import Answerer
     from faqtune.loading import load_for_inference
     from faqtune.train import train
@@ -82,6 +45,9 @@ def test_fp32_training_and_answering_touch_no_half_precision(tiny_base, small_fa
 
 def test_the_audit_sees_half_precision():
     """The detector itself: a bf16 matmul is counted (the audit above cannot pass by seeing nothing)."""
+    import torch
+    from half_precision import HalfOps
+
     with HalfOps() as mode:
         torch.randn(4, 4).to(torch.bfloat16) @ torch.randn(4, 4).to(torch.bfloat16)
     assert mode.ops["aten.mm.default"] == 1

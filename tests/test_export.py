@@ -8,9 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from faqtune.cli import main
+
+# Every test loads torch and transformers, imported in the tests: `pytest -m unit` collects this module too.
+pytestmark = pytest.mark.pipeline
 
 QUESTION = "How do I do thing number 3?"
 
@@ -38,6 +40,7 @@ def merged(tiny_run, tmp_path_factory) -> Path:
 
 
 def test_merge_writes_a_standalone_model(merged, tiny_run):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
@@ -61,6 +64,7 @@ def test_merge_fidelity_report(merged, capsys):
 
 def test_merge_equals_adapter_on_dequantized_base(tiny_run):
     """merge_and_unload into the dequantized weights == base(dequantized) + adapter, unmerged (fp32)."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -274,6 +278,7 @@ def test_push_includes_the_faq_index_of_a_grounded_run(tiny_run, tmp_path):
 
 
 def test_merge_without_check_saves_the_dequantized_merge(tiny_run, tmp_path, capsys):
+    import torch
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "fast"
@@ -287,6 +292,8 @@ def test_merge_without_check_saves_the_dequantized_merge(tiny_run, tmp_path, cap
 def test_ask_can_merge_in_memory(tiny_run):
     """`generation.merged`: the adapter merged into the dequantized weights for answering, next-token logits
     as the 4-bit model's (the trained weights), and no 4-bit or LoRA layer left."""
+    import torch
+
     from faqtune.loading import load_for_inference
 
     trained, tok, _ = load_for_inference(tiny_run)

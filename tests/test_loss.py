@@ -3,22 +3,34 @@ the same argmax and the same adapter gradients as the full logits over every tok
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
-import torch
 
 from faqtune.config import load_config
-from faqtune.loss import answer_mask, answer_token_loss
-from faqtune.models import attach_lora, load_base_model
 from faqtune.prompting import IGNORE_INDEX, encode_conversation
+
+if TYPE_CHECKING:
+    import torch
+
+# Every test runs torch, imported in the tests (with faqtune.loss and faqtune.models, which import it): `pytest -m
+# unit` collects this module too, and loads no torch.
+pytestmark = pytest.mark.pipeline
 
 
 def test_answer_mask_keeps_the_positions_that_predict_a_trained_token():
+    import torch
+
+    from faqtune.loss import answer_mask
+
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX, 9]])
     assert answer_mask(labels).tolist() == [[False, True, True, False, True, False]]
 
 
 def _full_logits_loss(model, labels, **inputs):
     """The reference: fp32 logits at every position, shifted, cross-entropy ignoring masked labels."""
+    import torch
+
     logits = model(**inputs, use_cache=False).logits.float()  # (batch, seq, vocab)
     shift, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     total = torch.nn.functional.cross_entropy(shift, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -46,6 +58,11 @@ def _adapter_grads(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
 def test_answer_positions_only_match_the_full_logits_loss_and_gradients(tiny_base, tiny_tokenizer, padding_free):
     """On the 4-bit tiny Llama with a fresh LoRA adapter (as training builds it), fp32 compute."""
+    import torch
+
+    from faqtune.loss import answer_token_loss
+    from faqtune.models import attach_lora, load_base_model
+
     cfg = load_config(None, {"base_model": str(tiny_base), "quantization.compute_dtype": "fp32", "lora.r": 4,
                              "lora.dropout": "0"})
     torch.manual_seed(0)
@@ -78,7 +95,10 @@ def test_answer_positions_only_match_the_full_logits_loss_and_gradients(tiny_bas
 
 
 def test_a_sequence_without_answer_tokens_scores_zero(tiny_base):
+    import torch
     from transformers import AutoModelForCausalLM
+
+    from faqtune.loss import answer_token_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     with torch.no_grad():

@@ -6,7 +6,6 @@ import io
 import json
 
 import pytest
-import torch
 
 from faqtune.cli import main
 
@@ -128,6 +127,7 @@ def test_guide_template_run(tiny_base_no_template, small_faq, tmp_path, capsys):
 
 def test_packed_and_padded_losses_agree(tiny_base, tiny_tokenizer):
     """Padding-free packing (position ids restart per example) must give the same loss as padding."""
+    import torch
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
