@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -119,4 +120,14 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("e2e") or item.get_closest_marker("pipeline"):
             continue
         names = set(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.pipeline if names & MODEL_FIXTURES else pytest.mark.unit)
+        fuzzed = getattr(getattr(item, "obj", None), "is_hypothesis_test", False)  # hypothesis: many examples
+        item.add_marker(pytest.mark.pipeline if names & MODEL_FIXTURES or fuzzed else pytest.mark.unit)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`pytest -m unit` does not import the modules marked wholly `pipeline` or `e2e` (`pytestmark = ...` at the
+    top: they hold no unit test, and importing them loads torch and the training stack)."""
+    if config.option.markexpr != "unit" or collection_path.suffix != ".py":
+        return None
+    text = collection_path.read_text(encoding="utf-8")
+    return True if re.search(r"^pytestmark = \[?\s*pytest\.mark\.(pipeline|e2e)\b", text, re.M) else None

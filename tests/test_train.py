@@ -16,6 +16,8 @@ from faqtune.errors import ConfigError
 from faqtune.prompting import encode_conversation
 from faqtune.train import FaqTrainer, mix_entries, resolve_optimizer
 
+pytestmark = pytest.mark.pipeline  # the training stage: torch, transformers' Trainer, TRL on every test
+
 
 def test_answer_only_loss_equals_full_cross_entropy(tiny_base, tiny_tokenizer):
     """Projecting only answer positions through the LM head must not change the loss."""

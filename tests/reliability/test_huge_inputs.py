@@ -13,12 +13,12 @@ import pytest
 from faqtune.cli import main
 from faqtune.config import load_config
 from faqtune.data import load_faq
-from faqtune.train import tokenize_entries
 
 ROWS, DUPLICATES = 100_000, 1_000
 MEGABYTE_ANSWER = ("Our return policy explained in full detail, clause by clause. " * 20_000)[:1_000_000]
 
 
+@pytest.mark.pipeline  # a 17 MB file loaded under tracemalloc: ~12 s, the slower tier
 def test_a_100k_row_jsonl_loads_in_seconds_and_bounded_memory(tmp_path):
     path = tmp_path / "big.jsonl"
     with path.open("w", encoding="utf-8") as f:
@@ -58,6 +58,8 @@ def test_a_1mb_answer_is_truncated_to_max_seq_length_and_counted(tiny_tokenizer,
     rows += [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(3)]
     path.write_text(json.dumps(rows))
     cfg = load_config(None, {"data.max_seq_length": 64})
+    from faqtune.train import tokenize_entries
+
     split = tokenize_entries(tiny_tokenizer, load_faq(path).entries, cfg)
     assert split.truncated == 1 and split.dropped == 0 and len(split.rows) == 4
     assert max(len(r["input_ids"]) for r in split.rows) == 64

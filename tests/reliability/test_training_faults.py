@@ -25,6 +25,8 @@ from faqtune.train import train
 
 from .support import ACROSS_PROCESSES, assert_same_adapter, error_line, sealed, train_config
 
+pytestmark = pytest.mark.pipeline  # every test here trains the tiny Llama
+
 HARNESS = Path(__file__).with_name("harness.py")
 
 
