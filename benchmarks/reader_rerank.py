@@ -36,8 +36,8 @@ from common import ROOT, write_result
 
 from faqtune import data as data_mod
 from faqtune.grounding import grounded_question, open_run_index
+from faqtune.loading import load_for_inference
 from faqtune.metrics import matches_own_answer
-from faqtune.models import load_for_inference
 from faqtune.prompting import IGNORE_INDEX, encode_conversation, with_system
 from faqtune.reader import pick, retrieval_prior, score_choices
 from faqtune.run import RunDir
