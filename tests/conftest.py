@@ -80,14 +80,44 @@ def tiny_tokenizer(tiny_base):
     return AutoTokenizer.from_pretrained(tiny_base)
 
 
+def thing_rows(n: int = 10, answer: str = "Thing {i} is done on page {i}.") -> list[dict[str, str]]:
+    """The "thing number i" FAQ the tests train and ask on, written here once (an answer a test can recognise)."""
+    return [{"question": f"How do I do thing number {i}?", "answer": answer.format(i=i)} for i in range(n)]
+
+
+def write_faq(path: Path, rows: list[dict[str, str]]) -> Path:
+    """`rows` as an FAQ file in the guide's JSON shape."""
+    path.write_text(json.dumps({"questions": rows}), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def small_faq(tmp_path) -> Path:
     """Ten Q/A pairs in the guide's JSON shape."""
-    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done in the settings page, step {i}."}
-            for i in range(10)]
-    path = tmp_path / "faq.json"
-    path.write_text(json.dumps({"questions": rows}), encoding="utf-8")
-    return path
+    return write_faq(tmp_path / "faq.json", thing_rows(answer="Thing {i} is done in the settings page, step {i}."))
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_base, tmp_path_factory):
+    """The session's tiny trained runs: `tiny_runs(*flags, faq=None, name="run")` is `faqtune train` of the tiny
+    Llama (on `faq`: the ten "thing number i" entries by default, "" for the bundled FAQ) with these flags,
+    trained once per session for each distinct request. A test that changes a run copies it first."""
+    from faqtune.cli import main
+
+    made: dict[tuple, Path] = {}
+    default_faq = write_faq(tmp_path_factory.mktemp("thing-faq") / "faq.json", thing_rows())
+
+    def make(*flags: str, faq: Path | str | None = None, name: str = "run") -> Path:
+        data = str(default_faq if faq is None else faq)
+        key = (data, flags, name)
+        if key not in made:
+            run = tmp_path_factory.mktemp("tiny-run") / name
+            argv = ["train", "--base", str(tiny_base), *(["--data", data] if data else []), "--output", str(run)]
+            assert main([*argv, *flags]) == 0, f"training the tiny run {name} {flags} failed"
+            made[key] = run
+        return made[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +139,7 @@ def index(bundled, tmp_path_factory):
 
 # Fixtures that load a model: the tiny Llama, its tokenizer, and the index (the embedded MiniLM embedder, through
 # sentence-transformers and torch).
-MODEL_FIXTURES = {"tiny_base", "tiny_base_no_template", "tiny_tokenizer", "index"}
+MODEL_FIXTURES = {"tiny_base", "tiny_base_no_template", "tiny_tokenizer", "index", "tiny_runs"}
 
 
 def pytest_collection_modifyitems(config, items):

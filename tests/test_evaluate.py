@@ -146,11 +146,9 @@ def test_text_perplexity_matches_manual_loss(tiny_base, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_base, tmp_path_factory):
-    run = tmp_path_factory.mktemp("evalrun") / "run"
-    assert main(["train", "--base", str(tiny_base), "--output", str(run), "--train.max_steps", "2",
-                 "--train.eval_steps", "1", "--lora.r", "4", "--mix", "general:0.2"]) == 0
-    return run
+def tiny_run(tiny_runs):
+    return tiny_runs("--train.max_steps", "2", "--train.eval_steps", "1", "--lora.r", "4", "--mix", "general:0.2",
+                     faq="")  # the bundled FAQ
 
 
 def test_training_logs_eval_loss_and_mixes(tiny_run):

@@ -18,18 +18,11 @@ QUESTION = "How do I do thing number 3?"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_base, tmp_path_factory) -> Path:
+def tiny_run(tiny_runs) -> Path:
     """Two 4-bit QLoRA steps on the tiny Llama, at a learning rate that moves the adapter visibly."""
-    faq = tmp_path_factory.mktemp("faq") / "faq.json"
-    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done on page {i}."}
-            for i in range(10)]
-    faq.write_text(json.dumps({"questions": rows}))
-    run = tmp_path_factory.mktemp("runs") / "shipped"
-    assert main(["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(run),
-                 "--train.max_steps", "2", "--train.warmup_ratio", "0", "--train.learning_rate", "0.05",
-                 "--lora.r", "8", "--data.eval_fraction", "0.2", "--grounding.mode", "none",
-                 "--generation.max_new_tokens", "12"]) == 0
-    return run
+    return tiny_runs("--train.max_steps", "2", "--train.warmup_ratio", "0", "--train.learning_rate", "0.05",
+                     "--lora.r", "8", "--data.eval_fraction", "0.2", "--grounding.mode", "none",
+                     "--generation.max_new_tokens", "12", name="shipped")
 
 
 @pytest.fixture(scope="module")

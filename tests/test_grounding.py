@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+from conftest import thing_rows
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -204,20 +205,12 @@ def test_a_new_topic_after_a_question_is_searched_alone(index, bundled):
     assert weak[1]  # nothing close alone: the previous question helps
 
 
-FAQ_ANSWERS = [f"Thing {i} is done on page {i}." for i in range(10)]  # the grounded run's FAQ
+FAQ_ANSWERS = [row["answer"] for row in thing_rows()]  # the grounded run's FAQ (tiny_runs' default)
 
 
 @pytest.fixture(scope="module")
-def grounded_run(tiny_base, tmp_path_factory):
-    from faqtune.cli import main
-
-    faq = tmp_path_factory.mktemp("gfaq") / "faq.json"
-    rows = [{"question": f"How do I do thing number {i}?", "answer": a} for i, a in enumerate(FAQ_ANSWERS)]
-    faq.write_text(json.dumps({"questions": rows}))
-    run = tmp_path_factory.mktemp("gruns") / "run"
-    assert main(["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(run), "--train.max_steps",
-                 "2", "--lora.r", "8", "--data.eval_fraction", "0.2", "--grounding.top_k", "2"]) == 0
-    return run
+def grounded_run(tiny_runs):
+    return tiny_runs("--train.max_steps", "2", "--lora.r", "8", "--data.eval_fraction", "0.2", "--grounding.top_k", "2")
 
 
 def test_grounded_run_has_its_index_and_grounded_examples(grounded_run):

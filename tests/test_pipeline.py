@@ -14,17 +14,8 @@ FAST = ["--train.max_steps", "2", "--train.save_steps", "1", "--train.gradient_a
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_base, tmp_path_factory):
-    from conftest import build_tiny_llama  # noqa: F401  (fixture module is importable)
-
-    faq = tmp_path_factory.mktemp("faq") / "faq.json"
-    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done on page {i}."}
-            for i in range(10)]
-    faq.write_text(json.dumps({"questions": rows}))
-    run = tmp_path_factory.mktemp("runs") / "run"
-    code = main(["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(run), *FAST])
-    assert code == 0
-    return run
+def trained_run(tiny_runs):
+    return tiny_runs(*FAST)
 
 
 def test_run_directory_contents(trained_run):

@@ -63,27 +63,17 @@ def _written(root: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(tiny_base, small_faq_module, tmp_path_factory):
-    """A tiny grounded training run (2 steps), then `faqtune eval` on it: everything a run holds."""
+def evaluated_run(tiny_runs, tmp_path_factory):
+    """A tiny grounded training run (2 steps), then `faqtune eval` on a copy of it: everything a run holds."""
+    import shutil
+
     from faqtune.cli import main
 
     run = tmp_path_factory.mktemp("readme") / "run"
-    assert main(["train", "--base", str(tiny_base), "--data", str(small_faq_module), "--output", str(run),
-                 "--train.max_steps", "2", "--train.save_steps", "1", "--lora.r", "4",
-                 "--data.eval_fraction", "0.2"]) == 0
+    shutil.copytree(tiny_runs("--train.max_steps", "2", "--train.save_steps", "1", "--lora.r", "4",
+                              "--data.eval_fraction", "0.2"), run)
     assert main(["eval", str(run), "--limit", "1", "--max-new-tokens", "2"]) == 0
     return run
-
-
-@pytest.fixture(scope="module")
-def small_faq_module(tmp_path_factory) -> Path:
-    import json
-
-    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done on page {i}."}
-            for i in range(10)]
-    path = tmp_path_factory.mktemp("readme-faq") / "faq.json"
-    path.write_text(json.dumps({"questions": rows}), encoding="utf-8")
-    return path
 
 
 def test_run_layout_is_what_training_and_eval_write(evaluated_run):

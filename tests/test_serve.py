@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import thing_rows, write_faq
 
 from faqtune.cli import main
 
@@ -27,20 +28,16 @@ QUESTION = "How do I do thing number 3?"
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_base, tmp_path_factory) -> tuple[Path, Path]:
-    faq = tmp_path_factory.mktemp("serve-faq") / "faq.json"
-    rows = [{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is done on page {i}."}
-            for i in range(8)]
-    faq.write_text(json.dumps({"questions": rows}))
+def runs(tiny_runs, tmp_path_factory) -> tuple[Path, Path]:
+    faq = write_faq(tmp_path_factory.mktemp("serve-faq") / "faq.json", thing_rows(8))
     root = tmp_path_factory.mktemp("serve-runs")
-    alpha = root / "alpha"
-    assert main(["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(alpha),
-                 "--train.max_steps", "2", "--train.save_steps", "1", "--train.warmup_ratio", "0",
-                 "--train.learning_rate", "0.05", "--lora.r", "4", "--data.eval_fraction", "0",
-                 # three entries in the prompt: with one, the random tiny base's first token is EOS and the
-                 # three served models all answer "" (the tests compare their answers)
-                 "--grounding.top_k", "3",
-                 "--data.mix", ""]) == 0  # the FAQ alone: with the general mix steps 1 and 2 answer alike
+    alpha = tiny_runs("--train.max_steps", "2", "--train.save_steps", "1", "--train.warmup_ratio", "0",
+                      "--train.learning_rate", "0.05", "--lora.r", "4", "--data.eval_fraction", "0",
+                      # three entries in the prompt: with one, the random tiny base's first token is EOS and the
+                      # three served models all answer "" (the tests compare their answers)
+                      "--grounding.top_k", "3",
+                      "--data.mix", "",  # the FAQ alone: with the general mix steps 1 and 2 answer alike
+                      faq=faq, name="alpha")
     second = root / "second-run"
     shutil.copytree(alpha, second, ignore=shutil.ignore_patterns("checkpoints", "tb"))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
