@@ -68,6 +68,9 @@ def test_serve_says_it_does_not_merge(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="faqtune.serve")
     check_runs([str(_run_dir(tmp_path / "run", base, merged="bf16"))])
     assert any("generation.merged 'bf16' is not used by serve" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    check_runs([str(_run_dir(tmp_path / "default", base))])  # `auto` (the default): merge where it pays; here not
+    assert not any("generation.merged" in r.getMessage() for r in caplog.records)
 
 
 # ---- the one answering path ---------------------------------------------------------------------------------

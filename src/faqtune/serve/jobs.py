@@ -76,7 +76,7 @@ def check_runs(specs: list[str], trust_remote_code: bool = False) -> tuple[list[
         if not run.has_adapter():
             problems.append(f"{path}: no adapter/adapter_config.json (did training finish?)")
             continue
-        if run.cfg.generation.merged != "none":  # one base serves every adapter: nothing is merged
+        if run.cfg.generation.merged not in ("none", "auto"):  # one base serves every adapter: nothing is merged
             log.warning("%s: generation.merged %r is not used by serve (every run's adapter is served on the one "
                         "shared 4-bit base); ask and chat use it", name, run.cfg.generation.merged)
         runs.append((name, run, run.cfg))
