@@ -106,3 +106,15 @@ def test_resume_without_checkpoint_is_refused(tmp_path, capsys, small_faq):
     (run / "config.yaml").write_text(json.dumps({"output_dir": str(run), "data": {"path": str(small_faq)}}))
     assert main(["train", "--output", str(run), "--resume"]) == 2
     assert "no checkpoint" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["merge", "RUN", "OUT", "--dtype", "fp8"], "--dtype must be one of bf16, fp16, fp32, got 'fp8'"),
+    (["merge", "RUN", "OUT", "--base-weights", "best"], "--base-weights must be one of auto, dequantized, original"),
+    (["export-gguf", "RUN", "OUT.gguf", "--outtype", "q4"], "--outtype must be one of f16, q8_0, f32, got 'q4'"),
+    (["serve-config", "RUN", "--engine", "tgi"], "--engine must be one of vllm, llamacpp, got 'tgi'"),
+])
+def test_a_bad_choice_is_checked_once_by_its_stage_before_anything_loads(argv, message, tmp_path, capsys):
+    argv = [str(tmp_path / a) if a in ("RUN", "OUT", "OUT.gguf") else a for a in argv]  # no run exists
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys)

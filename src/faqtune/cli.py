@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["merge"]
     p.add_argument("run_dir", help="a run directory written by `faqtune train`")
     p.add_argument("out_dir", help="folder for the merged model (must not exist or be empty)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="saved dtype [default: bf16]")
-    p.add_argument("--base-weights", choices=["auto", "dequantized", "original"], default="auto",
+    p.add_argument("--dtype", metavar="{bf16,fp16,fp32}", default="bf16", help="saved dtype [default: bf16]")
+    p.add_argument("--base-weights", metavar="{auto,dequantized,original}", default="auto",
                    help="merge into the NF4-dequantized weights the adapter was trained on, or the base's original "
                         "weights; auto measures both and keeps the more faithful [default: auto]")
     p.add_argument("--limit", type=_positive_int, help="measure on the first N held-out answers only")
@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["export-gguf"]
     p.add_argument("run_dir", help="a run directory written by `faqtune train`")
     p.add_argument("out", metavar="OUT.gguf", help="GGUF file to write; a Modelfile for Ollama goes next to it")
-    p.add_argument("--outtype", choices=["f16", "q8_0", "f32"], default="f16", help="weight type [default: f16]")
+    p.add_argument("--outtype", metavar="{f16,q8_0,f32}", default="f16", help="weight type [default: f16]")
     p.add_argument("--no-verify", action="store_true", help="skip loading the GGUF back to compare logits")
 
     p = parsers["serve"]
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = parsers["serve-config"]
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to serve, as for `faqtune serve`")
-    p.add_argument("--engine", choices=["vllm", "llamacpp"], required=True, help="the engine to start")
+    p.add_argument("--engine", metavar="{vllm,llamacpp}", required=True, help="the engine to start")
     p.add_argument("--host", default="127.0.0.1", help="the engine's address [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=8001, help="the engine's port [default: 8001]")
     p.add_argument("--gguf-dir", default="gguf", help="llamacpp: where the runs' GGUFs go [default: ./gguf]")

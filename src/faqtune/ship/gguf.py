@@ -143,12 +143,17 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GgufVocab:
 
 # ---- writing ----------------------------------------------------------------------------------------
 
+def check_outtype(outtype: str) -> None:
+    """The one check of `--outtype` (export_run makes it before the merge, write_gguf for direct callers)."""
+    if outtype not in OUTTYPES:
+        raise ModelError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+
+
 def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: str = "faqtune") -> Path:
     """Write `model` (a merged LlamaForCausalLM) + `tokenizer` (its chat template included) as one GGUF."""
     import gguf
 
-    if outtype not in OUTTYPES:
-        raise ModelError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    check_outtype(outtype)
     cfg = model.config
     check_llama(cfg)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
@@ -328,6 +333,7 @@ def export_run(run_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
                trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge the run (into the dequantized NF4 weights, the faithful merge), write OUT.gguf and a Modelfile
     next to it, and (verify) load the GGUF back with transformers to compare logits and template ids."""
+    check_outtype(outtype)  # before minutes of merging
     opened = open_run(run_dir, trust_remote_code=trust_remote_code)
     run, cfg = RunDir(opened.root), opened.cfg
     out = Path(out_path)
