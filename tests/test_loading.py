@@ -120,3 +120,25 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line(spec, monkeypatch):
     with pytest.raises(ModelError, match="neither a local run or adapter folder nor a Hub repo") as e:
         open_run(spec)
     assert "\n" not in str(e.value)
+
+
+def test_no_run_may_be_served_under_the_base_models_name(tmp_path):
+    from faqtune.errors import ModelError
+    from faqtune.serve.jobs import served_base_name
+
+    base = _base(tmp_path)
+    runs, _ = check_runs([str(_run_dir(tmp_path / "run", base))])
+    assert served_base_name(runs) == "base"  # a local base is served under its folder's name
+    clash, _ = check_runs([f"base={_run_dir(tmp_path / 'other', base)}"])
+    with pytest.raises(ModelError, match="the run name 'base' is the base model's name"):
+        served_base_name(clash)
+
+
+def test_eval_takes_merged_none_however_spelt_and_refuses_the_rest():
+    from faqtune.errors import FaqtuneError
+    from faqtune.evaluate import check_merged
+
+    for merged in (None, "none", "NONE"):
+        check_merged(merged)
+    with pytest.raises(FaqtuneError, match="eval takes no --merged BF16"):
+        check_merged("BF16")

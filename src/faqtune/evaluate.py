@@ -376,7 +376,7 @@ def retrieval_follow_ups(index, conversations: list[list[str]], references: list
 def check_merged(merged: str | None) -> None:
     """Refuse `eval --merged`: eval measures the base (forgetting, --compare-base) by turning the adapter
     off, which a model with the adapter merged in cannot do."""
-    if merged not in (None, "none"):
+    if merged is not None and merged.lower() != "none":  # spelt as the settings are read (config.normalise)
         raise FaqtuneError(f"eval takes no --merged {merged}: it measures the base (forgetting, --compare-base) by "
                            "turning the adapter off, which a merged model cannot do; --merged is for ask, chat "
                            "and demo")

@@ -23,12 +23,7 @@ from faqtune.models import (
     load_tokenizer,
     resolve_base,
 )
-from faqtune.run import RunDir, load_saved_settings, named_damage
-
-
-def is_adapter_folder(path: str | Path) -> bool:
-    """A pushed adapter (what `faqtune push` uploads): adapter_config.json at the root, no run layout."""
-    return (Path(path) / "adapter_config.json").exists()
+from faqtune.run import RunDir, is_adapter_folder, load_saved_settings, named_damage
 
 
 def fetch_adapter(ident: str) -> str:
@@ -99,7 +94,7 @@ class OpenedRun:
     tokenizer_dir: Path
 
     def has_adapter(self) -> bool:
-        return (self.adapter_dir / "adapter_config.json").exists()
+        return is_adapter_folder(self.adapter_dir)
 
     def tokenizer(self):
         """The run's saved tokenizer (a damaged one is one line naming it), else the base's."""

@@ -43,7 +43,7 @@ class RunDir:
 
     def has_adapter(self) -> bool:
         """Training finished: the adapter was written."""
-        return (self.adapter_dir / "adapter_config.json").exists()
+        return is_adapter_folder(self.adapter_dir)
 
     def load_config(self, overrides: dict[str, Any] | None = None, trust_remote_code: bool = False) -> FaqtuneConfig:
         """The run's saved settings (+ `overrides`); `trust_remote_code` comes from the caller, never the file."""
@@ -52,6 +52,12 @@ class RunDir:
         if not self.config_path.exists():
             raise FaqtuneError(f"{self.root}: not a faqtune run directory (no config.yaml)")
         return load_saved_settings(self.config_path, overrides, trust_remote_code)
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """An adapter is there: adapter_config.json at the folder's root (a run's adapter/, or what `faqtune push`
+    uploads)."""
+    return (Path(path) / "adapter_config.json").exists()
 
 
 def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = None,

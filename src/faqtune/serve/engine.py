@@ -4,7 +4,7 @@ on one shared base, and one worker that batches.
 One base model is loaded (4-bit as trained); each run's LoRA adapter is loaded onto it with PEFT under its own
 adapter name, and the bare base is served with the adapters disabled. A single worker thread owns the model:
 it takes queued requests, groups those with the same model and generation settings into one left-padded batch
-and answers them through the Answerer's prepare -> generate -> finish, the one answering path of the project. A `StoppingCriteria`
+and answers them through `Answerer.answer_batch`, the one answering path of the project. A `StoppingCriteria`
 watches every decoding step (several tokens per step under prompt lookup) to stream each row's new text, apply
 `stop` strings and stop the rows of clients that went away. A failed batch is answered again one request at a
 time, so a bad request fails alone; a grounded run's index is reloaded when rebuilt (index_watch.py).
@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-from faqtune.errors import ModelError
 from faqtune.generate import Answerer
 from faqtune.loading import load_adapters
 from faqtune.models import load_tokenizer
@@ -39,12 +38,12 @@ from faqtune.serve.jobs import (
     Result,
     Row,
     WorkerStopped,
-    base_display_name,
     build_answerer,
     check_runs,
     finish_choice,
     replaced_declines,
     send_safe,
+    served_base_name,
 )
 
 log = logging.getLogger("faqtune.serve")
@@ -97,9 +96,7 @@ def load_served_models(specs: list[str], trust_remote_code: bool = False) -> Ser
     `trust_remote_code` comes from the command line only (`faqtune serve --trust-remote-code`)."""
     runs, base = check_runs(specs, trust_remote_code)
     first_cfg = runs[0][2]
-    base_name = base_display_name(first_cfg.base_model)
-    if base_name in [name for name, _, _ in runs]:
-        raise ModelError(f"the run name {base_name!r} is the base model's name: rename the run with NAME=RUN_DIR")
+    base_name = served_base_name(runs)
     # internal adapter names: PEFT keeps adapters in module dicts, where a user's name (dots...) may not fit
     model = load_adapters(base, first_cfg, {f"run{i}": run.adapter_dir for i, (_, run, _) in enumerate(runs)})
     for name, run, _ in runs:

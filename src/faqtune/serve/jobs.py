@@ -22,7 +22,6 @@ from faqtune.errors import FaqtuneError, ModelError
 from faqtune.generate import Answer, Answerer
 from faqtune.grounding import DECLINE, make_answerer
 from faqtune.loading import OpenedRun, open_run
-from faqtune.models import resolve_base
 
 log = logging.getLogger("faqtune.serve")
 
@@ -52,6 +51,14 @@ def parse_run_specs(specs: list[str]) -> list[tuple[str, Path]]:
 def base_display_name(base_model: str) -> str:
     """The name the bare base is served under: an alias or hub id as written, a folder by its name."""
     return Path(base_model).name if Path(base_model).expanduser().exists() else base_model
+
+
+def served_base_name(runs: list[tuple[str, OpenedRun, FaqtuneConfig]]) -> str:
+    """The bare base's served name (`base_display_name`), which no run may also be named."""
+    name = base_display_name(runs[0][2].base_model)
+    if name in [run_name for run_name, _, _ in runs]:
+        raise ModelError(f"the run name {name!r} is the base model's name: rename the run with NAME=RUN_DIR")
+    return name
 
 
 def build_answerer(model, tokenizer, cfg, run_dir: Path | None) -> Answerer:
@@ -84,14 +91,13 @@ def check_runs(specs: list[str], trust_remote_code: bool = False) -> tuple[list[
         raise ModelError("cannot serve:\n" + "\n".join(f"  - {p}" for p in problems))
     if not runs:
         raise ModelError("cannot serve: give at least one run directory")
-    resolved = {cfg.base_model: resolve_base(cfg.base_model) for _, _, cfg in runs}
-    kinds = {(str(Path(resolved[cfg.base_model]).resolve()) if Path(resolved[cfg.base_model]).exists()
-              else resolved[cfg.base_model], cfg.quantization.mode, cfg.quantization.quant_type) for _, _, cfg in runs}
+    kinds = {(str(Path(run.base).resolve()) if Path(run.base).exists() else run.base, cfg.quantization.mode,
+              cfg.quantization.quant_type) for _, run, cfg in runs}
     if len(kinds) > 1:
         lines = [f"  - {name}: base_model {cfg.base_model} ({cfg.quantization.mode})" for name, _, cfg in runs]
         raise ModelError("runs served together must share the same base model and quantization; got:\n"
                          + "\n".join(lines) + "\nserve them with separate `faqtune serve` commands")
-    return runs, resolved[runs[0][2].base_model]
+    return runs, runs[0][1].base
 
 
 # --- jobs --------------------------------------------------------------------------------------------------

@@ -79,9 +79,7 @@ def load_upstream_models(specs: list[str], trust_remote_code: bool = False):
         raise ModelError(f"cannot serve {', '.join(choice)} through --backend: grounding.choice scores the shown "
                          "entries with the model itself, which only the in-process engine can do")
     first_cfg = runs[0][2]
-    base_name = jobs.base_display_name(first_cfg.base_model)
-    if base_name in [name for name, _, _ in runs]:
-        raise ModelError(f"the run name {base_name!r} is the base model's name: rename the run with NAME=RUN_DIR")
+    base_name = jobs.served_base_name(runs)
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     context = int(getattr(config, "max_position_embeddings", 0) or 2048)
     entries: dict[str, ServedModel] = {}
