@@ -249,7 +249,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     check_merged(args.gen_merged)  # before anything loads; the model below is the 4-bit base + adapter
     run = RunDir(args.run_dir)
     cfg = _run_config(args.run_dir, args)
-    out = check_output(args.out or run.root / "eval", "dir", "--out")  # before the evaluation, not after it
+    out = check_output(args.out or run.eval_dir, "dir", "--out")  # before the evaluation, not after it
     eval_set = build_eval_set(run, cfg, args.questions, args.faq)
     if args.limit:
         eval_set.questions, eval_set.references = eval_set.questions[: args.limit], eval_set.references[: args.limit]

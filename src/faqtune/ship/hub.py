@@ -29,7 +29,7 @@ def _hub_base(cfg) -> str:
 def eval_figures(run: RunDir) -> EvalReport | None:
     """The newest `faqtune eval` report of the run (RUN_DIR/eval/*.json holding tuned figures), if any; reports
     written by older faqtune versions read too (what they lack reads as None)."""
-    reports = sorted((run.root / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    reports = sorted(run.eval_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in reports:
         try:
             report = EvalReport.load(path)
@@ -167,7 +167,7 @@ def stage_adapter(run: RunDir, cfg, dest: Path) -> Path:
     for path in run.tokenizer_dir.iterdir():
         shutil.copy2(path, dest)
     if run.index_dir.is_dir():  # a grounded run answers from its FAQ index: `faqtune ask REPO` opens it
-        shutil.copytree(run.index_dir, dest / "index", dirs_exist_ok=True)
+        shutil.copytree(run.index_dir, RunDir(dest).index_dir, dirs_exist_ok=True)  # where ask looks
     _write_shared_config(cfg, dest)
     return dest
 
