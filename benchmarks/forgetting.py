@@ -77,6 +77,8 @@ def main() -> int:
     p.add_argument("--rephrased", default=str(REPHRASED))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--suffix", default="", help="appended to the result file's name: results/<date>-forgetting"
+                                                "<suffix>.json (keeps earlier runs of the day)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -104,7 +106,7 @@ def main() -> int:
                                                         {"error": f"exit {proc.returncode}"})}
             print(name, results[name], flush=True)
     write_result({"faq": args.faq, "rephrased": args.rephrased, "steps": args.steps, "threads": args.threads,
-                  "parallel": args.parallel, "variants": results}, "-forgetting")
+                  "parallel": args.parallel, "variants": results}, "-forgetting" + args.suffix)
     return 0
 
 

@@ -51,19 +51,41 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def _status_gb(key: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (GB; 0 where there is no /proc)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return 0.0
+    return round(int(line.split()[1]) / 2**20, 3)
+
+
+class SetupMemory(TrainerCallback):
+    """RSS and its high-water mark when training starts (imports, model, index and data are all in memory
+    then): what the steps add is the training peak minus this."""
+
+    def __init__(self):
+        self.rss_gb = self.peak_gb = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.rss_gb, self.peak_gb = _status_gb("VmRSS"), _status_gb("VmHWM")
+
+
 def _child(spec: dict) -> dict:
     """Train in this process and report step times, losses and the adapter's dtype."""
     import faqtune
     from faqtune.config import load_config
     from faqtune.train import train
 
-    clock = StepClock()
-    summary = train(load_config(None, spec["overrides"]), callbacks=(clock,))
+    clock, setup = StepClock(), SetupMemory()
+    summary = train(load_config(None, spec["overrides"]), callbacks=(clock, setup))
     losses = [row["loss"] for row in map(json.loads, (Path(spec["overrides"]["output_dir"]) / "metrics.jsonl")
                                           .read_text().splitlines()) if "loss" in row]
     return {"step_seconds": [round(t, 3) for t in clock.times], "losses": losses,
             "compute_dtype": summary["compute_dtype"], "adapter_dtype": summary["adapter_dtype"],
             "faqtune_package": str(Path(faqtune.__file__).parent),
+            "rss_at_train_begin_gb": setup.rss_gb, "peak_rss_before_train_gb": setup.peak_gb,
+            "gradient_checkpointing": summary.get("gradient_checkpointing"),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
@@ -106,7 +128,7 @@ def main() -> None:
             row["median_step_s"] = round(statistics.median(row["step_seconds"][1:] or row["step_seconds"]), 3)
             rows.append(row)
             print(f"{name:50s} median step {row['median_step_s']:6.2f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
-                  f"adapter {row['adapter_dtype']}  losses {' '.join(f'{v:.4f}' for v in row['losses'][:4])}")
+                  f"(at start {row['rss_at_train_begin_gb']:.2f})  adapter {row['adapter_dtype']}  losses {' '.join(f'{v:.4f}' for v in row['losses'][:4])}")
     write_result({"steps": args.steps, "data": args.data, "machine": machine(), "variants": rows}, args.suffix)
 
 

@@ -269,6 +269,24 @@ def test_a_model_decline_of_an_in_scope_question_falls_back_to_the_top_entry(tin
         assert out.declined and out.source is None and out.text == said
     copied = bot.finish(Answer(hits[1].answer, True, 20, 100, hits[1].answer), hits)
     assert copied.source["id"] == hits[1].id and copied.source["overlap"] == 1.0 and not copied.declined
+    # the decline, then an entry's words (seen after 2 epochs): still a decline, however much it overlaps
+    mixed = f"{said.rsplit('.', 2)[0]}. {hits[0].answer}"
+    out = bot.finish(Answer(mixed, True, 40, 100, mixed), hits)
+    if fallback:
+        assert out.text == hits[0].answer and out.source["verbatim"]
+    else:
+        assert out.declined and out.source is None and out.text == said
+
+
+def test_an_answer_that_opens_like_a_decline_but_is_not_the_decline_stays_an_answer():
+    from faqtune.config import DECLINE_MESSAGE
+    from faqtune.grounding import opens_with_decline
+
+    assert opens_with_decline(DECLINE_MESSAGE + " Please call us at 555-0100.", DECLINE_MESSAGE)
+    assert opens_with_decline("I'm sorry, I can't find that in our FAQ, so I can't answer it. Call us.",
+                              DECLINE_MESSAGE)
+    assert not opens_with_decline("Sorry, we do not ship to PO boxes. Use a street address.", DECLINE_MESSAGE)
+    assert not opens_with_decline("You can return items within 30 days.", DECLINE_MESSAGE)
 
 
 def test_forgetting_probes_bypass_retrieval(grounded_run, tmp_path):

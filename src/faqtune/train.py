@@ -485,6 +485,7 @@ def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: 
         "train_examples": len(train_tok.rows),
         "compute_dtype": _dtype_name(resolve_compute_dtype(cfg.quantization.compute_dtype)),
         "adapter_dtype": _dtype_name(_trainable_dtype(trainer.model)),
+        "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
         "adapter": str(run.adapter_dir),
     }
     run.summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
