@@ -94,7 +94,7 @@ def test_model_card(tiny_run, merged, tiny_base):
     card = model_card(run, cfg, "acme/faq-bot")
     assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
     assert "8 question/answer pairs" in card and "2 held out" in card
-    assert "| LoRA r / alpha / dropout | 8 / 16 / 0.1 |" in card
+    assert "| LoRA r / alpha / dropout | 8 / 16 / 0.0 |" in card
     assert 'AutoPeftModelForCausalLM' in card and 'from_pretrained("acme/faq-bot")' in card
     assert "faqtune ask acme/faq-bot" in card and "## Evaluation" not in card
     eval_dir = tiny_run / "eval"

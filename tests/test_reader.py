@@ -60,7 +60,7 @@ def test_each_entry_is_trained_in_several_wordings_with_their_own_neighbours(ind
 
 def test_more_questions_per_entry_keep_the_default_training_cost():
     one, three = load_config(None), load_config(None, {"grounding.questions": "3"})
-    assert effective_epochs(one) == 3.0 and effective_epochs(three) == 1.0
+    assert effective_epochs(one) == 2.0 and effective_epochs(three) == 2.0 / 3
     assert effective_epochs(load_config(None, {"grounding.questions": "3", "train.epochs": "2"})) == 2.0
     with pytest.raises(ConfigError, match="grounding.questions"):
         load_config(None, {"grounding.questions": "0"})
