@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import commit, write_result  # noqa: E402
+from common import commit, machine, write_result  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from faqtune.generate import Answerer  # noqa: E402
@@ -316,6 +316,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="faqtune override")
     p.add_argument("--reference-steps", type=int, default=80)
     p.add_argument("--scale", action="store_true", help="also measure data scaling")
+    p.add_argument("--suffix", default="", help="appended to the result's name: results/<date><suffix>.json")
     args = p.parse_args()
     if args.worker == "reference":
         worker_reference(Path(args.out), args.reference_steps)
@@ -334,7 +335,7 @@ def main() -> int:
     result = {
         "date": str(datetime.date.today()),
         "commit": commit(),
-        "machine": f"{os.cpu_count()} cores",
+        "machine": machine(),  # CPU model, bf16 flags, threads, matmul rates (this run's peak is below too)
         "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
         "reference": {**ref, "peak_rss_gib": ref_rss, "flops_per_s": ref["train_flops"] / ref["train_seconds"]},
         "faqtune": {**ours, "peak_rss_gib": our_rss, "flops_per_s": ours["train_flops"] / ours["train_seconds"]},
@@ -371,7 +372,7 @@ def main() -> int:
           f"{ours['batched_tokens_per_s']:.0f} tok/s")
     if args.scale:
         print("scale:", json.dumps(result["scale"], indent=1))
-    write_result(result)
+    write_result(result, args.suffix)
     return 0
 
 

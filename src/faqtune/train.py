@@ -221,7 +221,7 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations:
     checkpointing = use_checkpointing(t.gradient_checkpointing, activations, available_memory())
     if checkpointing and t.gradient_checkpointing == "auto" and not on_gpu:
         _say(f"memory: gradient checkpointing on (a micro-batch's activations would take ~{activations / 2**30:.1f} "
-             "GiB; --train.gradient_checkpointing false keeps them, for slightly faster steps)")
+             "GiB; --train.gradient_checkpointing false keeps them: ~1.2x faster steps, more memory)")
     optimizer = resolve_optimizer(t.optimizer)
     return SFTConfig(
         output_dir=str(run.checkpoints_dir),
