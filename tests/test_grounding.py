@@ -16,6 +16,7 @@ from faqtune.grounding import (
     build_index,
     casual,
     ground_entries,
+    grounded_conversation,
     grounded_question,
     keywords,
     noisy,
@@ -121,6 +122,24 @@ def test_grounded_question_lists_entries_then_the_question(index):
     text = grounded_question("gift card balance", hits)
     assert text.startswith("FAQ entries:\n[1] Q: ") and "\n\n[2] Q: " in text
     assert text.endswith("Question: gift card balance")
+
+
+def test_the_model_reads_a_follow_up_without_the_earlier_turns_unless_history_is_on(index):
+    """The earlier turns find the entries; shown to the 135M default, it answered follow-ups with the previous
+    answer copied from them, so by default it reads the one grounded question it was trained on."""
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "How long does shipping take?"},
+            {"role": "assistant", "content": "Standard shipping takes 3-5 business days."},
+            {"role": "user", "content": "and can I get it faster?"}]
+    hits = index.search("expedited shipping", k=1)
+    alone = grounded_conversation(conv, hits, history=False)
+    assert [m["role"] for m in alone] == ["system", "user"]
+    assert alone[-1]["content"] == grounded_question("and can I get it faster?", hits)
+    assert "3-5 business days" not in json.dumps(alone)
+    full = grounded_conversation(conv, hits, history=True)
+    assert [m["role"] for m in full] == ["system", "user", "assistant", "user"]
+    assert full[:3] == conv[:3] and full[-1] == alone[-1]
+    assert conv[-1]["content"] == "and can I get it faster?"  # the caller's conversation is left as it was
 
 
 def test_retrieval_only_baseline_and_threshold(index, bundled):

@@ -154,6 +154,9 @@ class GroundingConfig:
     questions: int = _f(1, "training examples per FAQ entry, each asking it another way (the question, a noisy "
                            "spelling, the answer's key words, ...) with the entries retrieved for that wording; "
                            "the default epochs are divided by it, so training costs the same")
+    history: bool = _f(False, "show the model the conversation's earlier turns with the entries (off: they only "
+                              "help find the entries; measured: shown, the 135M default repeats the previous answer "
+                              "instead of reading the entry)")
     retrieval_prior: float = _f(1.0, "with `choice`: weight of retrieval's similarities when the model picks among "
                                      "the shown entries (0: the model alone; the decline is the model's alone)")
 

@@ -246,6 +246,19 @@ def retrieve_turns(index: FaqIndex, conversations: list[list[dict[str, str]]], k
             for i, (t, previous) in enumerate(turns)]
 
 
+def grounded_conversation(conversation: list[dict[str, str]], hits: list[Hit], history: bool) -> list[dict[str, str]]:
+    """What the model reads: the last user turn with the entries put into it, after the system prompt and,
+    with `history`, the earlier turns. Without them (the default) the model reads what it was trained on, one
+    grounded question; the earlier turns have already done their work in finding the entries
+    (`retrieve_turns`). Shown, the 135M default answers a follow-up with the previous answer copied from the
+    history ("and can I get it faster?" after "How long does shipping take?")."""
+    last = max(j for j, m in enumerate(conversation) if m["role"] == "user")
+    kept = [dict(m) for j, m in enumerate(conversation[:last + 1])
+            if history or j == last or m["role"] == "system"]
+    kept[-1]["content"] = grounded_question(conversation[last]["content"], hits)
+    return kept + [dict(m) for m in conversation[last + 1:]]
+
+
 class GroundedAnswerer(Answerer):
     """An Answerer that retrieves for the last user turn, declines below the threshold, and cites."""
 
@@ -279,10 +292,7 @@ class GroundedAnswerer(Answerer):
             if not hits or hits[0].score < self.threshold:
                 out.append((None, None))
                 continue
-            last = max(j for j, m in enumerate(conv) if m["role"] == "user")
-            grounded = [dict(m) for m in conv]
-            grounded[last]["content"] = grounded_question(conv[last]["content"], hits)
-            out.append((grounded, hits))
+            out.append((grounded_conversation(conv, hits, self.grounding.history), hits))
         return self.choose(out) if self.grounding.choice else out
 
     def choose(self, prepared: list[tuple]) -> list[tuple]:
