@@ -48,7 +48,8 @@ run.root.mkdir(parents=True, exist_ok=True)
 trainer = SimpleNamespace(
     is_fsdp_enabled=True, model=sharded, is_world_process_zero=lambda: dist.get_rank() == 0,
     accelerator=SimpleNamespace(get_state_dict=get_state_dict),
-    state=SimpleNamespace(global_step=1, epoch=1.0, log_history=[{"loss": 1.0}]), args=SimpleNamespace(world_size=2))
+    state=SimpleNamespace(global_step=1, epoch=1.0, log_history=[{"loss": 1.0}]),
+    args=SimpleNamespace(world_size=2, activation_checkpointing=False))
 save(load_config(None, {}), run, trainer, SimpleNamespace(tokens=10, rows=[0]), SimpleNamespace(training_loss=1.0), 1.0)
 if dist.get_rank() == 0:
     torch.save(expected, run.root / "expected.pt")

@@ -127,9 +127,13 @@ def test_chat_completion(client):
 
 
 def test_model_selects_the_adapter_on_the_shared_base(client, served, runs):
-    """Each name answers exactly as that adapter (or the bare base) loaded alone would."""
+    """Each name answers exactly as that adapter (or the bare base) loaded alone would: the run as `faqtune
+    ask` answers it (grounded on its index), the bare base plainly."""
+    from dataclasses import replace
+
     from faqtune.config import GenerationConfig
     from faqtune.generate import Answerer
+    from faqtune.grounding import make_answerer
     from faqtune.loading import load_for_inference
 
     got = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTION}],
@@ -139,9 +143,13 @@ def test_model_selects_the_adapter_on_the_shared_base(client, served, runs):
     assert len(served.peft_model.peft_config) == 2  # two adapters on one model, the base loaded once
     assert all(e.answerer.model is served.peft_model for e in served.entries.values())
     for name, base_only in (("second", False), (served.names[2], True)):
-        model, tokenizer, _ = load_for_inference(runs[1], base_only=base_only)
-        alone = Answerer(model, tokenizer, GenerationConfig(max_new_tokens=16)).ask(QUESTION)[0].text
-        assert got[name] == alone, name
+        model, tokenizer, cfg = load_for_inference(runs[1], base_only=base_only)
+        if base_only:
+            bot = Answerer(model, tokenizer, GenerationConfig(max_new_tokens=16))
+        else:
+            bot = make_answerer(runs[1], model, tokenizer, replace(cfg, generation=replace(cfg.generation,
+                                                                                          max_new_tokens=16)))
+        assert got[name] == bot.ask(QUESTION)[0].text, name
 
 
 def test_streaming_matches_non_streaming(client):

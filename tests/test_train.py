@@ -246,20 +246,20 @@ def test_auto_checkpointing_turns_on_when_activations_would_dominate_memory():
     """On CPU `auto` checkpoints when one micro-batch's activations would pass the budget (the grounded
     default's packed micro-batches do) or a quarter of the free memory; short micro-batches keep theirs (faster);
     an explicit setting always wins."""
-    import faqtune.train as train_mod
+    from faqtune import memory
 
     if torch.cuda.is_available():
         pytest.skip("CPU behaviour")
     free = 64 * 2**30
     config = SimpleNamespace(num_hidden_layers=30, hidden_size=576)
-    grounded = train_mod.activation_bytes(config, 640, torch.bfloat16)  # the default on the shared FAQ: ~0.9 GB
+    grounded = memory.activation_bytes(config, 640, torch.bfloat16)  # the default on the shared FAQ: ~0.9 GB
     assert 0.7e9 < grounded < 1.1e9
-    assert train_mod.use_checkpointing("auto", grounded, free) is True
-    assert train_mod.use_checkpointing("auto", grounded, None) is True  # unknown free memory: the budget decides
-    short = train_mod.activation_bytes(config, 160, torch.bfloat16)  # 4 short pure fine-tuning examples
-    assert train_mod.use_checkpointing("auto", short, free) is False
-    assert train_mod.use_checkpointing("auto", short, 4 * short - 1) is True  # crowded memory: on
-    assert train_mod.use_checkpointing("false", 10**12, free) is False
-    assert train_mod.use_checkpointing("true", 1, free) is True
-    measured = train_mod.available_memory()
+    assert memory.use_checkpointing("auto", grounded, free) is True
+    assert memory.use_checkpointing("auto", grounded, None) is True  # unknown free memory: the budget decides
+    short = memory.activation_bytes(config, 160, torch.bfloat16)  # 4 short pure fine-tuning examples
+    assert memory.use_checkpointing("auto", short, free) is False
+    assert memory.use_checkpointing("auto", short, 4 * short - 1) is True  # crowded memory: on
+    assert memory.use_checkpointing("false", 10**12, free) is False
+    assert memory.use_checkpointing("true", 1, free) is True
+    measured = memory.available_memory()
     assert measured is None or measured > 0
