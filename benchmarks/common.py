@@ -76,3 +76,14 @@ def write_result(result: dict, suffix: str = "") -> Path:
     out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")
     return out
+
+
+def add_to_result(suffix: str, name: str, figures: dict) -> Path:
+    """Put `figures` under faqs.<name> of today's results/<date><suffix>.json, keeping the other FAQs there
+    (and the machine first recorded), with the commit of this run."""
+    path = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}{suffix}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.setdefault("faqs", {})[name] = figures
+    result["commit"] = commit()
+    result.pop("date", None)
+    return write_result(result, suffix)

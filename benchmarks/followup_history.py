@@ -13,11 +13,9 @@ they differ only in what the model reads. Writes faqs.<name> of benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from dataclasses import replace
 
-from common import ROOT, write_result
+from common import add_to_result
 
 from faqtune import data as data_mod
 from faqtune.data import packaged
@@ -47,12 +45,7 @@ def main() -> int:
         side = to_dict(follow_up_side(bot, *convs, pool))
         out[f"history_{str(history).lower()}"] = side
         print(f"{args.name}: history {history}: follow-up accuracy {side['accuracy']:.3f}", flush=True)
-    path = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-followup-history.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
-    result.setdefault("faqs", {})[args.name] = out
-    result.pop("commit", None)
-    result.pop("machine", None)
-    write_result(result, "-followup-history")
+    add_to_result("-followup-history", args.name, out)
     return 0
 
 

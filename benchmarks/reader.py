@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import ROOT, commit, write_result
+from common import ROOT, add_to_result
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -246,14 +246,7 @@ def print_table(name: str, out: dict) -> None:
 
 
 def save(name: str, out: dict) -> None:
-    import datetime
-
-    path = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-reader.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
-    result.setdefault("faqs", {})[name] = {k: v for k, v in out.items() if not re.match(r"^_", k)}
-    result["commit"] = commit()
-    result.pop("date", None)
-    write_result(result, "-reader")
+    add_to_result("-reader", name, {k: v for k, v in out.items() if not re.match(r"^_", k)})
 
 
 if __name__ == "__main__":
