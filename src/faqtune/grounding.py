@@ -99,8 +99,7 @@ def noisy(question: str, rng: random.Random) -> str:
 def answer_words(answer: str, n: int = 6) -> str:
     """A keyword query from the answer's first sentence: customers often ask with the words of the answer
     they expect ("refund 5-7 business days"), not of the FAQ's question."""
-    first = re.split(r"(?<=[.!?])\s+", answer.strip(), maxsplit=1)[0]
-    return " ".join(keywords(first).split()[:n])
+    return " ".join(keywords(first_sentence(answer)).split()[:n])
 
 
 def question_forms(entry: FaqEntry, n: int, noisy_share: float, rng: random.Random) -> list[str]:

@@ -42,9 +42,9 @@ ACTIVATION_BUDGET = 512 * 2**20
 def use_checkpointing(setting: str, activations: int | None = None, free: int | None = None) -> bool:
     """`auto`: on where accelerator memory is the limit (GPU); on CPU on when the longest micro-batch's
     activations (`activations`, bytes) would pass ACTIVATION_BUDGET or a quarter of the `free` memory (bytes,
-    as `available_memory` measures it), else off. Measured on the grounded default (benchmarks/README.md):
-    peak RSS 2.58 -> 1.52 GB for ~1.05x the step time with `lora.dropout` 0 (1.5x with dropout 0.1, whose
-    masks are drawn again in the recomputation)."""
+    as `available_memory` measures it), else off. Measured on the grounded default, 8 steps side by side
+    (benchmarks/README.md): with `lora.dropout` 0, peak RSS 2.60 -> 1.79 GB for 1.24x the step time (1.30x
+    with dropout 0.1, whose masks are drawn again in the recomputation)."""
     if setting != "auto":
         return setting == "true"
     if torch.cuda.is_available():
