@@ -19,6 +19,7 @@ import numpy as np
 
 from faqtune.data import FaqEntry
 from faqtune.errors import FaqtuneError, ModelError, one_line
+from faqtune.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("LANCEDB_LOG", "error")  # lance's Rust logger warns on every new table otherwise
@@ -75,15 +76,11 @@ def load_embedder(name: str):
 
 def release_embedders() -> None:
     """Drop the loaded embedding models and hand freed heap pages back to the OS (glibc keeps them)."""
-    import ctypes
     import gc
 
     load_embedder.cache_clear()
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused by the process instead
-        pass
+    release_freed_memory()
 
 
 def embed(name: str, texts: list[str], batch_size: int = 64) -> list[list[float]]:

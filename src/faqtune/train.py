@@ -32,7 +32,15 @@ from faqtune.data import general_instructions_path
 from faqtune.errors import FaqtuneError, TrainingStopped
 from faqtune.grounding import build_index, ground_entries
 from faqtune.loss import answer_token_loss
-from faqtune.memory import activation_bytes, available_memory, use_checkpointing
+from faqtune.memory import (
+    PACK_MULTIPLE,
+    RELEASE_EVERY,
+    activation_bytes,
+    available_memory,
+    bound_heap,
+    release_freed_memory,
+    use_checkpointing,
+)
 from faqtune.models import (
     attach_lora,
     cast_trainable,
@@ -140,6 +148,17 @@ class ProgressCallback(TrainerCallback):
             self.bar = None
 
 
+class ReleaseMemoryCallback(TrainerCallback):
+    """On CPU, gives the heap's freed pages back every `every` optimizer steps (`memory.release_freed_memory`)."""
+
+    def __init__(self, every: int = RELEASE_EVERY):
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            release_freed_memory()
+
+
 class FaqTrainer(checkpoints.SafeCheckpoints, SFTTrainer):
     """TRL's SFTTrainer whose loss projects only answer positions through the LM head (`loss.answer_token_loss`).
 
@@ -213,6 +232,7 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations:
         disable_tqdm=True,
         max_length=None,  # sequences are truncated (and counted) by faqtune before the trainer sees them
         padding_free=t.packing,
+        pad_to_multiple_of=PACK_MULTIPLE if t.packing and not on_gpu else None,  # kernel shapes repeat (memory.py)
         completion_only_loss=False,  # labels already mask everything but the answers
         dataset_num_proc=None,
         dataloader_num_workers=0,
@@ -242,6 +262,8 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     run = RunDir(cfg.output_dir)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    if not torch.cuda.is_available():
+        bound_heap()  # CPU: the heap stays bounded over a long run (memory.py)
     last = checkpoints.resume_point(run.checkpoints_dir, _say) if resume else None
     if last is not None:  # the steps after the checkpoint are trained (and logged) again
         checkpoints.forget_after(run.metrics_path, checkpoints.checkpoint_step(last))
@@ -262,8 +284,14 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer):
         _say("the tokenizer has no chat template: using the guide's '<human>: / <assistant>:' format")
+    # The base is loaded before the index is built: reading its weights peaks at about the size of its file, and
+    # that peak then sits on the imports alone, not also on the embedder's leftovers (memory_timeline.py).
+    model = load_base_model(base, cfg)
+    torch.manual_seed(cfg.train.seed)  # the LoRA init draws from torch's RNG: same seed, same adapter
+    model = attach_lora(model, cfg)
+    release_freed_memory()
     setup_started = time.time()
-    if cfg.grounding.mode == "retrieval":  # after the base resolved: a wrong base fails before the indexing
+    if cfg.grounding.mode == "retrieval":
         train_entries, eval_entries = _ground(cfg, run, faq.entries, train_entries, eval_entries)
     grounding_seconds = time.time() - setup_started
     train_tok = tokenize_entries(tokenizer, train_entries + mixed, cfg)
@@ -280,9 +308,6 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
                 if train_tok.dropped + eval_tok.dropped else ""))
     tokenizer.save_pretrained(run.tokenizer_dir)
 
-    model = load_base_model(base, cfg)
-    torch.manual_seed(cfg.train.seed)  # the LoRA init draws from torch's RNG: same seed, same adapter
-    model = attach_lora(model, cfg)
     _say(trainable_report(model))
     trainer = build_trainer(cfg, run, model, tokenizer, train_tok, eval_tok, callbacks)
 
@@ -370,6 +395,8 @@ def build_trainer(cfg: FaqtuneConfig, run: RunDir, model, tokenizer, train_tok: 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     trainer.add_callback(MetricsCallback(run.metrics_path))
     trainer.add_callback(ProgressCallback())
+    if not torch.cuda.is_available():
+        trainer.add_callback(ReleaseMemoryCallback())
     if trainer.is_world_process_zero():
         trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tb_dir))))
     for callback in callbacks:

@@ -1,0 +1,128 @@
+"""CPU training memory: kernel-shape buckets for packed micro-batches, the heap handed back, the base read from
+a bf16 copy of faqtune's own cache, and parameters copied out of the mapped weight file."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from faqtune import memory, models
+from faqtune.config import load_config
+from faqtune.prompting import encode_conversation
+from faqtune.run import RunDir
+
+glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                           reason="glibc's malloc")
+
+
+@glibc
+def test_heap_calls_reach_glibc():
+    assert memory.bound_heap() is True
+    assert memory.release_freed_memory() is True
+
+
+def test_packed_micro_batches_are_padded_to_a_kernel_bucket_on_cpu(tmp_path):
+    from faqtune.train import _training_args
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    cfg = load_config(None, {"output_dir": str(tmp_path / "run")})
+    assert cfg.train.packing
+    assert _training_args(cfg, RunDir(cfg.output_dir), has_eval=False).pad_to_multiple_of == memory.PACK_MULTIPLE
+    cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "train.packing": "false"})
+    assert _training_args(cfg, RunDir(cfg.output_dir), has_eval=False).pad_to_multiple_of is None
+
+
+def test_bucket_padding_changes_neither_the_loss_nor_the_token_count(tiny_base, tiny_tokenizer):
+    """The padding of a packed micro-batch is trained on by nothing and attended to by nothing."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from faqtune.train import FaqTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    rows = []
+    for i in range(3):
+        enc = encode_conversation(tiny_tokenizer, [{"role": "user", "content": f"Where is order {i}?"},
+                                                   {"role": "assistant", "content": "In two days. " * (i + 1)}], 512)
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    losses, lengths, trained = [], [], []
+    for multiple in (None, memory.PACK_MULTIPLE):
+        batch = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.eos_token_id, padding_free=True,
+                                                pad_to_multiple_of=multiple)(rows)
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
+        fake = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False),
+                               _metrics=defaultdict(lambda: defaultdict(list)))
+        with torch.no_grad():
+            losses.append(FaqTrainer.compute_loss(fake, model, dict(batch)))
+        lengths.append(batch["input_ids"].shape[1])
+        trained.append(int((batch["labels"] != -100).sum()))
+    assert lengths[0] % memory.PACK_MULTIPLE != 0 and lengths[1] % memory.PACK_MULTIPLE == 0
+    assert lengths[1] > lengths[0]
+    assert trained[0] == trained[1]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5), losses
+
+
+def _cached_copy(tiny_base, home, monkeypatch):
+    """The tiny Llama in fp32, placed in faqtune's model cache under `home`, as the embedded default is."""
+    monkeypatch.setenv("FAQTUNE_HOME", str(home))
+    target = home / "models" / "tiny"
+    shutil.copytree(tiny_base, target)
+    return target
+
+
+def test_a_cached_base_is_read_from_a_bf16_copy_with_the_same_weights(tiny_base, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    cached = _cached_copy(tiny_base, tmp_path / "home", monkeypatch)
+    copy = models.weights_for(str(cached), torch.bfloat16)
+    assert copy == str(cached) + "-bf16"
+    with safe_open(f"{copy}/model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert models.weights_for(str(cached), torch.bfloat16) == copy  # made once
+    assert models.weights_for(str(cached), torch.float32) == str(cached)  # fp32 compute reads the fp32 file
+    assert models.weights_for(str(tiny_base), torch.bfloat16) == str(tiny_base)  # a user's folder: as given
+    original = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.bfloat16).state_dict()
+    converted = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.bfloat16).state_dict()
+    assert original.keys() == converted.keys()
+    assert all(torch.equal(original[k], converted[k]) for k in original)
+
+
+def test_the_loaded_base_names_the_model_not_its_bf16_copy(tiny_base, tmp_path, monkeypatch):
+    cached = _cached_copy(tiny_base, tmp_path / "home", monkeypatch)
+    cfg = load_config(None, {"base_model": str(cached), "quantization.compute_dtype": "bf16"})
+    model = models.load_base_model(str(cached), cfg)
+    assert (tmp_path / "home" / "models" / "tiny-bf16").exists()
+    assert model.name_or_path == str(cached)
+    assert model.config.name_or_path == str(cached)
+
+
+def test_parameters_left_on_the_mapped_file_are_copied_out(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)  # the file's own dtype
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    copied = models.release_weight_files(model)
+    assert copied == len(before)  # tied weights counted once
+    for name, param in model.named_parameters():
+        assert param.data_ptr() != before[name][0]
+        assert torch.equal(param, before[name][1])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_the_heap_is_handed_back_every_few_steps(monkeypatch):
+    from faqtune import train
+
+    calls = []
+    monkeypatch.setattr(train, "release_freed_memory", lambda: calls.append(1) or True)
+    callback = train.ReleaseMemoryCallback(every=3)
+    for step in range(1, 10):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert len(calls) == 3  # steps 3, 6, 9
+    assert train.ReleaseMemoryCallback().every == memory.RELEASE_EVERY
