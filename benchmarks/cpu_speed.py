@@ -39,6 +39,7 @@ from common import commit, machine, write_result  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from faqtune.generate import Answerer  # noqa: E402
+from faqtune.retrieval import release_embedders  # noqa: E402
 
 SHARED_FAQ = ROOT.parent / "shared" / "data" / "ecommerce_faq.json"
 BANK_FAQ = ROOT.parent / "shared" / "data" / "bank_faq.csv"
@@ -198,6 +199,8 @@ class Probe(TrainerCallback):
         model.train(was_training)
         self.curve.append({"step": state.global_step, "train_seconds": t - self.start - self.paused,
                            "answer_accuracy": score(texts, self.refs)})
+        del bot
+        release_embedders()  # the probe's embedder (and the heap it left) is not training's memory
         self.paused += time.perf_counter() - t
         self.peak.reset()
 
