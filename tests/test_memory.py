@@ -126,3 +126,16 @@ def test_the_heap_is_handed_back_every_few_steps(monkeypatch):
         callback.on_step_end(None, SimpleNamespace(global_step=step), None)
     assert len(calls) == 3  # steps 3, 6, 9
     assert train.ReleaseMemoryCallback().every == memory.RELEASE_EVERY
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_the_fp32_file(tiny_base, tmp_path, monkeypatch):
+    import tempfile
+
+    cached = _cached_copy(tiny_base, tmp_path / "home", monkeypatch)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    assert models.weights_for(str(cached), torch.bfloat16) == str(cached)
+    assert not (tmp_path / "home" / "models" / "tiny-bf16").exists()

@@ -105,7 +105,7 @@ def weights_for(ident: str, dtype: torch.dtype) -> str:
 
     Loading the fp32 file to quantize from bf16 maps all of it (538 MB for the embedded default) on top of
     what the process holds; the bf16 copy holds the same bf16 values that loading would have converted to,
-    in half the bytes (measured: load peak 1.08 -> 0.80 GB in a process holding 0.22 GB)."""
+    in half the bytes (measured: load peak 1.08 -> 0.8 GB in a process holding 0.22 GB)."""
     source = Path(ident)
     cache = faqtune_home() / "models"
     if dtype != torch.bfloat16 or source.parent != cache or source.name.endswith("-bf16"):
@@ -117,7 +117,11 @@ def weights_for(ident: str, dtype: torch.dtype) -> str:
         return ident
     from safetensors.torch import load_file, save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
+    except OSError as e:  # a read-only or full cache: read the fp32 file, as before the copy existed
+        log.info("no bf16 copy of %s (%s): reading the fp32 weights", source, e)
+        return ident
     try:
         for item in source.iterdir():
             if item.name != "model.safetensors" and item.is_file():
@@ -126,9 +130,11 @@ def weights_for(ident: str, dtype: torch.dtype) -> str:
                    for k, v in load_file(source / "model.safetensors").items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         del weights
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # atomic, as the conversion above
+        if not target.exists():  # another process (a DDP rank) may have written it meanwhile: keep that one
+            tmp.rename(target)  # atomic, as the conversion above
+    except OSError as e:  # e.g. the disk filled up: the fp32 file still loads
+        log.info("no bf16 copy of %s (%s): reading the fp32 weights", source, e)
+        return ident
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
