@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import commit, machine, write_result  # noqa: E402
+from common import commit, machine, status_gib, write_result  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from faqtune.generate import Answerer  # noqa: E402
@@ -102,10 +102,7 @@ class TrainingPeak:
 
     @staticmethod
     def hwm_gib() -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-        return 0.0
+        return status_gib("VmHWM")
 
     def note(self) -> None:
         self.gib = max(self.gib, self.hwm_gib())

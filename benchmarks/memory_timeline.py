@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, machine, machine_line, write_result
+from common import ROOT, machine, machine_line, status_gib, write_result
 
 SHARED_FAQ = ROOT.parent / "shared" / "data" / "ecommerce_faq.json"
 
@@ -41,13 +41,6 @@ def malloc_gb() -> dict[str, float]:
             "mmapped_gb": round(info.hblkhd / 2**30, 3)}
 
 
-def rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
-
-
 class Sampler(threading.Thread):
     """RSS every `period` seconds; `stage(name)` starts a new stage."""
 
@@ -57,7 +50,7 @@ class Sampler(threading.Thread):
         self.stage("imports")
 
     def stage(self, name: str) -> None:
-        now = rss_gb()
+        now = status_gib("VmRSS")
         if self.stages:
             self.stages[-1]["end_gb"] = now
             self.stages[-1]["malloc_end"] = malloc_gb()
@@ -66,7 +59,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.wait(self.period):
             cur = self.stages[-1]
-            cur["peak_gb"] = max(cur["peak_gb"], rss_gb())
+            cur["peak_gb"] = max(cur["peak_gb"], status_gib("VmRSS"))
 
     def finish(self) -> list[dict]:
         self._halt.set()

@@ -15,10 +15,9 @@ import datetime
 import http.client
 import json
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
-from common import write_result
+from common import status_gib, write_result
 
 from faqtune.data import bundled_faq_path, load_faq
 from faqtune.serve.app import create_app
@@ -27,10 +26,7 @@ from faqtune.serve.http import ServeLimits, ServerThread
 
 
 def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return status_gib("VmRSS") * 1024
 
 
 def post(url: str, body: dict, drop_after_first_chunk: bool = False) -> int:

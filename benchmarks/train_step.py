@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, machine_line, write_result
+from common import ROOT, machine, machine_line, status_gib, write_result
 from transformers import TrainerCallback
 
 DEFAULT_VARIANTS = [
@@ -51,15 +51,6 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def _status_gb(key: str) -> float:
-    """VmRSS / VmHWM of this process from /proc (GB; 0 where there is no /proc)."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return 0.0
-    return round(int(line.split()[1]) / 2**20, 3)
-
-
 class SetupMemory(TrainerCallback):
     """RSS and its high-water mark when training starts (imports, model, index and data are all in memory
     then): what the steps add is the training peak minus this."""
@@ -68,7 +59,7 @@ class SetupMemory(TrainerCallback):
         self.rss_gb = self.peak_gb = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.rss_gb, self.peak_gb = _status_gb("VmRSS"), _status_gb("VmHWM")
+        self.rss_gb, self.peak_gb = round(status_gib("VmRSS"), 3), round(status_gib("VmHWM"), 3)
 
 
 def _child(spec: dict) -> dict:
