@@ -139,3 +139,14 @@ def test_a_cache_that_cannot_be_written_falls_back_to_the_fp32_file(tiny_base, t
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     assert models.weights_for(str(cached), torch.bfloat16) == str(cached)
     assert not (tmp_path / "home" / "models" / "tiny-bf16").exists()
+
+
+def test_quantized_weights_are_not_copied(tiny_base):
+    """4-bit packed and 8-bit integer weights were made in the heap by the quantizer: nothing to copy."""
+    for mode in ("4bit", "8bit"):
+        cfg = load_config(None, {"base_model": str(tiny_base), "quantization.mode": mode})
+        model = models.load_base_model(str(tiny_base), cfg)
+        quantized = {n: p.data_ptr() for n, p in model.named_parameters() if not p.is_floating_point()}
+        assert quantized, mode
+        models.release_weight_files(model)
+        assert {n: p.data_ptr() for n, p in model.named_parameters() if not p.is_floating_point()} == quantized
