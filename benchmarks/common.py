@@ -14,15 +14,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def status_gib(key: str) -> float:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, ...) in GiB; 0 where there is none."""
+def status_gib(key: str, pid: int | str = "self") -> float:
+    """A memory figure of process `pid` (this one by default) from /proc/PID/status (VmRSS, VmHWM, ...) in GiB;
+    0 where there is none."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass
     return 0.0
+
+
+def descendants() -> list[str]:
+    """The pids of this process's live child processes and theirs."""
+    out, todo = [], [str(os.getpid())]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                kids = children.read_text().split()
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def pss_gib(pid: int | str = "self") -> float:
+    """Process `pid`'s proportional set size in GiB (each page it shares with other processes, such as library
+    code, counted as its share), from /proc/PID/smaps_rollup; 0 where unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_gib() -> tuple[float, float]:
+    """What this process and its descendants hold, in GiB: (summed RSS, an upper bound: shared pages count in
+    each process; summed PSS: shared pages split between them, the physical memory they take)."""
+    pids = ["self", *descendants()]
+    return sum(status_gib("VmRSS", p) for p in pids), sum(pss_gib(p) for p in pids)
 
 
 def commit() -> str:

@@ -6,7 +6,9 @@
 Trains the defaults (grounded, on ../shared/data/ecommerce_faq.json) for `--steps` optimizer steps in this
 process, with a thread reading VmRSS from /proc every 10 ms. Each stage of `faqtune.train.train` (indexing,
 model load, LoRA, trainer build, each step, save) is timed by wrapping the functions `train` calls, and the
-result gives, per stage, RSS at its start and end and its own peak. Writes
+result gives, per stage, RSS at its start and end and its own peak, and the peaks of the process tree (this
+process and its children, which build the index: summed RSS, an upper bound, and summed PSS, the physical
+memory, shared library pages counted once), every 50 ms. Writes
 benchmarks/results/<date>-memory-timeline<suffix>.json with the machine named.
 """
 
@@ -18,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, machine, machine_line, status_gib, write_result
+from common import ROOT, machine, machine_line, status_gib, tree_gib, write_result
 
 SHARED_FAQ = ROOT.parent / "shared" / "data" / "ecommerce_faq.json"
 
@@ -54,12 +56,18 @@ class Sampler(threading.Thread):
         if self.stages:
             self.stages[-1]["end_gb"] = now
             self.stages[-1]["malloc_end"] = malloc_gb()
-        self.stages.append({"stage": name, "start_gb": now, "peak_gb": now, "t": time.perf_counter()})
+        self.stages.append({"stage": name, "start_gb": now, "peak_gb": now, "tree_peak_gb": now,
+                            "tree_pss_peak_gb": 0.0, "t": time.perf_counter()})
 
     def run(self) -> None:
+        tick = 0
         while not self._halt.wait(self.period):
-            cur = self.stages[-1]
+            cur, tick = self.stages[-1], tick + 1
             cur["peak_gb"] = max(cur["peak_gb"], status_gib("VmRSS"))
+            if tick % 5 == 0:  # the tree every 50 ms: reading PSS walks each process's page tables
+                rss, pss = tree_gib()
+                cur["tree_peak_gb"] = max(cur["tree_peak_gb"], rss)
+                cur["tree_pss_peak_gb"] = max(cur["tree_pss_peak_gb"], pss)
 
     def finish(self) -> list[dict]:
         self._halt.set()
@@ -69,7 +77,9 @@ class Sampler(threading.Thread):
         for a, b in zip(self.stages, self.stages[1:], strict=False):
             out.append({"stage": a["stage"], "seconds": round(b["t"] - a["t"], 2), "start_gb": round(a["start_gb"], 3),
                         "peak_gb": round(max(a["peak_gb"], a.get("end_gb", 0)), 3),
-                        "end_gb": round(a.get("end_gb", 0), 3), **a.get("malloc_end", {})})
+                        "end_gb": round(a.get("end_gb", 0), 3), "tree_peak_gb": round(a["tree_peak_gb"], 3),
+                        "tree_pss_peak_gb": round(a["tree_pss_peak_gb"], 3),
+                        **a.get("malloc_end", {})})
         return out
 
 
@@ -134,12 +144,18 @@ def main() -> int:
     for s in stages:
         if not s["stage"].startswith("step ") or s in (steps[0], steps[-1], peak):
             print(f"{s['stage']:>22} {s['seconds']:7.2f}s  start {s['start_gb']:.3f}  peak {s['peak_gb']:.3f}  "
-                  f"end {s['end_gb']:.3f} GB")
+                  f"end {s['end_gb']:.3f} GB  (with children: RSS {s['tree_peak_gb']:.3f}, PSS {s['tree_pss_peak_gb']:.3f})")
+    tree = max(stages, key=lambda s: s["tree_peak_gb"])
+    pss = max(stages, key=lambda s: s["tree_pss_peak_gb"])
     info = machine()  # after the run: its matmul timing allocates
-    print(f"peak {peak['peak_gb']:.3f} GB in '{peak['stage']}' on {machine_line(info)}")
+    print(f"peak {peak['peak_gb']:.3f} GB in '{peak['stage']}'; with children RSS {tree['tree_peak_gb']:.3f} GB in "
+          f"'{tree['stage']}', PSS {pss['tree_pss_peak_gb']:.3f} GB in '{pss['stage']}'; on {machine_line(info)}")
     path = write_result({"steps": args.steps, "overrides": overrides, "machine": info,
                          "gradient_checkpointing": summary.get("gradient_checkpointing"),
-                         "peak_gb": peak["peak_gb"], "peak_stage": peak["stage"], "stages": stages},
+                         "peak_gb": peak["peak_gb"], "peak_stage": peak["stage"],
+                         "tree_peak_gb": tree["tree_peak_gb"], "tree_peak_stage": tree["stage"],
+                         "tree_pss_peak_gb": pss["tree_pss_peak_gb"], "tree_pss_peak_stage": pss["stage"],
+                         "stages": stages},
                         f"-memory-timeline{args.suffix}")
     return 0 if path else 1
 

@@ -1,8 +1,10 @@
 """CPU training memory: kernel-shape buckets for packed micro-batches, the heap handed back, the base read from
-a bf16 copy of faqtune's own cache, and parameters copied out of the mapped weight file."""
+a bf16 copy of faqtune's own cache, parameters copied out of the mapped weight file, and a stage (indexing) run
+in a child process whose memory leaves with it."""
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 from collections import defaultdict
@@ -13,6 +15,7 @@ import torch
 
 from faqtune import memory, models
 from faqtune.config import load_config
+from faqtune.errors import FaqtuneError
 from faqtune.prompting import encode_conversation
 from faqtune.run import RunDir
 
@@ -150,3 +153,55 @@ def test_quantized_weights_are_not_copied(tiny_base):
         assert quantized, mode
         models.release_weight_files(model)
         assert {n: p.data_ptr() for n, p in model.named_parameters() if not p.is_floating_point()} == quantized
+
+
+# --- a stage in a child process ------------------------------------------------------------------------------
+
+@pytest.mark.pipeline
+def test_fresh_process_returns_the_childs_result_with_this_thread_count():
+    threads = torch.get_num_threads()
+    assert memory.in_fresh_process(os.getpid) != os.getpid()
+    assert memory.in_fresh_process(torch.get_num_threads) == threads
+
+
+@pytest.mark.pipeline
+def test_fresh_process_raises_the_childs_errors_here(tmp_path):
+    from faqtune.data import load_faq
+    from faqtune.errors import DataError, ModelError
+    from faqtune.retrieval import load_embedder
+
+    bad = tmp_path / "faq.json"
+    bad.write_text('[{"question": "q?"}]')
+    with pytest.raises(DataError) as here:
+        load_faq(bad)
+    with pytest.raises(FaqtuneError) as there:  # DataError cannot be rebuilt from its pickle: same message
+        memory.in_fresh_process(load_faq, bad)
+    assert str(there.value) == str(here.value) and str(bad) in str(there.value)
+    with pytest.raises(ModelError, match="no-such-embedder"):  # a class that can be rebuilt stays itself
+        memory.in_fresh_process(load_embedder, str(tmp_path / "no-such-embedder"))
+
+
+@pytest.mark.pipeline
+def test_a_child_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(FaqtuneError, match="died"):
+        memory.in_fresh_process(os._exit, 3)
+
+
+def test_without_child_processes_the_call_runs_here(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("no semaphores")
+
+    monkeypatch.setattr(memory, "ProcessPoolExecutor", refuse)
+    assert memory.in_fresh_process(os.getpid) == os.getpid()
+
+
+@pytest.mark.pipeline
+def test_grounding_in_a_child_process_is_grounding_here(bundled, tmp_path):
+    from faqtune.grounding import ground_splits
+
+    cfg = load_config(None, {"grounding.threshold": "0.5"})  # no calibration: the test is about the process
+    splits = [(bundled[:6], list(range(6))), (bundled[6:8], [6, 7])]
+    here = ground_splits(tmp_path / "here", bundled, splits, cfg)
+    there = memory.in_fresh_process(ground_splits, tmp_path / "there", bundled, splits, cfg)
+    assert there == here
+    assert len(here[1][0]) >= 6 and here[1][0] != bundled[:6]  # grounded: retrieved entries in the prompts

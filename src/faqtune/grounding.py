@@ -177,6 +177,19 @@ def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, s
     return FaqIndex(root)
 
 
+def ground_splits(index_dir: str | Path, faq: list[FaqEntry], splits: list[tuple[list[FaqEntry], list[int]]],
+                  cfg: FaqtuneConfig, build: bool = True) -> tuple[float, list[list[FaqEntry]]]:
+    """Index `faq` in `index_dir` (`build`; else open the index another process built there) and ground each
+    split, given as (entries, their FAQ positions); returns the index's threshold and the grounded splits.
+
+    Training calls it in a child process (`memory.in_fresh_process`), so that the embedder and LanceDB leave
+    with the child."""
+    index = build_index(index_dir, faq, cfg, seed=cfg.data.seed) if build else FaqIndex(index_dir)
+    grounded = [ground_entries(index, entries, ids, cfg, seed=cfg.data.seed + k)
+                for k, (entries, ids) in enumerate(splits)]
+    return index.threshold, grounded
+
+
 # --- inference --------------------------------------------------------------------------------------------
 
 _FOLLOW_UP_START = re.compile(r"^(and|or|also|plus|but|so|then|what about|how about|same (for|with)|what if)\b")

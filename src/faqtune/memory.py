@@ -4,7 +4,7 @@ to keep the CPU heap from growing step after step.
 `use_checkpointing` turns `train.gradient_checkpointing` (true | false | auto) into the trainer's switch, from
 an estimate of the activations (`activation_bytes`) and the free memory (`available_memory`);
 `PACK_MULTIPLE` and `release_freed_memory` bound the heap of a long CPU run (measured in
-benchmarks/memory_timeline.py).
+benchmarks/memory_timeline.py); `in_fresh_process` runs a stage whose memory should leave with it (indexing).
 """
 
 from __future__ import annotations
@@ -12,9 +12,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import multiprocessing
+import pickle
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from faqtune.errors import FaqtuneError
 
 # Bytes of saved activations per token, per layer and per unit of hidden size, without gradient checkpointing
 # (measured: grounded steps of the embedded default on the shared FAQ, 2.57 GB peak RSS without it vs 1.70 GB
@@ -111,3 +119,38 @@ def release_freed_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def _call_in_child(fn: Callable, args: tuple, threads: int) -> tuple[bool, Any]:
+    """The child's side of `in_fresh_process`: (True, result), or (False, the FaqtuneError) for a user's mistake.
+    An error whose class cannot be rebuilt from its pickle (DataError takes several arguments) travels as a
+    plain FaqtuneError with the same message."""
+    torch.set_num_threads(threads)
+    try:
+        return True, fn(*args)
+    except FaqtuneError as e:
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # noqa: BLE001 - any failure to rebuild it: send the message alone
+            e = FaqtuneError(str(e))
+        return False, e
+
+
+def in_fresh_process(fn: Callable, *args: Any) -> Any:
+    """`fn(*args)` in a spawned child process (the parent's torch thread count), returning its result or raising
+    its FaqtuneError here: what the call imports and allocates leaves with the child instead of staying in this
+    process's heap. `fn`, its arguments and its result must pickle. Where no child can be started (no working
+    semaphores in some sandboxes), it runs here instead."""
+    try:
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    except (OSError, ImportError, NotImplementedError):
+        return fn(*args)
+    with pool:
+        try:
+            ok, value = pool.submit(_call_in_child, fn, args, torch.get_num_threads()).result()
+        except BrokenProcessPool as e:  # killed (the OOM killer, a signal): nothing of it to keep
+            raise FaqtuneError(f"the child process for {getattr(fn, '__name__', fn)} died before it finished "
+                               "(killed, or out of memory)") from e
+    if not ok:
+        raise value
+    return value

@@ -30,7 +30,7 @@ from faqtune import data as data_mod
 from faqtune.config import FaqtuneConfig, effective_epochs, parse_mix
 from faqtune.data import general_instructions_path
 from faqtune.errors import FaqtuneError, TrainingStopped
-from faqtune.grounding import build_index, ground_entries
+from faqtune.grounding import ground_splits
 from faqtune.loss import answer_token_loss
 from faqtune.memory import (
     PACK_MULTIPLE,
@@ -38,6 +38,7 @@ from faqtune.memory import (
     activation_bytes,
     available_memory,
     bound_heap,
+    in_fresh_process,
     release_freed_memory,
     use_checkpointing,
 )
@@ -52,7 +53,6 @@ from faqtune.models import (
     trainable_report,
 )
 from faqtune.prompting import IGNORE_INDEX, encode_conversation, ensure_chat_template, with_system
-from faqtune.retrieval import FaqIndex, release_embedders
 from faqtune.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -284,16 +284,14 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer):
         _say("the tokenizer has no chat template: using the guide's '<human>: / <assistant>:' format")
-    # The base is loaded before the index is built: reading its weights peaks at about the size of its file, and
-    # that peak then sits on the imports alone, not also on the embedder's leftovers (memory_timeline.py).
+    setup_started = time.time()
+    if cfg.grounding.mode == "retrieval":  # before the base is loaded: the child then runs beside imports alone
+        train_entries, eval_entries = _ground(cfg, run, faq.entries, train_entries, eval_entries)
+    grounding_seconds = time.time() - setup_started
     model = load_base_model(base, cfg)
     torch.manual_seed(cfg.train.seed)  # the LoRA init draws from torch's RNG: same seed, same adapter
     model = attach_lora(model, cfg)
     release_freed_memory()
-    setup_started = time.time()
-    if cfg.grounding.mode == "retrieval":
-        train_entries, eval_entries = _ground(cfg, run, faq.entries, train_entries, eval_entries)
-    grounding_seconds = time.time() - setup_started
     train_tok = tokenize_entries(tokenizer, train_entries + mixed, cfg)
     eval_tok = tokenize_entries(tokenizer, eval_entries, cfg)
     if not train_tok.rows:
@@ -342,8 +340,13 @@ def _fit(trainer, run: RunDir, last: Path | None):
 
 
 def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train_entries, eval_entries):
-    """Index the whole FAQ in the run and put retrieved entries into the training prompts."""
+    """Index the whole FAQ in the run and put retrieved entries into the training prompts.
+
+    In a child process (`grounding.ground_splits`): the embedder, LanceDB and their imports leave with it, so
+    the training process never holds them (0.16 GB on the embedded default, benchmarks/memory_timeline.py)."""
     started = time.time()
+    position = {id(e): i for i, e in enumerate(faq)}
+    splits = [(split, [position[id(e)] for e in split]) for split in (train_entries, eval_entries)]
     main = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several processes: the main one indexes, the others read it
         from accelerate import PartialState
@@ -351,18 +354,13 @@ def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train
         state = PartialState(cpu=not torch.cuda.is_available())  # on CPU accelerate needs telling
         main = state.is_main_process
         with state.main_process_first():
-            index = (build_index(run.index_dir, faq, cfg, seed=cfg.data.seed) if state.is_main_process
-                     else FaqIndex(run.index_dir))
+            threshold, grounded = in_fresh_process(ground_splits, run.index_dir, faq, splits, cfg, main)
     else:
-        index = build_index(run.index_dir, faq, cfg, seed=cfg.data.seed)
-    position = {id(e): i for i, e in enumerate(faq)}
+        threshold, grounded = in_fresh_process(ground_splits, run.index_dir, faq, splits, cfg)
     if main:
         _say(f"grounding: indexed {len(faq)} entries in {time.time() - started:.1f}s "
-             f"(decline below similarity {index.threshold:.3f})")
-    grounded = [ground_entries(index, split, [position[id(e)] for e in split], cfg, seed=cfg.data.seed + k)
-                for k, split in enumerate((train_entries, eval_entries))]
+             f"(decline below similarity {threshold:.3f})")
     data_mod.write_jsonl(grounded[0], run.grounded_split)  # what the model saw
-    release_embedders()  # training needs no embedder: its memory goes back before the activations need it
     return grounded[0], grounded[1]
 
 
