@@ -8,7 +8,10 @@ with an in-batch contrastive loss (MultipleNegativesRanking, scale 20) from each
 question, two noisy spellings, the answer's key words and the question's key words (faqtune.grounding's
 generators, never the held-out sets) -- to that entry's question and to its answer, batches holding one form
 per entry. Held-out top 1 is scored as `FaqIndex.search` ranks: the mean cosine to an entry's question and
-answer vectors. Writes benchmarks/results/<date>-embedder-finetune.json.
+answer vectors. With `--alpha`, each epoch is also scored with the weights interpolated between the tuned and
+the original ones (alpha x tuned + (1 - alpha) x original: WiSE-FT, Wortsman et al. 2022, which keeps a tuned
+model's gains while it keeps more of the original's robustness). Writes
+benchmarks/results/<date>-embedder-finetune<suffix>.json.
 """
 
 from __future__ import annotations
@@ -62,12 +65,16 @@ def main() -> int:
     ap.add_argument("sets", nargs="+", help="held-out JSONL files of {id, question}")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--alpha", type=float, action="append", default=[],
+                    help="also score alpha x tuned + (1 - alpha) x original weights (repeatable)")
+    ap.add_argument("--suffix", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
     entries = load_faq(args.faq).entries
     sets = {Path(s).stem: [json.loads(line) for line in open(s, encoding="utf-8")] for s in args.sets}
     model = SentenceTransformer(embedder_path("all-MiniLM-L6-v2"), device="cpu")
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     curve = [{"epoch": 0, **top1(model, entries, sets)}]
     print(curve[-1], flush=True)
     anchors = [(form, i) for i, e in enumerate(entries)
@@ -94,8 +101,15 @@ def main() -> int:
         model.eval()
         curve.append({"epoch": epoch, "seconds": round(time.time() - started, 1), **top1(model, entries, sets)})
         print(curve[-1], flush=True)
+        tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for alpha in args.alpha:
+            model.load_state_dict({k: alpha * v + (1 - alpha) * original[k] if v.is_floating_point() else v
+                                   for k, v in tuned.items()})
+            curve.append({"epoch": epoch, "alpha": alpha, **top1(model, entries, sets)})
+            print(curve[-1], flush=True)
+        model.load_state_dict(tuned)
     write_result({"faq": args.faq, "training_forms": len(anchors), "lr": args.lr, "curve": curve},
-                 "-embedder-finetune")
+                 f"-embedder-finetune{args.suffix}")
     return 0
 
 

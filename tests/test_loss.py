@@ -3,6 +3,7 @@ the same argmax and the same adapter gradients as the full logits over every tok
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
@@ -55,12 +56,16 @@ def _adapter_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["model's head", "chunked head"])
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
-def test_answer_positions_only_match_the_full_logits_loss_and_gradients(tiny_base, tiny_tokenizer, padding_free):
-    """On the 4-bit tiny Llama with a fresh LoRA adapter (as training builds it), fp32 compute."""
+def test_answer_positions_only_match_the_full_logits_loss_and_gradients(tiny_base, tiny_tokenizer, padding_free,
+                                                                         chunked, monkeypatch):
+    """On the 4-bit tiny Llama with a fresh LoRA adapter (as training builds it), fp32 compute; the chunked head
+    in chunks of 7 answer tokens, so that the last one is partial."""
     import torch
 
-    from faqtune.loss import answer_token_loss
+    from faqtune import loss
+    from faqtune.loss import answer_token_loss, fusable_head
     from faqtune.models import attach_lora, load_base_model
 
     cfg = load_config(None, {"base_model": str(tiny_base), "quantization.compute_dtype": "fp32", "lora.r": 4,
@@ -80,12 +85,18 @@ def test_answer_positions_only_match_the_full_logits_loss_and_gradients(tiny_bas
     ref_grads = _adapter_grads(model)
     model.zero_grad()
 
-    scored = answer_token_loss(model, labels, **batch)
+    monkeypatch.setattr(loss, "HEAD_CHUNK", 7)
+    head = fusable_head(model) if chunked else None
+    assert (head is not None) == chunked
+    scored = answer_token_loss(model, labels, head=head, **batch)
     scored.mean().backward()
     grads = _adapter_grads(model)
 
-    assert scored.tokens == ref_tokens > 20
-    assert scored.outputs.logits.shape[-2] == ref_tokens  # the LM head ran at the answer positions only
+    assert scored.tokens == ref_tokens > 20 and ref_tokens % 7
+    if chunked:
+        assert scored.outputs.logits is None  # applied here, not by the model
+    else:
+        assert scored.outputs.logits.shape[-2] == ref_tokens  # the LM head ran at the answer positions only
     assert torch.allclose(scored.total, ref_total, rtol=1e-5, atol=1e-5), (scored.total, ref_total)
     assert torch.equal(scored.predictions, ref_argmax)
     assert ref_grads.keys() == grads.keys() and len(grads) > 10
@@ -104,3 +115,29 @@ def test_a_sequence_without_answer_tokens_scores_zero(tiny_base):
     with torch.no_grad():
         scored = answer_token_loss(model, torch.full((1, 5), IGNORE_INDEX), input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
     assert scored.tokens == 0 and float(scored.total) == 0.0 and float(scored.mean()) == 0.0
+
+
+def test_the_head_is_chunked_only_where_the_model_applies_it_plainly(tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from faqtune.loss import answer_token_loss, fusable_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)
+    assert fusable_head(model) is head
+    assert fusable_head(SimpleNamespace(module=model)) is head  # under DDP: the wrapped model's head
+    head.weight.requires_grad_(True)  # a trained head (modules_to_save): it needs its gradient
+    assert fusable_head(model) is None
+    head.weight.requires_grad_(False)
+    model.config.model_type = "gemma2"  # soft-caps its logits after the head
+    assert fusable_head(model) is None
+    model.config.model_type = "llama"
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5]])
+    chunked = answer_token_loss(model, labels, head=head, input_ids=ids)
+    plain = answer_token_loss(model, labels, input_ids=ids)
+    assert head.forward.__func__ is torch.nn.Linear.forward  # the head is itself again after the call
+    assert torch.allclose(chunked.total, plain.total, atol=1e-5) and chunked.tokens == 3
