@@ -5,7 +5,8 @@
     python benchmarks/train_step.py --variant "before:src=/tmp/before/src" --variant "after:"   # two trees
 
 Each variant trains the defaults (grounded, on ../shared/data/ecommerce_faq.json) for `--steps` optimizer
-steps in its own subprocess, so that its peak RSS (the kernel's high-water mark, `ru_maxrss`) is its own.
+steps in its own subprocess, so that its peak RSS (the kernel's high-water mark, `ru_maxrss`) is its own (its
+largest child's, the process that builds the index, is reported beside it).
 Step times come from a callback (`faqtune.train.train(callbacks=...)`); the first step (warm-up) is left out
 of the median. Losses are printed so that variants meant to compute the same thing can be compared. The
 pseudo-setting `src=DIR` runs that variant on another faqtune source tree (DIR holds the `faqtune` package,
@@ -77,7 +78,9 @@ def _child(spec: dict) -> dict:
             "faqtune_package": str(Path(faqtune.__file__).parent),
             "rss_at_train_begin_gb": setup.rss_gb, "peak_rss_before_train_gb": setup.peak_gb,
             "gradient_checkpointing": summary.get("gradient_checkpointing"),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            # the largest child process (the one that built the index), 0 where the index was built here
+            "child_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 3)}
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
@@ -119,7 +122,7 @@ def main() -> None:
             row["median_step_s"] = round(statistics.median(row["step_seconds"][1:] or row["step_seconds"]), 3)
             rows.append(row)
             print(f"{name:50s} median step {row['median_step_s']:6.2f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
-                  f"(at start {row['rss_at_train_begin_gb']:.2f})  adapter {row['adapter_dtype']}  losses {' '.join(f'{v:.4f}' for v in row['losses'][:4])}")
+                  f"(at start {row['rss_at_train_begin_gb']:.2f}; largest child {row.get('child_peak_rss_gb', 0):.2f})  adapter {row['adapter_dtype']}  losses {' '.join(f'{v:.4f}' for v in row['losses'][:4])}")
     write_result({"steps": args.steps, "data": args.data, "machine": machine(), "variants": rows}, args.suffix)
 
 

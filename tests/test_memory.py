@@ -205,3 +205,28 @@ def test_grounding_in_a_child_process_is_grounding_here(bundled, tmp_path):
     there = memory.in_fresh_process(ground_splits, tmp_path / "there", bundled, splits, cfg)
     assert there == here
     assert len(here[1][0]) >= 6 and here[1][0] != bundled[:6]  # grounded: retrieved entries in the prompts
+
+
+@pytest.mark.pipeline
+def test_grounded_training_never_imports_the_index_libraries(tiny_base, tmp_path):
+    """The training process itself: the embedder, LanceDB and sentence-transformers are the child's alone."""
+    import json
+    import subprocess
+    import sys
+
+    faq = tmp_path / "faq.json"
+    faq.write_text(json.dumps([{"question": f"How do I do thing number {i}?", "answer": f"Thing {i} is on page {i}."}
+                               for i in range(6)]))
+    script = (
+        "import sys\n"
+        "from faqtune.config import load_config\n"
+        "from faqtune.train import train\n"
+        f"cfg = load_config(None, {{'base_model': {str(tiny_base)!r}, 'data.path': {str(faq)!r}, "
+        f"'output_dir': {str(tmp_path / 'run')!r}, 'train.max_steps': '1', 'lora.r': '4', 'data.eval_fraction': '0'}})\n"
+        "assert cfg.grounding.mode == 'retrieval'\n"
+        "train(cfg)\n"
+        "print('LOADED', sorted(m for m in ('lancedb', 'sentence_transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stdout, out.stdout
+    assert (tmp_path / "run" / "index" / "index.json").is_file()  # the child did build the run's index

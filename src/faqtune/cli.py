@@ -220,7 +220,9 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     inside_run = run.config_path.exists()  # RUN/index of a run: no training may write it meanwhile
     with run_lock(run.root) if inside_run else contextlib.nullcontext():
         index = build_index(args.out, faq.entries, cfg)
-    print(f"indexed {len(index)} entries of {args.faq} into {args.out} with {index.embedder} "
+    tuned = index.meta["embedder"] != index.embedder  # stored in the index, tuned on this FAQ's questions
+    embedder = f"{cfg.grounding.embedder}, tuned on its questions" if tuned else index.embedder
+    print(f"indexed {len(index)} entries of {args.faq} into {args.out} with {embedder} "
           f"(declines below similarity {index.threshold:.3f})")
     return 0
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import random
 import re
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 from faqtune.config import FaqtuneConfig, GenerationConfig
 from faqtune.data import FaqEntry, packaged
+from faqtune.embedder_tuning import tune_embedder
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
 from faqtune.reader import NONE, check_choice, choice_target, pick, score_choices
@@ -162,19 +164,41 @@ def calibrate(index: FaqIndex, entries: list[FaqEntry], seed: int, off_topic: li
     return calibrate_threshold(index, in_scope, off_topic)
 
 
-def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, seed: int = 0) -> FaqIndex:
+def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, seed: int = 0,
+                tune_on: list[int] | None = None) -> FaqIndex:
     """Index `entries` (ids = FAQ positions) and store the threshold: the configured one, else calibrated.
+    With `grounding.embedder_epochs`, the embedder is first tuned on the question forms of the entries at
+    positions `tune_on` (default: every entry; training passes its training split's) and stored in the index
+    (`embedder_tuning`).
 
     Built in a sibling folder and swapped into place when complete (index.json written once, with its
     threshold), so a build killed halfway leaves the previous index as it was, never a half-written one.
     """
     root = Path(root)
     tmp = building_dir(root)
-    index = FaqIndex.build(entries, tmp, cfg.grounding.embedder)
+    embedder = cfg.grounding.embedder
+    if cfg.grounding.embedder_epochs > 0:
+        embedder = _tuned_embedder(tmp, entries, range(len(entries)) if tune_on is None else tune_on, cfg, seed)
+    index = FaqIndex.build(entries, tmp, embedder)
     threshold = cfg.grounding.threshold
     index.set_threshold(calibrate(index, entries, seed) if threshold is None else threshold)
     swap_into_place(tmp, root)
     return FaqIndex(root)
+
+
+def _tuned_embedder(folder: Path, entries: list[FaqEntry], tune_on, cfg: FaqtuneConfig, seed: int) -> str:
+    """Tune the embedder on the question forms of the entries at positions `tune_on` (the question, two noisy
+    spellings, the answer's and the question's key words); stored in `folder` (the index being built); returns
+    its `./` name."""
+    rng = random.Random(seed)
+    anchors = [(form, i) for i in tune_on for e in (entries[i],)
+               for form in (e.question, noisy(e.question, rng), noisy(e.question, rng),
+                            answer_words(e.answer) or keywords(e.question), keywords(e.question))]
+    name = f"embedder-{uuid.uuid4().hex[:8]}"  # a new path at each build: loaded embedders are cached by path
+    folder.mkdir(parents=True, exist_ok=True)
+    tune_embedder(cfg.grounding.embedder, entries, anchors, folder / name, cfg.grounding.embedder_epochs,
+                  cfg.grounding.embedder_mix, seed)
+    return f"./{name}"
 
 
 def ground_splits(index_dir: str | Path, faq: list[FaqEntry], splits: list[tuple[list[FaqEntry], list[int]]],
@@ -184,7 +208,8 @@ def ground_splits(index_dir: str | Path, faq: list[FaqEntry], splits: list[tuple
 
     Training calls it in a child process (`memory.in_fresh_process`), so that the embedder and LanceDB leave
     with the child."""
-    index = build_index(index_dir, faq, cfg, seed=cfg.data.seed) if build else FaqIndex(index_dir)
+    tune_on = splits[0][1] if splits else None  # the embedder learns the training split's forms only
+    index = build_index(index_dir, faq, cfg, seed=cfg.data.seed, tune_on=tune_on) if build else FaqIndex(index_dir)
     grounded = [ground_entries(index, entries, ids, cfg, seed=cfg.data.seed + k)
                 for k, (entries, ids) in enumerate(splits)]
     return index.threshold, grounded

@@ -50,6 +50,12 @@ class Hit:
         return {"id": self.id, "question": self.question, "score": round(self.score, 4)}
 
 
+def resolve_embedder(root: Path, name: str) -> str:
+    """An index's embedder: `./FOLDER` names one stored inside the index folder `root` (tuned for its FAQ,
+    `embedder_tuning`), so that the index can be moved or rebuilt in place; any other name as given."""
+    return str(root / name[2:]) if name.startswith("./") else name
+
+
 def embedder_path(name: str) -> str:
     """An alias of a model shipped in a PyPI wheel -> its folder; any other id or folder as given."""
     package = _EMBEDDED_EMBEDDERS.get(name)
@@ -108,7 +114,7 @@ class FaqIndex:
 
         self.meta = meta
         self.table = lancedb.connect(str(self.root)).open_table(TABLE)
-        self.embedder = self.meta["embedder"]
+        self.embedder = resolve_embedder(self.root, self.meta["embedder"])
 
     @property
     def threshold(self) -> float:
@@ -131,8 +137,8 @@ class FaqIndex:
         for lo in range(0, len(entries), batch_size):
             chunk = entries[lo:lo + batch_size]
             texts = [entry_text(e) for e in chunk]
-            qvecs = embed(embedder, [e.question for e in chunk])
-            avecs = embed(embedder, [e.answer for e in chunk])
+            qvecs = embed(resolve_embedder(root, embedder), [e.question for e in chunk])
+            avecs = embed(resolve_embedder(root, embedder), [e.answer for e in chunk])
             batch = pa.table({
                 "id": pa.array(range(start_id + lo, start_id + lo + len(chunk)), pa.int64()),
                 "question": [e.question for e in chunk],

@@ -1,0 +1,78 @@
+"""The retriever's embedder tuned on the FAQ's own question forms, as the index is built.
+
+`tune_embedder` fine-tunes the sentence-transformers embedder with an in-batch contrastive loss (each form of an
+entry's question -- the question, noisy spellings, key words -- pulled to that entry's question and to its
+answer, away from the other entries in its batch), then mixes the tuned weights with the original ones
+(WiSE-FT, Wortsman et al. 2022: `mix` x tuned + (1 - mix) x original), which keeps the gains on the FAQ's
+phrasings and the original's robustness elsewhere. Measured in benchmarks/README.md (`embedder_finetune.py`).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from faqtune.data import FaqEntry
+from faqtune.retrieval import embedder_path
+
+BATCH = 32  # forms per batch; the in-batch negatives are the other entries of the batch
+SCALE = 20.0  # cosine similarities x SCALE are the logits (sentence-transformers' MultipleNegativesRankingLoss)
+LEARNING_RATE = 2e-5
+
+
+def batches_one_form_per_entry(anchors: list[tuple[str, int]], size: int) -> list[list[tuple[str, int]]]:
+    """`anchors` ((form, entry)) in batches of `size` in which no entry appears twice: a batch's other entries
+    are its negatives, so two forms of one entry must not be."""
+    out, pool = [], list(anchors)
+    while pool:
+        seen, batch, rest = set(), [], []
+        for form, i in pool:
+            if i in seen or len(batch) >= size:
+                rest.append((form, i))
+            else:
+                seen.add(i)
+                batch.append((form, i))
+        out.append(batch)
+        pool = rest
+    return out
+
+
+def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, int]], out_dir: str | Path,
+                  epochs: int, mix: float, seed: int = 0) -> Path:
+    """Tune embedder `name` (an alias, id or folder) for `epochs` on `anchors` ((form, index into `entries`)),
+    mix it with the original by `mix`, and save it as a sentence-transformers folder `out_dir` (returned)."""
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = SentenceTransformer(embedder_path(name), device="cpu", trust_remote_code=False)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+
+    features = getattr(model, "preprocess", None) or model.tokenize  # `tokenize` before sentence-transformers 6
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(model(features(texts))["sentence_embedding"], dim=-1)
+
+    anchors = list(anchors)
+    model.train()
+    for _ in range(epochs):
+        rng.shuffle(anchors)
+        for batch in batches_one_form_per_entry(anchors, BATCH):
+            ids = [i for _, i in batch]
+            forms = encode([f for f, _ in batch])
+            target = torch.arange(len(batch))
+            loss = sum(torch.nn.functional.cross_entropy(SCALE * forms @ encode(texts).T, target)
+                       for texts in ([entries[i].question for i in ids], [entries[i].answer for i in ids]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    tuned = model.state_dict()
+    model.load_state_dict({k: mix * v + (1 - mix) * original[k] if v.is_floating_point() else v
+                           for k, v in tuned.items()})
+    out_dir = Path(out_dir)
+    model.save(str(out_dir))
+    return out_dir

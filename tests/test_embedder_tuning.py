@@ -1,0 +1,81 @@
+"""The retriever's embedder tuned on the FAQ's own question forms as the index is built (`embedder_tuning`): batches
+whose negatives are other entries, the WiSE-FT mix, and a tuned embedder stored inside the index it built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from faqtune.config import load_config
+from faqtune.data import FaqEntry
+from faqtune.embedder_tuning import batches_one_form_per_entry
+from faqtune.errors import ConfigError
+
+
+def _entries(n: int = 8) -> list[FaqEntry]:
+    return [FaqEntry((("user", f"How do I do thing number {i}?"), ("assistant", f"Thing {i} is on page {i}.")))
+            for i in range(n)]
+
+
+def test_a_batch_never_holds_two_forms_of_one_entry():
+    anchors = [(f"form {k} of {i}", i) for i in range(5) for k in range(3)] + [("extra", 0)]
+    batches = batches_one_form_per_entry(anchors, size=4)
+    assert sorted(a for b in batches for a in b) == sorted(anchors)
+    for batch in batches:
+        ids = [i for _, i in batch]
+        assert len(ids) == len(set(ids)) and len(batch) <= 4
+
+
+def test_the_mix_and_epochs_are_checked():
+    with pytest.raises(ConfigError, match="grounding.embedder_mix"):
+        load_config(None, {"grounding.embedder_mix": "1.5"})
+    with pytest.raises(ConfigError, match="grounding.embedder_epochs"):
+        load_config(None, {"grounding.embedder_epochs": "-1"})
+
+
+@pytest.mark.pipeline
+def test_mix_zero_is_the_original_and_tuning_moves_it(tmp_path):
+    import numpy as np
+
+    from faqtune.embedder_tuning import tune_embedder
+    from faqtune.retrieval import DEFAULT_EMBEDDER, embed
+
+    entries = _entries()
+    anchors = [(f"thing {i} help", i) for i in range(len(entries))] + [(e.question, i) for i, e in enumerate(entries)]
+    texts = ["thing 3 help", "where is page 5"]
+    stock = embed(DEFAULT_EMBEDDER, texts)
+    kept = tune_embedder(DEFAULT_EMBEDDER, entries, anchors, tmp_path / "mix0", epochs=2, mix=0.0)
+    tuned = tune_embedder(DEFAULT_EMBEDDER, entries, anchors, tmp_path / "mix1", epochs=2, mix=1.0)
+    assert np.allclose(embed(str(kept), texts), stock, atol=1e-5)
+    assert not np.allclose(embed(str(tuned), texts), stock, atol=1e-3)
+
+
+@pytest.mark.pipeline
+def test_a_tuned_embedder_lives_in_its_index_which_can_move(tmp_path):
+    from faqtune.grounding import build_index
+    from faqtune.retrieval import FaqIndex
+
+    entries = _entries()
+    cfg = load_config(None, {"grounding.embedder_epochs": "1", "grounding.threshold": "0.3"})
+    index = build_index(tmp_path / "index", entries, cfg)
+    name = index.meta["embedder"]
+    assert name.startswith("./embedder-") and (tmp_path / "index" / name[2:] / "config.json").is_file()
+    shutil.move(tmp_path / "index", tmp_path / "moved")
+    moved = FaqIndex(tmp_path / "moved")
+    assert moved.embedder == str(tmp_path / "moved" / name[2:])
+    assert [h[0].id for h in moved.search_many([e.question for e in entries], k=1)] == list(range(len(entries)))
+    rebuilt = build_index(tmp_path / "moved", entries, cfg)  # rebuilt in place: a new folder, never a stale cache
+    assert rebuilt.meta["embedder"] != name
+    assert not (tmp_path / "moved" / name[2:]).exists()
+
+
+@pytest.mark.pipeline
+def test_without_epochs_the_index_names_the_shipped_embedder(tmp_path):
+    from faqtune.grounding import build_index
+    from faqtune.retrieval import DEFAULT_EMBEDDER
+
+    cfg = load_config(None, {"grounding.embedder_epochs": "0", "grounding.threshold": "0.3"})
+    index = build_index(tmp_path / "index", _entries(), cfg)
+    assert index.meta["embedder"] == DEFAULT_EMBEDDER and index.embedder == DEFAULT_EMBEDDER
+    assert not list((tmp_path / "index").glob("embedder-*"))
