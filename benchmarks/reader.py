@@ -97,6 +97,8 @@ def main() -> int:
     p.add_argument("--keywords", default=None)
     p.add_argument("--conversations", default=None)
     p.add_argument("--name", required=True, help="key of this FAQ in the result file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="without --run: a config override for the index built (e.g. grounding.embedder_epochs=1)")
     p.add_argument("--latency-questions", type=int, default=10)
     p.add_argument("--base-max-new-tokens", type=int, default=64, help="cap of the base's answers (it rambles)")
     p.add_argument("--base-follow-ups", action="store_true", help="also ask the base the conversations (slow)")
@@ -117,7 +119,8 @@ def main() -> int:
     if args.run:
         index = open_run_index(args.run)
     else:
-        index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None))
+        overrides = dict(kv.split("=", 1) for kv in args.set)
+        index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, overrides))
     threshold = index.threshold
     print(f"index ready ({len(entries)} entries, threshold {threshold:.3f})", flush=True)
     out: dict = {"faq": args.faq, "entries": len(entries), "threshold": threshold, "run": args.run,
