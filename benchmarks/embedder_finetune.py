@@ -28,6 +28,7 @@ from common import write_result
 from sentence_transformers import SentenceTransformer
 
 from faqtune.data import load_faq
+from faqtune.embedder_tuning import batches_one_form_per_entry
 from faqtune.grounding import answer_words, keywords, noisy
 from faqtune.retrieval import embedder_path
 
@@ -40,22 +41,6 @@ def top1(model, entries, sets: dict[str, list[dict]]) -> dict[str, float]:
         v = model.encode([r["question"] for r in rows], normalize_embeddings=True)
         best = ((v @ qv.T + v @ av.T) / 2).argmax(1)
         out[name] = round(float(np.mean(best == np.array([r["id"] for r in rows]))), 3)
-    return out
-
-
-def batches_one_form_per_entry(anchors: list[tuple[str, int]], size: int) -> list[list[tuple[str, int]]]:
-    """In-batch negatives must be other entries: no batch holds two forms of one entry."""
-    out, pool = [], list(anchors)
-    while pool:
-        seen, batch, rest = set(), [], []
-        for form, i in pool:
-            if i in seen or len(batch) >= size:
-                rest.append((form, i))
-            else:
-                seen.add(i)
-                batch.append((form, i))
-        out.append(batch)
-        pool = rest
     return out
 
 
