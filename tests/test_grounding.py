@@ -441,3 +441,19 @@ def test_choice_step_answers_a_shown_entry_verbatim_or_declines(tiny_base, index
     long = [{"role": "user", "content": grounded_question("a much longer question " * 6, shown)}]
     alone, padded = score_choices(model, tok, [short], 3)[0], score_choices(model, tok, [long, short], 3)[1]
     assert alone == pytest.approx(padded, abs=1e-3)  # left padding changes nothing
+
+
+@pytest.mark.pipeline
+def test_a_runs_index_is_rebuilt_with_the_runs_grounding_settings(tiny_runs, small_faq, tmp_path):
+    import shutil
+
+    from faqtune.cli import main
+    from faqtune.retrieval import FaqIndex
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs("--train.max_steps", "1", "--lora.r", "4", "--grounding.threshold", "0.123",
+                              name="fixed-threshold"), run)
+    assert main(["index", str(small_faq), "--out", str(run / "index")]) == 0
+    assert FaqIndex(run / "index").threshold == pytest.approx(0.123)  # the run's, not a new calibration
+    assert main(["index", str(small_faq), "--out", str(run / "index"), "--threshold", "0.3"]) == 0
+    assert FaqIndex(run / "index").threshold == pytest.approx(0.3)  # a flag still wins

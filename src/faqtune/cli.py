@@ -214,10 +214,11 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     overrides: dict[str, object] = {"grounding.embedder": args.embedder} if args.embedder else {}
     if args.threshold is not None:
         overrides["grounding.threshold"] = args.threshold
-    cfg = load_config(None, overrides)
-    faq = load_faq(args.faq)
     run = RunDir(os.path.dirname(os.path.abspath(args.out)))
     inside_run = run.config_path.exists()  # RUN/index of a run: no training may write it meanwhile
+    # a run's index is rebuilt with the run's grounding settings (its embedder, its tuning, a fixed threshold)
+    cfg = run.load_config(overrides) if inside_run else load_config(None, overrides)
+    faq = load_faq(args.faq)
     with run_lock(run.root) if inside_run else contextlib.nullcontext():
         index = build_index(args.out, faq.entries, cfg)
     tuned = index.meta["embedder"] != index.embedder  # stored in the index, tuned on this FAQ's questions
