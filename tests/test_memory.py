@@ -187,6 +187,18 @@ def test_a_child_that_dies_is_an_error_not_a_hang():
         memory.in_fresh_process(os._exit, 3)
 
 
+@pytest.mark.pipeline
+def test_a_script_without_a_main_guard_gets_the_reason(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import os\nfrom faqtune.errors import FaqtuneError\nfrom faqtune.memory import in_fresh_process\n"
+                      "try:\n    in_fresh_process(os.getpid)\nexcept FaqtuneError as e:\n    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert "ERROR" in out.stdout and '__name__ == "__main__"' in out.stdout, out.stdout + out.stderr[-2000:]
+
+
 def test_without_child_processes_the_call_runs_here(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("no semaphores")

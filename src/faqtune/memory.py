@@ -149,8 +149,9 @@ def in_fresh_process(fn: Callable, *args: Any) -> Any:
         try:
             ok, value = pool.submit(_call_in_child, fn, args, torch.get_num_threads()).result()
         except BrokenProcessPool as e:  # killed (the OOM killer, a signal): nothing of it to keep
-            raise FaqtuneError(f"the child process for {getattr(fn, '__name__', fn)} died before it finished "
-                               "(killed, or out of memory)") from e
+            raise FaqtuneError(f"the child process for {getattr(fn, '__name__', fn)} died before it finished: "
+                               "killed, out of memory, or started from a script whose top level is not under "
+                               "`if __name__ == \"__main__\":` (the child imports that script again)") from e
     if not ok:
         raise value
     return value
