@@ -19,7 +19,6 @@ import numpy as np
 
 from faqtune.data import FaqEntry
 from faqtune.errors import FaqtuneError, ModelError, one_line
-from faqtune.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("LANCEDB_LOG", "error")  # lance's Rust logger warns on every new table otherwise
@@ -80,15 +79,6 @@ def load_embedder(name: str):
         raise ModelError(f"cannot load the embedding model {name!r}: {str(e).splitlines()[0]}") from e
 
 
-def release_embedders() -> None:
-    """Drop the loaded embedding models and hand freed heap pages back to the OS (glibc keeps them)."""
-    import gc
-
-    load_embedder.cache_clear()
-    gc.collect()
-    release_freed_memory()
-
-
 def embed(name: str, texts: list[str], batch_size: int = 64) -> list[list[float]]:
     model = load_embedder(name)
     vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
@@ -133,12 +123,13 @@ class FaqIndex:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         db = lancedb.connect(str(root))
+        model = resolve_embedder(root, embedder)
         table = None
         for lo in range(0, len(entries), batch_size):
             chunk = entries[lo:lo + batch_size]
             texts = [entry_text(e) for e in chunk]
-            qvecs = embed(resolve_embedder(root, embedder), [e.question for e in chunk])
-            avecs = embed(resolve_embedder(root, embedder), [e.answer for e in chunk])
+            qvecs = embed(model, [e.question for e in chunk])
+            avecs = embed(model, [e.answer for e in chunk])
             batch = pa.table({
                 "id": pa.array(range(start_id + lo, start_id + lo + len(chunk)), pa.int64()),
                 "question": [e.question for e in chunk],
