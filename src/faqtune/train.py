@@ -7,6 +7,7 @@ TensorBoard, progress bar); `save` writes the PEFT adapter, tokenizer and summar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -350,16 +351,14 @@ def _ground(cfg: FaqtuneConfig, run: RunDir, faq: list[data_mod.FaqEntry], train
     started = time.time()
     position = {id(e): i for i, e in enumerate(faq)}
     splits = [(split, [position[id(e)] for e in split]) for split in (train_entries, eval_entries)]
-    main = True
+    main, first = True, contextlib.nullcontext()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several processes: the main one indexes, the others read it
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())  # on CPU accelerate needs telling
-        main = state.is_main_process
-        with state.main_process_first():
-            threshold, grounded = in_fresh_process(ground_splits, run.index_dir, faq, splits, cfg, main)
-    else:
-        threshold, grounded = in_fresh_process(ground_splits, run.index_dir, faq, splits, cfg)
+        main, first = state.is_main_process, state.main_process_first()
+    with first:
+        threshold, grounded = in_fresh_process(ground_splits, run.index_dir, faq, splits, cfg, main)
     if main:
         _say(f"grounding: indexed {len(faq)} entries in {time.time() - started:.1f}s "
              f"(decline below similarity {threshold:.3f})")
