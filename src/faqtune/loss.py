@@ -127,12 +127,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 rows, wanted = hidden[start:start + chunk].to(weight.dtype), targets[start:start + chunk]
                 logits = (rows @ weight.T).float()
                 predictions[start:start + chunk] = logits.argmax(-1)
-                total += (torch.logsumexp(logits, -1) - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
-                probs = torch.softmax(logits, dim=-1)
-                if grad is not None:  # d(loss)/d(logits) = softmax - one-hot(target)
+                lse = torch.logsumexp(logits, -1)
+                total += (lse - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
+                if grad is not None:  # d(loss)/d(logits) = softmax - one-hot(target), softmax = exp(logits - lse)
+                    probs = logits.sub_(lse[:, None]).exp_()
                     probs[torch.arange(len(wanted), device=probs.device), wanted] -= 1
                     grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-                del logits, probs
+                del logits
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(predictions)
         return total, predictions
