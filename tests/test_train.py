@@ -187,8 +187,12 @@ class DtypeProbe(TrainerCallback):
     def __init__(self):
         self.seen: list[set[torch.dtype]] = []
 
+        self.frozen: list[set[torch.dtype]] = []
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.seen.append({p.dtype for p in model.parameters() if p.requires_grad})
+        self.frozen.append({p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()
+                            and type(p).__name__ != "Params4bit"})
 
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
@@ -206,8 +210,10 @@ def test_adapters_train_in_the_compute_dtype(tiny_base, tmp_path, compute):
     summary = train(load_config(None, overrides), callbacks=(probe,))
     assert probe.seen and all(dtypes == {expected} for dtypes in probe.seen), probe.seen
     assert (summary["compute_dtype"], summary["adapter_dtype"]) == (compute, compute)
+    # the unquantized frozen weights (embeddings, norms) too: PEFT's fp32 upcast is undone under bf16
+    assert probe.frozen and all(dtypes == {expected} for dtypes in probe.frozen), probe.frozen
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert stored["adapter_dtype"] == compute
+    assert (stored["adapter_dtype"], stored["norm_dtype"]) == (compute, compute)
     # resume from the step-1 checkpoint: the restored adapter and its optimizer keep the dtype
     import shutil
 
@@ -215,6 +221,28 @@ def test_adapters_train_in_the_compute_dtype(tiny_base, tmp_path, compute):
     resumed = DtypeProbe()
     train(load_config(None, overrides), resume=True, callbacks=(resumed,))
     assert resumed.seen and all(dtypes == {expected} for dtypes in resumed.seen), resumed.seen
+
+
+def test_norm_dtype_fp32_keeps_pefts_upcast(tiny_base, tmp_path):
+    """`quantization.norm_dtype fp32` under bf16 compute: embeddings and norms train upcast, as PEFT does."""
+    from faqtune.train import train
+
+    overrides = {"base_model": str(tiny_base), "output_dir": str(tmp_path / "run"), "train.max_steps": 1,
+                 "train.eval_steps": 0, "lora.r": 4, "quantization.compute_dtype": "bf16",
+                 "quantization.norm_dtype": "fp32"}
+    probe = DtypeProbe()
+    summary = train(load_config(None, overrides), callbacks=(probe,))
+    assert probe.frozen == [{torch.float32}] and probe.seen == [{torch.bfloat16}]
+    assert (summary["norm_dtype"], summary["adapter_dtype"]) == ("fp32", "bf16")
+
+
+def test_norm_dtype_follows_compute_except_fp16():
+    q = load_config(None, {"quantization.compute_dtype": "bf16"}).quantization
+    assert models.resolve_norm_dtype(q) == torch.bfloat16
+    q.compute_dtype = "fp32"
+    assert models.resolve_norm_dtype(q) == torch.float32
+    q.compute_dtype, q.norm_dtype = "bf16", "fp32"
+    assert models.resolve_norm_dtype(q) == torch.float32
 
 
 def test_adapter_dtype_follows_compute_except_fp16():

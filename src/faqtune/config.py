@@ -57,6 +57,11 @@ class QuantizationConfig:
         "auto", "dtype of the trainable LoRA weights: auto (the compute dtype; fp32 under fp16 mixed precision) | "
                 "bf16 | fp32 (TRL would cast them to bf16 on every machine, ~4x slower where bf16 is emulated)"
     )
+    norm_dtype: str = _f(
+        "auto", "dtype of the frozen weights left unquantized (embeddings, LM head, norms) while training: auto "
+                "(the compute dtype, as answering uses them; fp32 under fp16) | bf16 | fp32 (PEFT's upcast: "
+                "+0.19 GB peak and ~10% slower steps for the embedded default on a bf16 CPU)"
+    )
 
 
 @dataclass
@@ -193,6 +198,7 @@ _CHOICES = {
     "quantization.quant_type": {"nf4", "fp4"},
     "quantization.compute_dtype": {"auto", "bf16", "fp16", "fp32"},
     "quantization.adapter_dtype": {"auto", "bf16", "fp32"},
+    "quantization.norm_dtype": {"auto", "bf16", "fp32"},
     "lora.bias": {"none", "all", "lora_only"},
     "train.gradient_checkpointing": {"auto", "true", "false"},
     "grounding.mode": {"retrieval", "none"},

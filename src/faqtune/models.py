@@ -234,14 +234,41 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def _follow_compute(choice: str, q: QuantizationConfig) -> torch.dtype:
+    """`choice` as a dtype; `auto` = the compute dtype, fp32 under fp16 mixed precision."""
+    if choice != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+    compute = resolve_compute_dtype(q.compute_dtype)
+    return torch.float32 if compute == torch.float16 else compute
+
+
 def resolve_adapter_dtype(q: QuantizationConfig) -> torch.dtype:
     """The dtype the trainable LoRA weights train in: `auto` follows the compute dtype, so that no LoRA matmul
     runs in a dtype this machine emulates (bf16 on a CPU without native bf16: ~120x slower matmuls measured on
     an AVX2-only AMD EPYC); under fp16 mixed precision the weights stay fp32 (the GradScaler unscales fp32)."""
-    if q.adapter_dtype != "auto":
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[q.adapter_dtype]
-    compute = resolve_compute_dtype(q.compute_dtype)
-    return torch.float32 if compute == torch.float16 else compute
+    return _follow_compute(q.adapter_dtype, q)
+
+
+def resolve_norm_dtype(q: QuantizationConfig) -> torch.dtype:
+    """The dtype of a k-bit base's frozen unquantized weights (embeddings, head, norms) while training.
+
+    PEFT's `prepare_model_for_kbit_training` upcasts them to fp32 (for fp16's range). Under bf16 compute that
+    makes the whole residual stream fp32: every activation is kept at twice the size and converted to bf16
+    and back around each 4-bit and LoRA matmul. `auto` keeps them in the compute dtype, the dtype answering
+    uses them in (fp32 under fp16, as PEFT does)."""
+    return _follow_compute(q.norm_dtype, q)
+
+
+def cast_frozen_unquantized(model, dtype: torch.dtype) -> int:
+    """Put the frozen floating-point weights that are not 4-/8-bit (embeddings, head, norms) in `dtype`, in
+    place; returns how many were cast."""
+    cast = 0
+    for param in model.parameters():
+        if (not param.requires_grad and param.is_floating_point() and param.dtype != dtype
+                and type(param).__name__ != "Params4bit"):
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def cast_trainable(model, dtype: torch.dtype) -> int:
@@ -389,9 +416,11 @@ def attach_lora(model, cfg: FaqtuneConfig):
     if cfg.quantization.mode != "none":
         # gradient checkpointing itself is switched on by the Trainer (activation_checkpointing)
         if not _fsdp():
-            # It upcasts norms and embeddings to fp32; FSDP flattens one dtype per wrapped unit ("Must flatten
+            # It upcasts norms and embeddings to fp32, which `quantization.norm_dtype` undoes (auto: back to the
+            # compute dtype). FSDP flattens one dtype per wrapped unit ("Must flatten
             # tensors with uniform dtype", measured), so a sharded base keeps them in the storage dtype (as TRL does).
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            cast_frozen_unquantized(model, resolve_norm_dtype(cfg.quantization))
         keep_4bit_layers_trainable(model)
     return get_peft_model(model, build_lora_config(cfg.lora))
 

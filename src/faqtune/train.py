@@ -478,6 +478,7 @@ def save(cfg, run: RunDir, trainer, train_tok: TokenizedSplit, result, elapsed: 
         "train_examples": len(train_tok.rows),
         "compute_dtype": _dtype_name(resolve_compute_dtype(cfg.quantization.compute_dtype)),
         "adapter_dtype": _dtype_name(_trainable_dtype(trainer.model)),
+        "norm_dtype": _dtype_name(trainer.model.get_input_embeddings().weight.dtype),
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
         "adapter": str(run.adapter_dir),
     }
