@@ -29,6 +29,35 @@ def test_heap_calls_reach_glibc():
     assert memory.release_freed_memory() is True
 
 
+def _mapped_bytes() -> int:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2().hblkhd
+
+
+@glibc
+def test_mapped_temporaries_serves_mib_allocations_from_their_own_mappings_then_restores():
+    """A base's load quantizes through temporaries of a few MB; inside the block they must not come from the
+    heap (fragmented, it kept up to 0.5 GB after a load), after it the training threshold (8 MiB) is back."""
+    size = 3 * 2**20 // 4  # 3 MiB of float32: above the load's 1 MiB, below the 8 MiB training threshold
+    memory.bound_heap()
+    with memory.mapped_temporaries():
+        before = _mapped_bytes()
+        inside = torch.ones(size)
+        assert _mapped_bytes() - before >= 3 * 2**20
+    before = _mapped_bytes()
+    after = torch.ones(size)
+    assert _mapped_bytes() - before < 2**20
+    del inside, after
+
+
 def test_packed_micro_batches_are_padded_to_a_kernel_bucket_on_cpu(tmp_path):
     from faqtune.train import _training_args
 

@@ -6,6 +6,7 @@ dtype this machine runs fast, quantize the base and attach LoRA for training. lo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -22,6 +23,7 @@ import torch
 
 from faqtune.config import FaqtuneConfig, LoraConfig, QuantizationConfig
 from faqtune.errors import ConfigError, ModelError
+from faqtune.memory import mapped_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +368,8 @@ def load_base_model(ident: str, cfg: FaqtuneConfig, quantize: bool = True):
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if _distributed() else "auto"
     weights = weights_for(ident, dtype)
-    model = from_pretrained_or_explain(AutoModelForCausalLM, weights, **kwargs)
+    with contextlib.nullcontext() if torch.cuda.is_available() else mapped_temporaries():
+        model = from_pretrained_or_explain(AutoModelForCausalLM, weights, **kwargs)
     if weights != ident:  # adapters name the base they were trained on, not faqtune's bf16 copy of it
         model.config.name_or_path = model.name_or_path = ident
     model.config.use_cache = False
