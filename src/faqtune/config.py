@@ -50,9 +50,7 @@ class QuantizationConfig:
     mode: str = _f("4bit", "4bit | 8bit | none")
     quant_type: str = _f("nf4", "4-bit data type: nf4 | fp4")
     double_quant: bool = _f(True, "quantize the quantization constants too (~0.37 bits/param saved)")
-    compute_dtype: str = _f(
-        "auto", "auto (bf16 where the hardware does bf16 natively, else fp32) | bf16 | fp16 | fp32"
-    )
+    compute_dtype: str = _f("auto", "auto (bf16 where the hardware does bf16 natively, else fp32) | bf16 | fp16 | fp32")
     adapter_dtype: str = _f(
         "auto", "dtype of the trainable LoRA weights: auto (the compute dtype; fp32 under fp16 mixed precision) | "
                 "bf16 | fp32 (TRL would cast them to bf16 on every machine, ~4x slower where bf16 is emulated)"
