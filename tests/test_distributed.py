@@ -125,15 +125,16 @@ def test_sharded_qlora_keeps_one_dtype_per_layer(tiny_base, monkeypatch):
     from faqtune.config import load_config
     from faqtune.models import attach_lora, load_base_model
 
-    cfg = load_config(None, {"quantization.compute_dtype": "bf16", "lora.r": "4"})
-
-    def base_dtypes():
+    def base_dtypes(norm_dtype):
+        cfg = load_config(None, {"quantization.compute_dtype": "bf16", "lora.r": "4",
+                                 "quantization.norm_dtype": norm_dtype})
         model = attach_lora(load_base_model(str(tiny_base), cfg), cfg)
         return {p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point()}
 
-    assert torch.float32 in base_dtypes()  # single process: norms upcast for stable k-bit training
+    assert torch.float32 in base_dtypes("fp32")  # single process: PEFT's upcast of the norms, when asked
+    assert base_dtypes("auto") == {torch.bfloat16}
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert base_dtypes() == {torch.bfloat16}  # packed 4-bit weights stored as bf16 too
+    assert base_dtypes("fp32") == {torch.bfloat16}  # packed 4-bit weights stored as bf16 too
 
 
 @pytest.mark.parametrize("base", ["plain", "4bit"])

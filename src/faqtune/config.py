@@ -58,7 +58,7 @@ class QuantizationConfig:
     norm_dtype: str = _f(
         "auto", "dtype of the frozen weights left unquantized (embeddings, LM head, norms) while training: auto "
                 "(the compute dtype, as answering uses them; fp32 under fp16) | bf16 | fp32 (PEFT's upcast: "
-                "+0.19 GB peak and ~10% slower steps for the embedded default on a bf16 CPU)"
+                "+0.19 GB peak for the embedded default on a bf16 CPU; under FSDP the storage dtype, always)"
     )
 
 

@@ -112,9 +112,9 @@ LOAD_MMAP_THRESHOLD = 2**20
 
 @contextlib.contextmanager
 def mapped_temporaries(threshold: int | None = None):
-    """Inside the block, allocations of `threshold` bytes (default LOAD_MMAP_THRESHOLD) and more get their own
-    mapping (returned to the OS when freed); after it, MMAP_THRESHOLD's (`bound_heap`). Does nothing where
-    there is no glibc."""
+    """Inside the block, allocations of `threshold` bytes (default LOAD_MMAP_THRESHOLD) and more that the heap
+    cannot serve from a free chunk get their own mapping (returned to the OS when freed) instead of growing
+    it; after it, MMAP_THRESHOLD's (`bound_heap`). Does nothing where there is no glibc."""
     threshold = LOAD_MMAP_THRESHOLD if threshold is None else threshold
     libc = _libc()
     bounded = libc is not None and hasattr(libc, "mallopt") and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
