@@ -4,7 +4,8 @@ to keep the CPU heap from growing step after step.
 `use_checkpointing` turns `train.gradient_checkpointing` (true | false | auto) into the trainer's switch, from
 an estimate of the activations (`activation_bytes`) and the free memory (`available_memory`);
 `PACK_MULTIPLE` and `release_freed_memory` bound the heap of a long CPU run (measured in
-benchmarks/memory_timeline.py) and `mapped_temporaries` that of a base's load; `in_fresh_process` runs a stage whose memory should leave with it (indexing).
+benchmarks/memory_timeline.py) and `mapped_temporaries` that of a base's load; `in_fresh_process` runs a stage
+whose memory should leave with it (indexing).
 """
 
 from __future__ import annotations
@@ -97,16 +98,18 @@ def bound_heap() -> bool:
     the first large free, and then serves the LM head's logits (tens of MB a step) from the heap, which
     fragments it. Measured on the grounded default, 20 steps side by side (benchmarks/memory_timeline.py):
     training peak 1.57 -> 1.44 GB, step time unchanged within noise. False where there is no glibc."""
+    return _set_mmap_threshold(MMAP_THRESHOLD)
+
+
+def _set_mmap_threshold(size: int) -> bool:
     libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return libc is not None and hasattr(libc, "mallopt") and bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
 
 
 # While a base loads, each layer is quantized through temporaries of a few MB. Served from the heap (under
 # MMAP_THRESHOLD) they fragment it, and in about one load in three glibc then keeps 0.2-0.5 GB of freed heap,
-# all of it on top of the load's own peak (benchmarks/load_peak.py: the embedded default's load peaked at
-# 0.93-1.41 GB with 8 MiB, 0.93-0.95 GB with 1 MiB in every run).
+# all of it on top of the load's own peak (benchmarks/load_peak.py, 8 fresh processes each: the embedded
+# default's load peaked at 0.785-1.301 GiB with 8 MiB, 0.785-0.800 GiB with 1 MiB).
 LOAD_MMAP_THRESHOLD = 2**20
 
 
@@ -115,14 +118,12 @@ def mapped_temporaries(threshold: int | None = None):
     """Inside the block, allocations of `threshold` bytes (default LOAD_MMAP_THRESHOLD) and more that the heap
     cannot serve from a free chunk get their own mapping (returned to the OS when freed) instead of growing
     it; after it, MMAP_THRESHOLD's (`bound_heap`). Does nothing where there is no glibc."""
-    threshold = LOAD_MMAP_THRESHOLD if threshold is None else threshold
-    libc = _libc()
-    bounded = libc is not None and hasattr(libc, "mallopt") and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    bounded = _set_mmap_threshold(LOAD_MMAP_THRESHOLD if threshold is None else threshold)
     try:
         yield
     finally:
         if bounded:
-            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            bound_heap()
 
 
 # CPU training hands the freed heap back every this many optimizer steps: each release makes the next step fault

@@ -261,16 +261,21 @@ def resolve_norm_dtype(q: QuantizationConfig) -> torch.dtype:
     return _follow_compute(q.norm_dtype, q)
 
 
-def cast_frozen_unquantized(model, dtype: torch.dtype) -> int:
-    """Put the frozen floating-point weights that are not 4-/8-bit (embeddings, head, norms) in `dtype`, in
-    place; returns how many were cast."""
+def _cast_parameters(model, dtype: torch.dtype, wanted) -> int:
+    """Put the parameters `wanted(param)` selects in `dtype`, in place; returns how many were cast."""
     cast = 0
     for param in model.parameters():
-        if (not param.requires_grad and param.is_floating_point() and param.dtype != dtype
-                and type(param).__name__ != "Params4bit"):
+        if param.dtype != dtype and wanted(param):
             param.data = param.data.to(dtype)
             cast += 1
     return cast
+
+
+def cast_frozen_unquantized(model, dtype: torch.dtype) -> int:
+    """Put the frozen floating-point weights that are not 4-/8-bit (embeddings, head, norms) in `dtype`, in
+    place; returns how many were cast."""
+    return _cast_parameters(model, dtype, lambda p: not p.requires_grad and p.is_floating_point()
+                            and type(p).__name__ != "Params4bit")
 
 
 def cast_trainable(model, dtype: torch.dtype) -> int:
@@ -280,12 +285,7 @@ def cast_trainable(model, dtype: torch.dtype) -> int:
     (trl/trainer/sft_trainer.py, "the PEFT adapter weights are converted to bf16"; PEFT cannot yet keep the
     adapter dtype for quantized models, huggingface/peft#2889), so this runs after the trainer is built and
     before its optimizer exists."""
-    cast = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-            cast += 1
-    return cast
+    return _cast_parameters(model, dtype, lambda p: p.requires_grad)
 
 
 def build_bnb_config(q: QuantizationConfig):
