@@ -96,6 +96,7 @@ def main() -> int:
     p.add_argument("--rephrased", default=None)
     p.add_argument("--keywords", default=None)
     p.add_argument("--conversations", default=None)
+    p.add_argument("--offtopic", default=str(OFFTOPIC), help="off-topic questions, one a line (held out)")
     p.add_argument("--name", required=True, help="key of this FAQ in the result file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="without --run: a config override for the index built (e.g. grounding.embedder_epochs=1)")
@@ -106,15 +107,15 @@ def main() -> int:
                                                       "grounding.retrieval_prior weights (no retraining)")
     args = p.parse_args()
     if Path(args.faq).resolve() == BUNDLED.resolve():  # the bundled FAQ's own held-out sets by default
-        args.rephrased = args.rephrased or str(packaged("ecommerce_faq_rephrased.jsonl"))
-        args.keywords = args.keywords or str(packaged("ecommerce_faq_keywords.jsonl"))
-        args.conversations = args.conversations or str(packaged("ecommerce_faq_conversations.jsonl"))
+        for key in ("rephrased", "keywords", "conversations"):
+            if getattr(args, key) is None:  # '' skips a set
+                setattr(args, key, str(packaged(f"ecommerce_faq_{key}.jsonl")))
 
     entries = data_mod.load_faq(args.faq).entries
     pool = list(dict.fromkeys(e.answer for e in entries))
     sets = {"rephrased": read_set(args.rephrased, entries), "keywords": read_set(args.keywords, entries)}
     sets = {k: v for k, v in sets.items() if v[0]}
-    offtopic = read_offtopic(OFFTOPIC)
+    offtopic = read_offtopic(args.offtopic)
     convs = read_conversations(args.conversations, entries) if args.conversations else None
     if args.run:
         index = open_run_index(args.run)

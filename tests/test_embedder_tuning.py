@@ -79,3 +79,27 @@ def test_without_epochs_the_index_names_the_shipped_embedder(tmp_path):
     index = build_index(tmp_path / "index", _entries(), cfg)
     assert index.meta["embedder"] == DEFAULT_EMBEDDER and index.embedder == DEFAULT_EMBEDDER
     assert not list((tmp_path / "index").glob("embedder-*"))
+
+
+@pytest.mark.pipeline
+def test_tuning_cuts_long_texts_and_the_saved_embedder_keeps_its_own_cap(tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    from faqtune import embedder_tuning
+    from faqtune.retrieval import DEFAULT_EMBEDDER
+
+    lengths = []
+    forward = SentenceTransformer.forward
+
+    def spy(self, features, *args, **kwargs):
+        lengths.append(features["input_ids"].shape[1])
+        return forward(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "forward", spy)
+    monkeypatch.setattr(embedder_tuning, "MAX_TOKENS", 16)
+    entries = [FaqEntry((("user", f"How do I do thing number {i}?"), ("assistant", "Long answer. " * 60)))
+               for i in range(4)]
+    anchors = [(e.question, i) for i, e in enumerate(entries)]
+    out = embedder_tuning.tune_embedder(DEFAULT_EMBEDDER, entries, anchors, tmp_path / "tuned", epochs=1, mix=1.0)
+    assert lengths and max(lengths) == 16  # the answers (~130 tokens) were cut while tuning
+    assert SentenceTransformer(str(out), device="cpu").max_seq_length == 256  # what the index embeds with

@@ -24,7 +24,7 @@ from faqtune.grounding import (
     typo,
 )
 from faqtune.metrics import answer_accuracy, matches_own_answer
-from faqtune.retrieval import FaqIndex, embedder_path
+from faqtune.retrieval import CUT_IN_GAP, FaqIndex, Hit, calibrate_threshold, embedder_path
 
 
 def test_embedded_embedder_is_found_offline_in_its_wheel():
@@ -65,6 +65,29 @@ def test_threshold_separates_offtopic_from_faq_questions(index):
     offtopic = read_offtopic(None)  # the evaluation's set: never used for calibration
     declined = sum(h[0].score < index.threshold for h in index.search_many(offtopic, k=1)) / len(offtopic)
     assert declined >= 0.8
+
+
+class _ScoredIndex:
+    """Stands in for an index: each question's top hit scores what the test says."""
+
+    def __init__(self, scores: dict[str, float]):
+        self.scores = scores
+
+    def search_many(self, questions, k=1):
+        return [[Hit(0, q, "a", self.scores[q])] for q in questions]
+
+
+def test_the_threshold_sits_near_the_off_topic_end_of_the_gap():
+    # the FAQ's own questions (in scope) score 0.60-0.90, off-topic ones 0.10-0.40: a cut at the gap's middle
+    # (0.50) declined customers' rephrasings, which score lower than the FAQ's own wording
+    in_scope = {f"in {i}": 0.6 + 0.1 * i for i in range(4)}
+    off_topic = {f"off {i}": 0.1 + 0.1 * i for i in range(4)}
+    cut = calibrate_threshold(_ScoredIndex(in_scope | off_topic), list(in_scope), list(off_topic))
+    assert cut == pytest.approx(0.4 + CUT_IN_GAP * 0.2) and cut < 0.5
+    # overlapping scores: the cut still keeps more in-scope questions than it lets off-topic ones through
+    in_scope["in low"], off_topic["off high"] = 0.3, 0.7
+    cut = calibrate_threshold(_ScoredIndex(in_scope | off_topic), list(in_scope), list(off_topic))
+    assert 0.4 < cut < 0.6
 
 
 def test_missing_index_is_a_clear_error(tmp_path):

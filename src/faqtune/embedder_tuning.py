@@ -20,6 +20,8 @@ from faqtune.retrieval import embedder_path
 BATCH = 32  # forms per batch; the in-batch negatives are the other entries of the batch
 SCALE = 20.0  # cosine similarities x SCALE are the logits (sentence-transformers' MultipleNegativesRankingLoss)
 LEARNING_RATE = 2e-5
+MAX_TOKENS = 128  # texts cut to this while tuning (the index still embeds up to the model's own cap): a batch is
+# padded to its longest text, so long answers made every batch as slow as the longest (benchmarks/README.md)
 
 
 def batches_one_form_per_entry(anchors: list[tuple[str, int]], size: int) -> list[list[tuple[str, int]]]:
@@ -57,6 +59,8 @@ def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, i
         return torch.nn.functional.normalize(model(features(texts))["sentence_embedding"], dim=-1)
 
     anchors = list(anchors)
+    full_length = model.max_seq_length
+    model.max_seq_length = min(full_length, MAX_TOKENS)
     model.train()
     for _ in range(epochs):
         rng.shuffle(anchors)
@@ -70,6 +74,7 @@ def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, i
             loss.backward()
             optimizer.step()
     model.eval()
+    model.max_seq_length = full_length
     tuned = model.state_dict()
     model.load_state_dict({k: mix * v + (1 - mix) * original[k] if v.is_floating_point() else v
                            for k, v in tuned.items()})
