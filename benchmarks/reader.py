@@ -177,12 +177,13 @@ def measure_run(run: Path, index, sets, pool, offtopic, convs, latency_questions
             f["max_new_tokens"] = base_max_new_tokens
         out[side] = f
     del model, bot
-    model, tok, cfg = load_for_inference(run, cfg=cfg, merged=cfg.generation.merged)  # as `faqtune ask` loads
-    bot = GroundedAnswerer(model, tok, cfg.generation, cfg.data.system_prompt, index, cfg)
-    questions = next(iter(sets.values()))[0][:latency_questions]
-    _, seconds = answer_all(bot, questions)
-    out["latency_p50_s"] = sorted(seconds)[len(seconds) // 2]
-    out["latency_merged"] = cfg.generation.merged
+    if latency_questions > 0:
+        model, tok, cfg = load_for_inference(run, cfg=cfg, merged=cfg.generation.merged)  # as `faqtune ask` loads
+        bot = GroundedAnswerer(model, tok, cfg.generation, cfg.data.system_prompt, index, cfg)
+        questions = next(iter(sets.values()))[0][:latency_questions]
+        _, seconds = answer_all(bot, questions)
+        out["latency_p50_s"] = sorted(seconds)[len(seconds) // 2]
+        out["latency_merged"] = cfg.generation.merged
     return out
 
 

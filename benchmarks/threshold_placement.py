@@ -49,7 +49,7 @@ def main() -> int:
     p.add_argument("--offtopic", action="append", help="held-out off-topic questions, one a line (repeatable; "
                                                        "default benchmarks/data/offtopic_heldout.txt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
-    p.add_argument("--fractions", default="0.5,0.25,0")
+    p.add_argument("--fractions", default="0.5,0.25,0.1")
     args = p.parse_args()
 
     entries = data_mod.load_faq(args.faq).entries

@@ -322,10 +322,10 @@ def calibrate_threshold(index: FaqIndex, in_scope: list[str], off_topic: list[st
     candidates = sorted(set(top_in + top_off))
     best, best_cut = -1.0, 0.0
     for lo, hi in zip(candidates, candidates[1:], strict=False):
-        cut = lo + CUT_IN_GAP * (hi - lo)
-        kept = sum(s >= cut for s in top_in) / len(top_in)
-        declined = sum(s < cut for s in top_off) / len(top_off)
+        mid = (lo + hi) / 2  # any cut inside the gap splits the scores alike
+        kept = sum(s >= mid for s in top_in) / len(top_in)
+        declined = sum(s < mid for s in top_off) / len(top_off)
         score = kept * 0.6 + declined * 0.4
         if score > best:
-            best, best_cut = score, cut
+            best, best_cut = score, lo + CUT_IN_GAP * (hi - lo)
     return best_cut
