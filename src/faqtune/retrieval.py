@@ -313,7 +313,7 @@ def calibrate_threshold(index: FaqIndex, in_scope: list[str], off_topic: list[st
     (a false decline costs a customer more than a politely declined stray question), and cuts it a quarter of the
     way up from its lower end (`CUT_IN_GAP`): the in-scope side is made of the FAQ's own questions, which score
     higher than the customers' rephrasings of them, so a cut at the gap's middle declined real questions
-    (benchmarks/README.md, "The threshold").
+    (benchmarks/README.md, "The threshold's place in its gap").
     """
     top_in = [h[0].score for h in index.search_many(in_scope, k=1) if h]
     top_off = [h[0].score for h in index.search_many(off_topic, k=1) if h]
