@@ -5,30 +5,27 @@
         --in-scope benchmarks/data/shared_ecommerce_keywords.jsonl [--set grounding.embedder_epochs=1]
 
 `retrieval.calibrate_threshold` picks the gap between two calibration scores (the FAQ's own questions, noisily
-spelled, against a bundled off-topic set) that best separates them, and cuts it at `CUT_IN_GAP` of the way up
-from its lower end. Each index is built once; the top-1 scores of the calibration sets and of held-out questions
-(in-scope sets, off-topic ones never used for calibration) are kept, and the cut is recomputed for each fraction
-(`--fractions`) through the product's own `calibrate_threshold`. Figures go under faqs.<name> of
-benchmarks/results/<date>-threshold-placement.json.
+spelled, against a bundled off-topic set) that best separates them, and cuts it at `cut_in_gap` (default
+`CUT_IN_GAP`) of the way up from its lower end. Each index is built once; the top-1 scores of the calibration
+sets and of held-out questions (in-scope sets, off-topic ones never used for calibration) are kept, and the cut
+is recomputed for each fraction (`--fractions`) through the product's own `calibration_questions` and
+`calibrate_threshold`. Figures go under faqs.<name> of benchmarks/results/<date>-threshold-placement.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 from pathlib import Path
 
 from common import ROOT, add_to_result
 
 from faqtune import data as data_mod
-from faqtune import retrieval
 from faqtune.config import load_config
-from faqtune.data import packaged
 from faqtune.evaluate import read_offtopic
-from faqtune.grounding import build_index, keywords, noisy
-from faqtune.retrieval import Hit
+from faqtune.grounding import build_index, calibration_questions
+from faqtune.retrieval import Hit, calibrate_threshold
 
 
 class Scored:
@@ -60,10 +57,7 @@ def main() -> int:
                 for path in args.offtopic or [ROOT / "benchmarks" / "data" / "offtopic_heldout.txt"]}
     cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
     index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
-    rng = random.Random(0)  # grounding.calibrate's forms
-    cal_in = [noisy(e.question, rng) for e in entries] + [keywords(e.question) for e in entries]
-    cal_off = [q.strip() for q in packaged("offtopic_calibration.txt").read_text(encoding="utf-8").splitlines()
-               if q.strip()]
+    cal_in, cal_off = calibration_questions(entries, seed=0)  # build_index's own (its default seed)
 
     def top(questions):
         return [h[0].score if h else -1.0 for h in index.search_many(questions, k=1)]
@@ -74,17 +68,14 @@ def main() -> int:
     stub = Scored({q: s for qs, key in ((cal_in, "cal_in"), (cal_off, "cal_off"))
                    for q, s in zip(qs, scores[key], strict=True)})
     out = {"faq": args.faq, "overrides": args.set, "stored_threshold": index.threshold, "cuts": {}}
-    shipped = retrieval.CUT_IN_GAP
     for fraction in [float(f) for f in args.fractions.split(",")]:
-        retrieval.CUT_IN_GAP = fraction
-        cut = retrieval.calibrate_threshold(stub, cal_in, cal_off)
+        cut = calibrate_threshold(stub, cal_in, cal_off, cut_in_gap=fraction)
         figures = {"threshold": cut}
         for key, values in scores.items():
             if key.startswith(("in:", "off:")):  # in scope: declines are false ones; off topic: the right ones
                 figures[f"{key} declined"] = f"{sum(s < cut for s in values)}/{len(values)}"
         out["cuts"][str(fraction)] = figures
         print(f"{args.name} {args.set} fraction {fraction}: " + json.dumps(out["cuts"][str(fraction)]), flush=True)
-    retrieval.CUT_IN_GAP = shipped
     out["scores"] = scores
     print("written:", add_to_result("-threshold-placement", args.name, out))
     return 0

@@ -152,16 +152,21 @@ def ground_entries(index: FaqIndex, entries: list[FaqEntry], ids: list[int], cfg
     return out
 
 
-def calibrate(index: FaqIndex, entries: list[FaqEntry], seed: int, off_topic: list[str] | None = None) -> float:
-    """The decline threshold: separates noisy spellings of the FAQ's own questions (in scope) from a
+def calibration_questions(entries: list[FaqEntry], seed: int) -> tuple[list[str], list[str]]:
+    """The threshold's two sides: noisy spellings and key words of the FAQ's own questions (in scope), and a
     bundled set of off-topic questions kept apart from the evaluation's off-topic set."""
-
     rng = random.Random(seed)
     in_scope = [noisy(e.question, rng) for e in entries] + [keywords(e.question) for e in entries]
-    if off_topic is None:
-        off_topic = [q.strip() for q in packaged("offtopic_calibration.txt").read_text(encoding="utf-8").splitlines()
-                     if q.strip()]
-    return calibrate_threshold(index, in_scope, off_topic)
+    off_topic = [q.strip() for q in packaged("offtopic_calibration.txt").read_text(encoding="utf-8").splitlines()
+                 if q.strip()]
+    return in_scope, off_topic
+
+
+def calibrate(index: FaqIndex, entries: list[FaqEntry], seed: int, off_topic: list[str] | None = None) -> float:
+    """The decline threshold: separates the calibration's in-scope questions from its off-topic ones
+    (`calibration_questions`; `off_topic` replaces the bundled set)."""
+    in_scope, bundled = calibration_questions(entries, seed)
+    return calibrate_threshold(index, in_scope, bundled if off_topic is None else off_topic)
 
 
 def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, seed: int = 0,

@@ -306,12 +306,13 @@ def _vector_column(vecs):
     return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
 
 
-def calibrate_threshold(index: FaqIndex, in_scope: list[str], off_topic: list[str]) -> float:
+def calibrate_threshold(index: FaqIndex, in_scope: list[str], off_topic: list[str],
+                        cut_in_gap: float = CUT_IN_GAP) -> float:
     """The top-1 similarity cut that best separates in-scope from off-topic questions.
 
     Chooses the gap between two scores that maximizes balanced accuracy, nudged towards keeping in-scope questions
     (a false decline costs a customer more than a politely declined stray question), and cuts it a quarter of the
-    way up from its lower end (`CUT_IN_GAP`): the in-scope side is made of the FAQ's own questions, which score
+    way up from its lower end (`cut_in_gap`, default `CUT_IN_GAP`): the in-scope side is made of the FAQ's own questions, which score
     higher than the customers' rephrasings of them, so a cut at the gap's middle declined real questions
     (benchmarks/README.md, "The threshold's place in its gap").
     """
@@ -327,5 +328,5 @@ def calibrate_threshold(index: FaqIndex, in_scope: list[str], off_topic: list[st
         declined = sum(s < mid for s in top_off) / len(top_off)
         score = kept * 0.6 + declined * 0.4
         if score > best:
-            best, best_cut = score, lo + CUT_IN_GAP * (hi - lo)
+            best, best_cut = score, lo + cut_in_gap * (hi - lo)
     return best_cut
