@@ -115,6 +115,34 @@ def _cached_copy(tiny_base, home, monkeypatch):
     return target
 
 
+def _model_folder(path, marker: str):
+    path.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (path / name).write_text(marker)
+    return path
+
+
+def test_a_model_folder_another_process_installed_meanwhile_is_kept(tmp_path):
+    """Two faqtune commands converting the embedded default on first use: the second must not remove the
+    folder the first installed and is reading (seen: 'Couldn't instantiate the backend tokenizer')."""
+    target = _model_folder(tmp_path / "model", "first")
+    tmp = _model_folder(tmp_path / ".model-tmp", "second")
+    models.install_folder(tmp, target)
+    assert (target / "config.json").read_text() == "first"
+    assert tmp.exists()  # left for the caller's cleanup
+
+
+def test_an_incomplete_model_folder_is_replaced_and_a_missing_one_installed(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("half")  # no weights: a copy cut short by hand
+    models.install_folder(_model_folder(tmp_path / ".a", "new"), target)
+    assert (target / "model.safetensors").read_text() == "new"
+    fresh = tmp_path / "fresh"
+    models.install_folder(_model_folder(tmp_path / ".b", "b"), fresh)
+    assert (fresh / "config.json").read_text() == "b" and not (tmp_path / ".b").exists()
+
+
 def test_a_cached_base_is_read_from_a_bf16_copy_with_the_same_weights(tiny_base, tmp_path, monkeypatch):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM

