@@ -122,6 +122,7 @@ def test_string_overrides_are_coerced():
     ("train.learning_rate", "fast", "`train.learning_rate` must be a number"),
     ("train.packing", "maybe", "`train.packing` must be true or false, got 'maybe'"),
     ("lora.r", True, "`lora.r` must be an integer"),
+    ("grounding.question_weight", "1.5", "`grounding.question_weight` must be in [0, 1], got 1.5"),
 ])
 def test_uncoercible_values(key, value, fragment):
     assert fragment in _one_problem(overrides={key: value})

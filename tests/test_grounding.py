@@ -375,16 +375,38 @@ def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, sm
 
 
 @pytest.mark.parametrize("meta", [{"embedder": "all-MiniLM-L6-v2", "threshold": None},
-                                  {"threshold": 0.4}, {"embedder": "all-MiniLM-L6-v2"}])
+                                  {"threshold": 0.4}, {"embedder": "all-MiniLM-L6-v2"},
+                                  {"embedder": "all-MiniLM-L6-v2", "threshold": 0.4, "question_weight": 2},
+                                  {"embedder": "all-MiniLM-L6-v2", "threshold": 0.4, "question_weight": "high"}])
 def test_index_metadata_without_threshold_or_embedder_is_one_clear_error(index, tmp_path, meta):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(index.root, copy)
     (copy / "index.json").write_text(json.dumps(meta))
-    with pytest.raises(FaqtuneError, match="index.json: field '(threshold|embedder)'") as e:
+    with pytest.raises(FaqtuneError, match="index.json: field '(threshold|embedder|question_weight)'") as e:
         FaqIndex(copy)
     assert "\n" not in str(e.value) and "faqtune index" in str(e.value)
+
+
+def test_the_question_weight_is_fixed_as_the_index_is_built_and_scores_its_entries(tmp_path, small_faq):
+    import numpy as np
+
+    from faqtune.retrieval import embed
+
+    entries = data_mod.load_faq(small_faq).entries[:6]
+    index = build_index(tmp_path / "idx", entries, load_config(None, {"grounding.question_weight": 0.8}))
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["question_weight"] == 0.8
+    query = "how do I get thing number 3"
+    hit = FaqIndex(index.root).search(query, k=1)[0]
+    q, question, answer = embed(index.embedder, [query, hit.question, hit.answer])
+    assert hit.score == pytest.approx(0.8 * np.dot(q, question) + 0.2 * np.dot(q, answer), abs=1e-4)
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    del meta["question_weight"]  # an index built before the weight was stored: scored, and calibrated, as the mean
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
+    old = FaqIndex(index.root).search(query, k=6)
+    same = next(h for h in old if h.id == hit.id)
+    assert same.score == pytest.approx((np.dot(q, question) + np.dot(q, answer)) / 2, abs=1e-4)
 
 
 def test_index_refuses_to_replace_a_folder_that_is_no_index(tmp_path, small_faq):

@@ -1,8 +1,9 @@
 """The FAQ index: entries embedded with a local sentence-embedding model in an embedded LanceDB table.
 
 `FaqIndex.build` embeds each entry's question and answer (two vector columns) and writes a LanceDB table
-with a full-text index beside it; `search` ranks entries by the mean cosine of the query to both (optionally
-fused with the full-text ranking), the score the decline threshold (`calibrate_threshold`) is compared to.
+with a full-text index beside it; `search` ranks entries by a weighted mean of the query's cosines to both
+(optionally fused with the full-text ranking), the score the decline threshold (`calibrate_threshold`) is
+compared to.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ TABLE = "faq"
 META = "index.json"
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 CUT_IN_GAP = 0.25  # where in the chosen gap between calibration scores the threshold goes (0 = its lower end)
+QUESTION_WEIGHT = 0.5  # the question's share of an entry's score, the rest the answer's (grounding.question_weight)
 
 
 class IndexError_(FaqtuneError):
@@ -44,7 +46,7 @@ class Hit:
     id: int
     question: str
     answer: str
-    score: float  # cosine similarity of the question to the entry, in [-1, 1]
+    score: float  # weighted cosine similarity of the question to the entry's question and answer, in [-1, 1]
 
     def citation(self) -> dict:
         return {"id": self.id, "question": self.question, "score": round(self.score, 4)}
@@ -106,6 +108,8 @@ class FaqIndex:
         self.meta = meta
         self.table = lancedb.connect(str(self.root)).open_table(TABLE)
         self.embedder = resolve_embedder(self.root, self.meta["embedder"])
+        # indexes built before the weight was recorded scored the plain mean; their threshold was calibrated so
+        self.question_weight = float(self.meta.get("question_weight", 0.5))
 
     @property
     def threshold(self) -> float:
@@ -116,8 +120,10 @@ class FaqIndex:
 
     @classmethod
     def build(cls, entries: list[FaqEntry], root: str | Path, embedder: str = DEFAULT_EMBEDDER,
-              threshold: float | None = None, start_id: int = 0, batch_size: int = 256) -> FaqIndex:
-        """Write (or replace) the index of `entries`; ids are their positions in the FAQ (from `start_id`)."""
+              threshold: float | None = None, start_id: int = 0, batch_size: int = 256,
+              question_weight: float = QUESTION_WEIGHT) -> FaqIndex:
+        """Write (or replace) the index of `entries`; ids are their positions in the FAQ (from `start_id`).
+        An entry's score is `question_weight` x the query's cosine to its question + the rest x to its answer."""
         import lancedb
         import pyarrow as pa
 
@@ -147,7 +153,7 @@ class FaqIndex:
             raise IndexError_(f"{root}: no entries to index")
         table.create_fts_index("text", replace=True)
         meta = {"embedder": embedder, "entries": len(entries), "threshold": threshold,
-                "vectors": "question, answer (score: mean cosine)"}
+                "vectors": "question, answer (score: weighted mean cosine)", "question_weight": question_weight}
         if threshold is None:  # index.json is written once, complete: by set_threshold after calibration
             return cls(root, meta=meta)
         _write_meta(root / META, meta)
@@ -164,11 +170,11 @@ class FaqIndex:
         _write_meta(self.root / META, self.meta)
 
     def search_many(self, queries: list[str], k: int = 3, hybrid: bool = False) -> list[list[Hit]]:
-        """Top-k entries for each query, by the mean of its cosine to the entry's question and to its answer.
+        """Top-k entries for each query, by the weighted mean of its cosines to the entry's question and answer.
 
         Candidates come from a nearest-neighbour search on each of the two vector columns (and, with
-        `hybrid`, from the full-text index too, fused by reciprocal rank); they are ranked by the mean
-        cosine, which is also the score the decline threshold is compared against.
+        `hybrid`, from the full-text index too, fused by reciprocal rank); they are ranked by that score,
+        which is also the score the decline threshold is compared against.
         """
         vecs = embed(self.embedder, queries)
         depth = max(2 * k, 20)
@@ -178,7 +184,7 @@ class FaqIndex:
             for column in ("vector", "answer_vector"):
                 for r in self.table.search(vec, vector_column_name=column).metric("cosine").limit(depth).to_list():
                     rows.setdefault(int(r["id"]), r)
-            score = {i: _mean_cosine(vec, r) for i, r in rows.items()}
+            score = {i: self._score(vec, r) for i, r in rows.items()}
             ranked = sorted(score, key=lambda i: -score[i])
             if hybrid:
                 fused = {i: 1.0 / (RRF_K + rank) for rank, i in enumerate(ranked)}
@@ -187,10 +193,15 @@ class FaqIndex:
                     fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
                     if i not in rows:
                         rows[i] = r
-                        score[i] = _mean_cosine(vec, r)
+                        score[i] = self._score(vec, r)
                 ranked = sorted(fused, key=lambda i: -fused[i])
             out.append([Hit(i, rows[i]["question"], rows[i]["answer"], score[i]) for i in ranked[:k]])
         return out
+
+    def _score(self, vec, row: dict) -> float:
+        """The ranking score of one entry (`row`) for the (normalized) query vector `vec`."""
+        w = self.question_weight
+        return w * float(np.dot(vec, row["vector"])) + (1 - w) * float(np.dot(vec, row["answer_vector"]))
 
     def search(self, query: str, k: int = 3, hybrid: bool = False) -> list[Hit]:
         return self.search_many([query], k, hybrid)[0]
@@ -220,6 +231,9 @@ def _read_meta(path: Path) -> dict:
     problems = []
     if not isinstance(meta.get("embedder"), str) or not meta["embedder"]:
         problems.append("field 'embedder' is missing or empty")
+    w = meta.get("question_weight", 0.5)
+    if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1:
+        problems.append(f"field 'question_weight' must be a number in [0, 1], got {w!r}")
     t = meta.get("threshold")
     if not isinstance(t, int | float) or isinstance(t, bool):
         problems.append(f"field 'threshold' must be a number, got {t!r}")
@@ -293,11 +307,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _mean_cosine(vec, row: dict) -> float:
-    """The ranking score: mean cosine of the (normalized) query to the entry's question and answer vectors."""
-    return (float(np.dot(vec, row["vector"])) + float(np.dot(vec, row["answer_vector"]))) / 2
 
 
 def _vector_column(vecs):
