@@ -192,10 +192,13 @@ def test_index_command_builds_an_index_and_reports_bad_files(tmp_path, small_faq
     from faqtune.cli import main
 
     out = tmp_path / "idx"
-    assert main(["index", str(small_faq), "--out", str(out), "--threshold", "0.3"]) == 0
+    assert main(["index", str(small_faq), "--out", str(out), "--threshold", "0.3", "--question-weight", "0.7"]) == 0
     assert "indexed 10 entries" in capsys.readouterr().out
     idx = FaqIndex(out)
-    assert idx.threshold == 0.3 and idx.search("thing number 7")[0].id == 7
+    assert idx.threshold == 0.3 and idx.question_weight == 0.7 and idx.search("thing number 7")[0].id == 7
+    assert main(["index", str(small_faq), "--out", str(tmp_path / "other"), "--question-weight", "1.5"]) == 2
+    assert "`grounding.question_weight` must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     assert main(["index", str(bad), "--out", str(out)]) == 2

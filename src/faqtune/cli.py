@@ -212,8 +212,9 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
 
     check_output(args.out, "dir", "--out")
     overrides: dict[str, object] = {"grounding.embedder": args.embedder} if args.embedder else {}
-    if args.threshold is not None:
-        overrides["grounding.threshold"] = args.threshold
+    for key, value in (("threshold", args.threshold), ("question_weight", args.question_weight)):
+        if value is not None:
+            overrides[f"grounding.{key}"] = value
     run = RunDir(os.path.dirname(os.path.abspath(args.out)))
     inside_run = run.config_path.exists()  # RUN/index of a run: no training may write it meanwhile
     # a run's index is rebuilt with the run's grounding settings (its embedder, its tuning, a fixed threshold)
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index folder (a run's RUN_DIR/index to update the run)")
     p.add_argument("--embedder", help="sentence-embedding model: alias, id or folder [default: all-MiniLM-L6-v2]")
     p.add_argument("--threshold", type=float, help="decline below this similarity [default: calibrated]")
+    p.add_argument("--question-weight", type=float, help="the question's share of an entry's score [default: 0.5]")
 
     p = parsers["eval"]
     p.add_argument("run_dir", help="a run directory written by `faqtune train`")
