@@ -97,6 +97,21 @@ def test_auto_compute_dtype_is_measured_and_cached(tmp_path, monkeypatch):
     assert fast is models.bf16_beats_fp32(entry["fp32_s"], entry["bf16_s"])
 
 
+@pytest.mark.parametrize("content", ["[]", '{"%s": {}}', '{"%s": {"bf16_fast": "yes"}}', "{trunc"])
+def test_a_damaged_hardware_cache_is_measured_again_and_rewritten_whole(tmp_path, monkeypatch, content):
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    monkeypatch.setenv("FAQTUNE_HOME", str(tmp_path))
+    (tmp_path / "hardware.json").write_text(content.replace("%s", models.hardware_key()))
+    models.cpu_bf16_is_fast.cache_clear()
+    try:
+        fast = models.cpu_bf16_is_fast()
+    finally:
+        models.cpu_bf16_is_fast.cache_clear()
+    assert fast is json.loads((tmp_path / "hardware.json").read_text())[models.hardware_key()]["bf16_fast"]
+    assert [p.name for p in tmp_path.iterdir()] == ["hardware.json"]  # no temporary file left
+
+
 def test_fp16_is_refused_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU behaviour")

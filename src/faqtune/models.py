@@ -230,15 +230,19 @@ def cpu_bf16_is_fast() -> bool:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
+    if not isinstance(known, dict):  # damaged or edited by hand: measured again and rewritten
+        known = {}
+    if not isinstance(known.get(key), dict) or not isinstance(known[key].get("bf16_fast"), bool):
         fp32, bf16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
         known[key] = {"fp32_s": fp32, "bf16_s": bf16, "bf16_fast": bf16_beats_fp32(fp32, bf16)}
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(known, indent=1))
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)  # whole or not at all: another process may be reading it
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
-    return bool(known[key]["bf16_fast"])
+    return known[key]["bf16_fast"]
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
