@@ -14,6 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def read_heldout(path: str | Path, entries) -> tuple[list[str], list[str]]:
+    """(questions, the answers of the entries they were written for) of a held-out JSONL set (id, question)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["question"] for r in rows], [entries[r["id"]].answer for r in rows]
+
+
 def status_gib(key: str, pid: int | str = "self") -> float:
     """A memory figure of process `pid` (this one by default) from /proc/PID/status (VmRSS, VmHWM, ...) in GiB;
     0 where there is none."""

@@ -21,7 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import ROOT, add_to_result
+from common import ROOT, add_to_result, read_heldout
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -46,8 +46,7 @@ def main() -> int:
 
     entries = data_mod.load_faq(args.faq).entries
     pool = list(dict.fromkeys(e.answer for e in entries))
-    held_in = {Path(path).stem: [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-                                 if line.strip()] for path in args.in_scope}
+    held_in = {Path(path).stem: read_heldout(path, entries) for path in args.in_scope}
     held_off = {Path(path).stem: read_offtopic(path) for path in
                 args.offtopic or [DATA / "offtopic_heldout.txt", DATA / "offtopic_validation.txt"]}
     cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
@@ -58,12 +57,11 @@ def main() -> int:
         index.question_weight = weight
         cut = calibrate_threshold(index, cal_in, cal_off)
         figures: dict = {"threshold": round(cut, 4)}
-        for name, rows in held_in.items():
-            hits = index.search_many([r["question"] for r in rows], k=3)
-            ok = [[matches_own_answer(h.answer, entries[r["id"]].answer, pool) for h in hs]
-                  for r, hs in zip(rows, hits, strict=True)]
+        for name, (questions, refs) in held_in.items():
+            hits = index.search_many(questions, k=3)
+            ok = [[matches_own_answer(h.answer, ref, pool) for h in hs] for ref, hs in zip(refs, hits, strict=True)]
             kept = [hs[0].score >= cut for hs in hits]
-            n = len(rows)
+            n = len(questions)
             figures[name] = {"questions": n, "top1": round(sum(o[0] for o in ok) / n, 3),
                              "top1_under_threshold": round(sum(o[0] and k for o, k in zip(ok, kept, strict=True)) / n, 3),
                              "top3_recall": round(sum(any(o) for o in ok) / n, 3),

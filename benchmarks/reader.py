@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import ROOT, add_to_result
+from common import ROOT, add_to_result, read_heldout
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -48,8 +48,7 @@ BUNDLED = data_mod.bundled_faq_path()
 def read_set(path: str | None, entries) -> tuple[list[str], list[str]]:
     if not path:
         return [], []
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["question"] for r in rows], [entries[r["id"]].answer for r in rows]
+    return read_heldout(path, entries)
 
 
 def retrieval_figures(index, questions, refs, pool, threshold) -> dict:

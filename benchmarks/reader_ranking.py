@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_to_result, machine_line
+from common import add_to_result, machine_line, read_heldout
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -107,11 +107,6 @@ def rerank_accuracy(model, tok, system, index, heldout: list[tuple[str, str]], p
                                      sum(ok[i][0] and not ok[i][p] for i, p in enumerate(ps))] for w, ps in picks.items()}}
 
 
-def read_heldout(path: str, entries) -> list[tuple[str, str]]:
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(r["question"], entries[r["id"]].answer) for r in rows]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faq", required=True)
@@ -136,7 +131,7 @@ def main() -> int:
     tok = load_tokenizer(ident)
     model = attach_lora(load_base_model(ident, cfg), cfg)
     system = cfg.data.system_prompt
-    heldout = {Path(h).stem: read_heldout(h, entries) for h in args.heldout}
+    heldout = {Path(h).stem: list(zip(*read_heldout(h, entries), strict=True)) for h in args.heldout}
     result: dict = {"machine": machine_line(), "torch_threads": torch.get_num_threads(), "faq": args.faq,
                     "args": {k: v for k, v in vars(args).items() if k != "name"}, "epochs": []}
     with tempfile.TemporaryDirectory() as tmp:

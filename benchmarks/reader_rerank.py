@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, write_result
+from common import ROOT, read_heldout, write_result
 
 from faqtune import data as data_mod
 from faqtune.grounding import grounded_question, open_run_index
@@ -159,15 +159,9 @@ def side(model, tok, cfg, questions, hits, ok, readings, ks, query_entry) -> dic
     return out
 
 
-def read_questions(path: str, entries) -> tuple[list[str], list[str]]:
-    """(questions, the answers of the entries they were written for) of a held-out JSONL set."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["question"] for r in rows], [entries[r["id"]].answer for r in rows]
-
-
 def measure(model, tok, cfg, index, path: str, entries, pool, args) -> dict:
     """Retrieval's top 1 and top-k recall, then every reading tuned and base, on one held-out set."""
-    questions, refs = read_questions(path, entries)
+    questions, refs = read_heldout(path, entries)
     ks = sorted(set(args.k) | {K})
     hits = index.search_many(questions, k=max(ks))
 

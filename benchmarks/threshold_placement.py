@@ -19,7 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import ROOT, add_to_result
+from common import ROOT, add_to_result, read_heldout
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -42,7 +42,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
-    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl with 'question')")
+    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
     p.add_argument("--offtopic", action="append", help="held-out off-topic questions, one a line (repeatable; "
                                                        "default benchmarks/data/offtopic_heldout.txt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
@@ -50,9 +50,7 @@ def main() -> int:
     args = p.parse_args()
 
     entries = data_mod.load_faq(args.faq).entries
-    held_in = {Path(path).stem: [json.loads(line)["question"] for line in
-                                 Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-               for path in args.in_scope}
+    held_in = {Path(path).stem: read_heldout(path, entries)[0] for path in args.in_scope}
     held_off = {Path(path).stem: read_offtopic(path)
                 for path in args.offtopic or [ROOT / "benchmarks" / "data" / "offtopic_heldout.txt"]}
     cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
