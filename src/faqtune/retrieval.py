@@ -35,6 +35,7 @@ META = "index.json"
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 CUT_IN_GAP = 0.25  # where in the chosen gap between calibration scores the threshold goes (0 = its lower end)
 QUESTION_WEIGHT = 0.5  # the question's share of an entry's score, the rest the answer's (grounding.question_weight)
+UNRECORDED_WEIGHT = 0.5  # the plain mean, which indexes built before index.json held the weight scored and calibrated
 
 
 class IndexError_(FaqtuneError):
@@ -108,8 +109,7 @@ class FaqIndex:
         self.meta = meta
         self.table = lancedb.connect(str(self.root)).open_table(TABLE)
         self.embedder = resolve_embedder(self.root, self.meta["embedder"])
-        # indexes built before the weight was recorded scored the plain mean; their threshold was calibrated so
-        self.question_weight = float(self.meta.get("question_weight", 0.5))
+        self.question_weight = float(self.meta.get("question_weight", UNRECORDED_WEIGHT))
 
     @property
     def threshold(self) -> float:
@@ -231,7 +231,7 @@ def _read_meta(path: Path) -> dict:
     problems = []
     if not isinstance(meta.get("embedder"), str) or not meta["embedder"]:
         problems.append("field 'embedder' is missing or empty")
-    w = meta.get("question_weight", 0.5)
+    w = meta.get("question_weight", UNRECORDED_WEIGHT)
     if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1:
         problems.append(f"field 'question_weight' must be a number in [0, 1], got {w!r}")
     t = meta.get("threshold")
