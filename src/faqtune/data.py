@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -354,6 +355,14 @@ def split(entries: list[FaqEntry], eval_fraction: float, seed: int) -> tuple[lis
     train = [e for i, e in enumerate(entries) if i not in held]
     evals = [e for i, e in enumerate(entries) if i in held]
     return train, evals
+
+
+def write_json(path: Path, value, indent: int = 2) -> None:
+    """Write a JSON file whole or not at all (a temp file renamed over it): a process reading it meanwhile sees
+    the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=indent), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_jsonl(entries: list[FaqEntry], path: str | Path) -> None:

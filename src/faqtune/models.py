@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from faqtune.config import FaqtuneConfig, LoraConfig, QuantizationConfig
+from faqtune.data import write_json
 from faqtune.errors import ConfigError, ModelError
 from faqtune.memory import mapped_temporaries
 
@@ -237,9 +238,7 @@ def cpu_bf16_is_fast() -> bool:
         known[key] = {"fp32_s": fp32, "bf16_s": bf16, "bf16_fast": bf16_beats_fp32(fp32, bf16)}
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, cache)  # whole or not at all: another process may be reading it
+            write_json(cache, known, indent=1)  # whole: another process may be reading it
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
     return known[key]["bf16_fast"]

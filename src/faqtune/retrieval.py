@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faqtune.data import FaqEntry
+from faqtune.data import FaqEntry, write_json
 from faqtune.errors import FaqtuneError, ModelError, one_line
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class FaqIndex:
                 "vectors": "question, answer (score: weighted mean cosine)", "question_weight": question_weight}
         if threshold is None:  # index.json is written once, complete: by set_threshold after calibration
             return cls(root, meta=meta)
-        _write_meta(root / META, meta)
+        write_json(root / META, meta)
         return cls(root)
 
     def answers(self, ids: list[int]) -> dict[int, str]:
@@ -167,7 +167,7 @@ class FaqIndex:
 
     def set_threshold(self, threshold: float) -> None:
         self.meta["threshold"] = float(threshold)
-        _write_meta(self.root / META, self.meta)
+        write_json(self.root / META, self.meta)
 
     def search_many(self, queries: list[str], k: int = 3, hybrid: bool = False) -> list[list[Hit]]:
         """Top-k entries for each query, by the weighted mean of its cosines to the entry's question and answer.
@@ -241,13 +241,6 @@ def _read_meta(path: Path) -> dict:
         raise IndexError_(f"{path}: {'; '.join(problems)} (an interrupted build?); rebuild it with "
                           "`faqtune index FAQ --out DIR`")
     return meta
-
-
-def _write_meta(path: Path, meta: dict) -> None:
-    """Write index.json whole or not at all (a temp file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def building_dir(dest: str | Path) -> Path:
