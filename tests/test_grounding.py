@@ -20,6 +20,8 @@ from faqtune.grounding import (
     grounded_question,
     keywords,
     noisy,
+    offer,
+    related_hits,
     retrieval_only,
     typo,
 )
@@ -276,6 +278,9 @@ def test_ask_cites_the_entry_on_stderr_and_declines_offtopic(grounded_run, capsy
     assert main(["ask", str(grounded_run), "Who painted the Mona Lisa?"]) == 0
     out, err = capsys.readouterr()
     assert "I'm sorry" in out and "declined" in err
+    assert main(["ask", str(grounded_run), "how do i do a thing", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()  # entries 1, 4 and 2 score within 0.03 of each other
+    assert err.count("\nrelated: #") == 1 and err.splitlines()[-1].count(' "How do I do thing number ') == 2
     assert main(["ask", str(grounded_run), "How do I do thing number 3?", "--no-grounding",
                  "--max-new-tokens", "4"]) == 0
     assert "source" not in capsys.readouterr().err
@@ -289,6 +294,7 @@ def test_eval_of_a_grounded_run_reports_the_three_ways_side_by_side(grounded_run
     g = report["grounding"]
     assert set(g) >= {"tuned_without_grounding", "retrieval_only", "tuned_grounded", "threshold"}
     assert g["retrieval_only"]["answer_accuracy"] == 1.0  # held-out questions verbatim: their own entry first
+    assert report["tuned"]["answer_accuracy"] <= g["related_reached"] <= 1  # answered right, or offered
     rows = report["per_question"]
     recomputed = answer_accuracy([r["tuned"]["answer"] for r in rows], [r["reference"] for r in rows], FAQ_ANSWERS)
     assert g["tuned_grounded"]["answer_accuracy"] == report["tuned"]["answer_accuracy"] == recomputed
@@ -307,20 +313,54 @@ def test_a_model_decline_of_an_in_scope_question_falls_back_to_the_top_entry(tin
     bot = GroundedAnswerer(model, tok, cfg.generation, None, index, cfg)
     hits = index.search(bundled[4].question)
     said = cfg.grounding.decline_message
-    out = bot.finish(Answer(said, True, 20, 100, said), hits)
+    out = bot.finish(Answer(said, True, 20, 100, said), (hits, []))
     if fallback:
         assert out.text == hits[0].answer and out.source["verbatim"] and out.source["id"] == hits[0].id
     else:
         assert out.declined and out.source is None and out.text == said
-    copied = bot.finish(Answer(hits[1].answer, True, 20, 100, hits[1].answer), hits)
+    copied = bot.finish(Answer(hits[1].answer, True, 20, 100, hits[1].answer), (hits, []))
     assert copied.source["id"] == hits[1].id and copied.source["overlap"] == 1.0 and not copied.declined
     # the decline, then an entry's words (seen after 2 epochs): still a decline, however much it overlaps
     mixed = f"{said.rsplit('.', 2)[0]}. {hits[0].answer}"
-    out = bot.finish(Answer(mixed, True, 40, 100, mixed), hits)
+    out = bot.finish(Answer(mixed, True, 40, 100, mixed), (hits, []))
     if fallback:
         assert out.text == hits[0].answer and out.source["verbatim"]
     else:
         assert out.declined and out.source is None and out.text == said
+
+
+def _hits(*scores: float) -> list[Hit]:
+    return [Hit(i, f"question {i}?", f"answer {i}.", s) for i, s in enumerate(scores)]
+
+
+def test_related_entries_are_those_within_the_margin_of_the_top_one_or_of_the_threshold():
+    assert [h.id for h in related_hits(_hits(0.80, 0.77, 0.74, 0.70), threshold=0.5)] == [0, 1]
+    assert [h.id for h in related_hits(_hits(0.80, 0.77), threshold=0.5, margin=0.01)] == [0]
+    # declined (top below the threshold): only entries close under the threshold ("did you mean")
+    assert [h.id for h in related_hits(_hits(0.48, 0.46, 0.44), threshold=0.5)] == [0, 1]
+    assert related_hits(_hits(0.40, 0.39), threshold=0.5) == [] and related_hits([], 0.5) == []
+
+
+@pytest.mark.parametrize("related", [0, 1, 2])
+def test_an_answer_offers_the_related_entries_other_than_the_one_it_cites(related):
+    from faqtune.generate import Answer
+
+    cfg = load_config(None, {"grounding.related": str(related), "grounding.fallback": "false"})
+    bot = GroundedAnswerer.__new__(GroundedAnswerer)  # finish and unanswered need no model
+    bot.grounding = cfg.grounding
+    hits = _hits(0.80, 0.78, 0.77, 0.76)
+    copied = bot.finish(Answer(hits[1].answer, True, 5, 50, hits[1].answer), (hits[:2], hits))
+    assert copied.source["id"] == 1
+    assert [r["id"] for r in copied.related] == [0, 2, 3][:related]
+    listed = "; ".join(f'#{i} "question {i}?"' for i in [0, 2, 3][:related])
+    assert offer(copied) == (f"related: {listed}" if related else "")
+    said = cfg.grounding.decline_message
+    declined = bot.finish(Answer(said, True, 5, 50, said), (hits[:1], hits[:2]))
+    assert declined.declined and [r["id"] for r in declined.related] == [0, 1][:related]
+    below = bot.unanswered((None, hits[:1]))
+    assert below.declined and [r["id"] for r in below.related] == [0][:related]
+    if related:
+        assert offer(below) == 'did you mean: #0 "question 0?"'
 
 
 def test_an_answer_that_opens_like_a_decline_but_is_not_the_decline_stays_an_answer():

@@ -38,7 +38,8 @@ def full_report() -> dict:
             "tuned_grounded": {"answer_accuracy": 0.5, "offtopic_decline_rate": 0.8, "false_decline_rate": 0.1},
             "citations_right": 0.75,
             "differences": [{"question": "Q1?", "reference": "R1", "retrieval_only": "B1", "retrieval_match": True,
-                             "tuned": "T1", "tuned_match": False}]},
+                             "tuned": "T1", "tuned_match": False}],
+            "related_reached": 0.875},
         "follow_ups": {"conversations": 1, "tuned": {"accuracy": 1.0, "rows": [follow_row]},
                        "retrieval_only": 0.5, "retrieval_only_with_threshold": 0.25,
                        "base": {"accuracy": 0.0, "rows": [{**follow_row, "answer": "X", "match": False}]}},
@@ -116,6 +117,7 @@ def test_report_md_tables_read_the_object():
     assert "| answer accuracy | 0.250 | 0.500 | +0.250 |" in md
     assert "| answers leaking template markers | 3 | 1 | -2 |" in md
     assert "| retrieval top-3 recall (ceiling of a reader shown 3) | 0.950 | - | - |" in md
+    assert "| tuned reader, right entry answered or offered as a related question | 0.875 | - | - |" in md
     assert "| base | 0.000 |" in md and "| retrieval alone, with the threshold | 0.250 |" in md
     assert "| 1 | Q1? | R1 | b1 | T1 | ❌ (base ❌) |" in md and "| o2 | no |" in md
 
@@ -134,11 +136,13 @@ def test_a_report_written_by_an_older_version_reads():
     assert report.per_question[0].tuned.source is None and report.run_dir == "/runs/old"
     md = render_markdown(report, {})
     assert "## Per question" in md and "## Retrieval alone" not in md and "Run: `/runs/old`" in md
-    before_topk = full_report()  # grounding as 6e147ff wrote it: no top-k recall, no differences
-    del before_topk["grounding"]["retrieval_topk"], before_topk["grounding"]["differences"]
+    before_topk = full_report()  # grounding as 6e147ff wrote it: no top-k recall, no differences, no offers
+    for key in ("retrieval_topk", "differences", "related_reached"):
+        del before_topk["grounding"][key]
     grounding = EvalReport.from_dict(before_topk).grounding
-    assert grounding.retrieval_topk is None and grounding.differences == []
-    assert "recall" not in render_markdown(EvalReport.from_dict(before_topk), {}).split("## Follow-ups")[0]
+    assert grounding.retrieval_topk is None and grounding.differences == [] and grounding.related_reached is None
+    md = render_markdown(EvalReport.from_dict(before_topk), {}).split("## Follow-ups")[0]
+    assert "recall" not in md and "related question" not in md
 
 
 @pytest.mark.parametrize("data", [["not", "a", "report"], {"tuned": "high"}, {"tuned": {}, "per_question": {}},

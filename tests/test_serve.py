@@ -496,12 +496,34 @@ def test_chat_page_in_a_browser(server, client):
         assert citation is not None  # the served runs are grounded: the page shows where the answer came from
         note = bubble.find_element(By.CSS_SELECTOR, ".citation").text
         assert note == f"source: FAQ #{citation['id']}: {citation['question']}"
-        assert bubble.text.replace(note, "").strip() == content.strip()
+        related = (expected.choices[0].model_extra or {}).get("faqtune_related") or []
+        offered = [e.text for e in bubble.find_elements(By.CSS_SELECTOR, ".related button")]
+        assert offered == [r["question"] for r in related]  # offered as buttons that ask them
+        rest = bubble.text.replace(note, "")
+        for shown in bubble.find_elements(By.CSS_SELECTOR, ".related"):
+            rest = rest.replace(shown.text, "")
+        assert rest.strip() == content.strip()
         assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == QUESTION
         refused = [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
         assert not refused  # the page runs under its CSP (no inline script or style)
     finally:
         browser.quit()
+
+
+def test_grounded_answers_offer_the_related_entries_the_index_finds(client, runs):
+    from faqtune.grounding import open_run_index, related_hits
+
+    vague = "how do i do a thing"  # entries 1, 4 and 2 within 0.03 of each other
+    index = open_run_index(runs[1])
+    near = related_hits(index.search(vague, k=3), index.threshold)
+    messages = [{"role": "user", "content": vague}]
+    extra = client.chat.completions.create(model="second", messages=messages).choices[0].model_extra
+    expected = [h.id for h in near if h.id != extra["faqtune_citation"]["id"]][:2]
+    assert len(expected) == 2
+    assert [r["id"] for r in extra["faqtune_related"]] == expected
+    chunks = list(client.chat.completions.create(model="second", messages=messages, stream=True))
+    streamed = [c.choices[0].model_extra.get("faqtune_related") for c in chunks if c.choices]
+    assert [r["id"] for r in streamed[-1]] == expected and not any(streamed[:-1])
 
 
 def test_grounded_runs_cite_their_entry_and_decline_offtopic_without_generating(client):

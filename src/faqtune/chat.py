@@ -6,7 +6,7 @@ import sys
 from typing import TextIO
 
 from faqtune.errors import FaqtuneError
-from faqtune.grounding import cite
+from faqtune.grounding import cite, offer
 
 HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
 
@@ -41,8 +41,9 @@ def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int =
         reply = bot.ask(question, history[-max_turns:])[0]
         answer = reply.text
         print(("bot> " if interactive else "") + answer, file=stdout, flush=True)
-        if interactive and cite(reply):
-            print(cite(reply), file=sys.stderr)
+        for line in (cite(reply), offer(reply)) if interactive else ():
+            if line:
+                print(line, file=sys.stderr)
         history.append((question, answer))
     return 0
 

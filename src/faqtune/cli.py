@@ -192,13 +192,13 @@ def _open_answerer(run_dir, model, tokenizer, cfg, grounded: bool):
 
 
 def cmd_ask(args: argparse.Namespace, extra: list[str]) -> int:
-    from faqtune.grounding import cite
+    from faqtune.grounding import cite, offer
 
     question = _check_text(args.question, "the question")
     bot = _answerer(args.run_dir, args, base_only=args.base_only)
     answers = bot.ask(question)
     print("\n\n".join(a.text for a in answers))
-    sources = [cite(a) for a in answers]
+    sources = [line for a in answers for line in (cite(a), offer(a))]
     if any(sources):  # stderr: stdout stays the answer alone, for piping
         print("\n".join(dict.fromkeys(s for s in sources if s)), file=sys.stderr)
     return 0

@@ -222,6 +222,7 @@ class Side:
     rows: list[AnswerRow]
     offtopic: list[str]  # the answers to the off-topic questions
     citations_right: float | None  # share of citing answers whose entry's answer is the reference
+    reached: float | None = None  # share answered right or with the right entry offered (grounding.related)
 
 
 def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[str], cfg) -> Side:
@@ -236,11 +237,13 @@ def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[s
                       false_decline_rate=sum(is_decline(a.text) for a in answers) / max(1, len(answers)))
     # a citation is right when the cited entry's answer is the reference
     cited = [(a.source["id"], ref) for a, ref in zip(answers, es.references, strict=True) if a.source]
-    right = None
-    if cited and getattr(bot, "index", None) is not None:
-        texts = bot.index.answers([i for i, _ in cited])
-        right = sum(texts.get(i) == ref for i, ref in cited) / len(cited)
-    return Side(figures, rows, [a.text for a in off_answers], right)
+    right = reached = None
+    if getattr(bot, "index", None) is not None:
+        texts = bot.index.answers([i for i, _ in cited] + [r["id"] for a in answers for r in a.related])
+        right = sum(texts.get(i) == ref for i, ref in cited) / len(cited) if cited else None
+        reached = sum(row.match or any(matches_own_answer(texts[r["id"]], ref, es.pool) for r in a.related)
+                      for a, row, ref in zip(answers, rows, es.references, strict=True)) / max(1, len(answers))
+    return Side(figures, rows, [a.text for a in off_answers], right, reached)
 
 
 def _forgetting_side(model, tokenizer, cfg) -> tuple[ForgettingSide, list[tuple[str, str]]]:
@@ -304,6 +307,7 @@ def grounding_side_by_side(bot, model, tokenizer, cfg, es: EvalSet, offtopic: li
         retrieval_topk=TopkRecall(k, topk_recall(bot.index, es.questions, es.references, es.pool, k)),
         tuned_grounded=GroundedFigures(f.answer_accuracy, f.offtopic_decline_rate, f.false_decline_rate),
         citations_right=tuned.citations_right,
+        related_reached=tuned.reached,
         differences=differ,
     )
 

@@ -22,6 +22,7 @@ class Answer:
     raw: str = ""  # the generated text before cleaning (special tokens kept), to count template leaks
     source: dict | None = None  # grounding: {"id", "question", "score"} of the FAQ entry it came from
     declined: bool = False  # grounding: no FAQ entry was close enough, so the bot declined
+    related: tuple[dict, ...] = ()  # grounding: other FAQ entries offered with it ({"id", "question", "score"})
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:

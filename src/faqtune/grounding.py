@@ -23,6 +23,7 @@ from faqtune.reader import NONE, check_choice, choice_target, pick, score_choice
 from faqtune.retrieval import FaqIndex, Hit, building_dir, calibrate_threshold, swap_into_place
 from faqtune.run import RunDir
 
+RELATED_MARGIN = 0.05  # related entries score within this of the top one (benchmarks/README.md, "Related questions")
 INSTRUCTION = "Answer the customer's question from the FAQ entries above. If none of them answers it, say so."
 DECLINE = re.compile(
     r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i can only (help|answer|assist)|i can'?t (help|assist|answer)|"
@@ -311,30 +312,41 @@ class GroundedAnswerer(Answerer):
         self.threshold = cfg.grounding.threshold if cfg.grounding.threshold is not None else index.threshold
 
     def unanswered(self, context) -> Answer:
-        """Said without generating: the entry the choice step picked (`context` = (choice, hit)), verbatim and
-        cited, else the decline (no FAQ entry is similar enough, or the choice step picked none)."""
-        if context is not None:
-            choice, hit = context
-            return Answer(hit.answer, True, 0, 0, hit.answer, {**hit.citation(), "choice": choice, "verbatim": True})
+        """Said without generating (`context` = (picked, near)): the entry the choice step picked (`picked` =
+        (choice, hit)), verbatim and cited, else the decline (no FAQ entry is similar enough, or the choice step
+        picked none); with the related entries of `near`."""
+        picked, near = context
+        if picked is not None:
+            choice, hit = picked
+            return Answer(hit.answer, True, 0, 0, hit.answer, {**hit.citation(), "choice": choice, "verbatim": True},
+                          related=self.related(near, hit))
         msg = self.grounding.decline_message
-        return Answer(msg, True, 0, 0, msg, None, True)
+        return Answer(msg, True, 0, 0, msg, None, True, self.related(near, None))
+
+    def related(self, near: list[Hit], cited: Hit | None) -> tuple[dict, ...]:
+        """Up to `grounding.related` of `near` (`related_hits`) other than the cited entry."""
+        return tuple(h.citation() for h in near if cited is None or h.id != cited.id)[:self.grounding.related]
 
     def retrieve(self, conversations: list[list[dict[str, str]]]) -> list[list[Hit]]:
         """The entries for each conversation's last user turn (see `choose_hits`): one batched search of every
-        turn alone, and of every turn after an earlier one together with it."""
-        return retrieve_turns(self.index, conversations, self.grounding.top_k, self.threshold,
-                              self.grounding.hybrid)
+        turn alone, and of every turn after an earlier one together with it; the top_k shown and, after
+        them, enough for `grounding.related`."""
+        k = max(self.grounding.top_k, self.grounding.related + 1 if self.grounding.related else 0)
+        return retrieve_turns(self.index, conversations, k, self.threshold, self.grounding.hybrid)
 
     def prepare(self, conversations: list[list[dict[str, str]]]):
-        """Retrieve for each conversation; below the threshold -> (None, None) (declined), else the
-        conversation with the entries put into its last user turn, and the entries shown."""
+        """Retrieve for each conversation; below the threshold -> (None, (None, near)) (declined), else the
+        conversation with the entries put into its last user turn, and (the entries shown, near): `near`, the
+        entries close enough to be offered as related (`related_hits`)."""
         found = self.retrieve(conversations)
         out = []
         for conv, hits in zip(conversations, found, strict=True):
+            near = related_hits(hits, self.threshold) if self.grounding.related else []
             if not hits or hits[0].score < self.threshold:
-                out.append((None, None))
+                out.append((None, (None, near)))
                 continue
-            out.append((grounded_conversation(conv, hits, self.grounding.history), hits))
+            shown = hits[:self.grounding.top_k]
+            out.append((grounded_conversation(conv, shown, self.grounding.history), (shown, near)))
         return self.choose(out) if self.grounding.choice else out
 
     def choose(self, prepared: list[tuple]) -> list[tuple]:
@@ -346,18 +358,20 @@ class GroundedAnswerer(Answerer):
         out = list(prepared)
         scores = score_choices(self.model, self.tokenizer, [prepared[i][0] for i in todo], self.grounding.top_k)
         for i, logp in zip(todo, scores, strict=True):
-            hits = prepared[i][1]
+            hits, near = prepared[i][1]
             choice = pick(logp, [h.score for h in hits], self.grounding.retrieval_prior)
-            out[i] = (None, None if choice == NONE else (choice, hits[choice - 1]))
+            out[i] = (None, (None if choice == NONE else (choice, hits[choice - 1]), near))
         return out
 
-    def finish(self, answer: Answer, hits: list[Hit]) -> Answer:
-        """Cite the entry the answer came from: the shown entry its text overlaps most.
+    def finish(self, answer: Answer, context: tuple[list[Hit], list[Hit]]) -> Answer:
+        """Cite the entry the answer came from (`context` = (the entries shown, near)): the shown entry its
+        text overlaps most; offer the related entries of `near` other than it.
 
         A model decline of a question retrieval found in scope (above the threshold) is answered with the
         top entry verbatim when `grounding.fallback` is on (measured: a small model declines rephrased
         questions it cannot match to an entry far more often than retrieval misses them)."""
 
+        hits, near = context
         overlap = [rouge_l(answer.text, h.answer) for h in hits]
         best = max(range(len(hits)), key=overlap.__getitem__)
         declined = opens_with_decline(answer.text, self.grounding.decline_message) or (
@@ -365,11 +379,22 @@ class GroundedAnswerer(Answerer):
                                      rouge_l(answer.text, self.grounding.decline_message) >= 0.5))
         if declined and self.grounding.fallback:
             top = hits[0]
-            return replace(answer, text=top.answer, source={**top.citation(), "overlap": 1.0, "verbatim": True})
+            return replace(answer, text=top.answer, source={**top.citation(), "overlap": 1.0, "verbatim": True},
+                           related=self.related(near, top))
         if declined:
             msg = self.grounding.decline_message
-            return replace(answer, text=msg, source=None, declined=True)
-        return replace(answer, source={**hits[best].citation(), "overlap": round(overlap[best], 4)})
+            return replace(answer, text=msg, source=None, declined=True, related=self.related(near, None))
+        return replace(answer, source={**hits[best].citation(), "overlap": round(overlap[best], 4)},
+                       related=self.related(near, hits[best]))
+
+
+def related_hits(hits: list[Hit], threshold: float, margin: float = RELATED_MARGIN) -> list[Hit]:
+    """The ranked `hits` close enough to offer as related questions: scoring within `margin` of the top one,
+    and no more than `margin` below the decline threshold (a declined question's "did you mean")."""
+    if not hits:
+        return []
+    floor = max(hits[0].score, threshold) - margin
+    return [h for h in hits if h.score >= floor]
 
 
 def open_run_index(run_root: str | Path) -> FaqIndex | None:
@@ -407,3 +432,11 @@ def cite(answer) -> str:
         return ""
     s = answer.source
     return f"source: FAQ entry #{s['id']} \"{s['question']}\" (similarity {s['score']:.2f})"
+
+
+def offer(answer) -> str:
+    """One line offering the related FAQ questions an answer came with ("did you mean" after a decline), or ''."""
+    if not answer.related:
+        return ""
+    listed = "; ".join(f"#{r['id']} \"{r['question']}\"" for r in answer.related)
+    return f"{'did you mean' if answer.declined else 'related'}: {listed}"

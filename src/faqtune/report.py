@@ -135,6 +135,8 @@ class Grounding:
     tuned_grounded: GroundedFigures
     citations_right: float | None  # None when no answer cited an entry
     differences: list[Difference] = field(default_factory=list)
+    # answered right, or the right entry offered as a related question (None in reports written before)
+    related_reached: float | None = field(default=None, metadata=OMIT)
 
 
 @dataclass
@@ -376,6 +378,9 @@ def _grounding_lines(g: Grounding | None) -> list[str]:
         out.append(f"| retrieval top-{k.k} recall (ceiling of a reader shown {k.k}) | {k.recall:.3f} | - | - |")
     out.append(f"| **tuned reader (grounded)** | **{t.answer_accuracy:.3f}** | {t.offtopic_decline_rate:.3f} | "
                f"{t.false_decline_rate:.3f} |")
+    if g.related_reached is not None:
+        out.append(f"| tuned reader, right entry answered or offered as a related question | "
+                   f"{g.related_reached:.3f} | - | - |")
     differ = g.differences or []
     out += ["", f"Questions where retrieval alone (with the threshold) and the tuned reader differ: {len(differ)}."]
     if differ:

@@ -170,6 +170,8 @@ def completion_body(rid: str, created: int, model: str, result: Result) -> dict[
                   "finish_reason": c.finish_reason}
         if c.source is not None:
             choice["faqtune_citation"] = c.source
+        if c.related:
+            choice["faqtune_related"] = list(c.related)
         choices.append(choice)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": _usage(result)}
@@ -246,6 +248,8 @@ def from_result(stream: JobStream, result: Result) -> bytes:
                   "finish_reason": c.finish_reason}
         if c.source is not None:
             choice["faqtune_citation"] = c.source
+        if c.related:
+            choice["faqtune_related"] = list(c.related)
         last = c is result.choices[-1]
         data += stream.chunk([choice], **({"usage": _usage(result)} if last else {}))
     if stream.include_usage:

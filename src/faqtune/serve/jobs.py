@@ -122,6 +122,7 @@ class Choice:
     streamed: str = ""  # the text already sent as deltas (a prefix of `text`)
     source: dict | None = None
     declined: bool = False
+    related: tuple[dict, ...] = ()  # other FAQ entries offered with it (Answer.related)
 
 
 @dataclass
@@ -233,4 +234,4 @@ def finish_choice(answer: Answer, index: int, stops: tuple[str, ...], row: Row |
         text, hit = text[:min(cuts)], True
     finish = "stop" if answer.stopped or hit else "length"
     streamed = row.sent if row else ""
-    return Choice(index, text, finish, answer.new_tokens, streamed, answer.source, answer.declined)
+    return Choice(index, text, finish, answer.new_tokens, streamed, answer.source, answer.declined, answer.related)

@@ -68,6 +68,21 @@ async function readEvents(response, onEvent) {
   }
 }
 
+// The related FAQ questions an answer came with ("did you mean" after a decline): a click asks one.
+function relatedNote(choice) {
+  const note = document.createElement("div");
+  note.className = "related";
+  note.append(choice.faqtune_citation ? "related: " : "did you mean: ");
+  for (const r of choice.faqtune_related) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = r.question;
+    button.addEventListener("click", () => { if (!$("send").disabled) ask(r.question); });
+    note.appendChild(button);
+  }
+  return note;
+}
+
 async function ask(question) {
   history.push({ role: "user", content: question });
   addMessage("user", question);
@@ -97,6 +112,7 @@ async function ask(question) {
           note.textContent = `source: FAQ #${c.id}: ${c.question}`;
           bubble.appendChild(note);
         }
+        if (choice.faqtune_related) bubble.appendChild(relatedNote(choice));
       }
     });
     history.push({ role: "assistant", content: answer });

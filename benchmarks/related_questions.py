@@ -1,0 +1,87 @@
+"""Related questions offered with an answer: how often the right entry is reached, answered or offered, and how
+many questions an offer comes with, at each score margin.
+
+    python benchmarks/related_questions.py --name shared --faq ../shared/data/ecommerce_faq.json \\
+        --in-scope benchmarks/data/shared_ecommerce_rephrased.jsonl \\
+        --in-scope benchmarks/data/shared_ecommerce_keywords.jsonl \\
+        --in-scope benchmarks/data/shared_ecommerce_validation.jsonl
+
+The index is built once (`grounding.build_index`). Retrieval answers its top entry above the threshold, else
+declines. Offered with it (`grounding.related_hits`, the answerer's own): up to `--related` of the next entries
+scoring at least the top score - margin; with a decline, the top entries scoring at least the threshold - margin
+("did you mean"). In-scope figures: answered right, reached (answered right or the right entry offered), offers per
+question; off-topic: questions with an offer. Figures go under faqs.<name> of
+benchmarks/results/<date>-related-questions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import ROOT, add_to_result, read_heldout
+
+from faqtune import data as data_mod
+from faqtune.config import load_config
+from faqtune.evaluate import read_offtopic
+from faqtune.grounding import build_index, related_hits
+from faqtune.metrics import matches_own_answer
+
+DATA = ROOT / "benchmarks" / "data"
+
+
+def offered(hits, threshold: float, margin: float, n: int) -> tuple[bool, list]:
+    """(answered, the hits offered as related) for one question's ranked hits, as the answerer offers them
+    (`grounding.related_hits`, less the top entry when it is the answer)."""
+    answered = hits[0].score >= threshold
+    near = related_hits(hits, threshold, margin)
+    return answered, [h for h in near if not (answered and h.id == hits[0].id)][:n]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True)
+    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
+    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    p.add_argument("--offtopic", action="append", help="off-topic questions, one a line (default both of "
+                                                       "benchmarks/data/offtopic_*.txt)")
+    p.add_argument("--related", type=int, default=2)
+    p.add_argument("--margins", default="0,0.03,0.05,0.08,0.1,0.15")
+    args = p.parse_args()
+
+    entries = data_mod.load_faq(args.faq).entries
+    pool = list(dict.fromkeys(e.answer for e in entries))
+    held_in = {Path(path).stem: read_heldout(path, entries) for path in args.in_scope}
+    held_off = {Path(path).stem: read_offtopic(path) for path in
+                args.offtopic or [DATA / "offtopic_heldout.txt", DATA / "offtopic_validation.txt"]}
+    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {}))
+    cut, k = index.threshold, args.related + 1
+    found_in = {name: index.search_many(qs, k=k) for name, (qs, _) in held_in.items()}
+    found_off = {name: index.search_many(qs, k=k) for name, qs in held_off.items()}
+    out = {"faq": args.faq, "related": args.related, "threshold": round(cut, 4), "margins": {}}
+    for margin in (float(m) for m in args.margins.split(",")):
+        figures: dict = {}
+        for name, (_, refs) in held_in.items():
+            right = reached = offers = 0
+            for ref, hits in zip(refs, found_in[name], strict=True):
+                answered, rel = offered(hits, cut, margin, args.related)
+                ok = answered and matches_own_answer(hits[0].answer, ref, pool)
+                right += ok
+                reached += ok or any(matches_own_answer(h.answer, ref, pool) for h in rel)
+                offers += len(rel)
+            n = len(refs)
+            figures[name] = {"questions": n, "answered_right": round(right / n, 3), "reached": round(reached / n, 3),
+                             "offers_per_question": round(offers / n, 2)}
+        for name, found in found_off.items():
+            with_offer = sum(bool(offered(hits, cut, margin, args.related)[1]) for hits in found)
+            figures[f"offtopic:{name}"] = f"{with_offer}/{len(found)} with an offer"
+        out["margins"][str(margin)] = figures
+        print(f"{args.name} margin={margin}: " + json.dumps(figures), flush=True)
+    print("written:", add_to_result("-related-questions", args.name, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
