@@ -20,6 +20,19 @@ def read_heldout(path: str | Path, entries) -> tuple[list[str], list[str]]:
     return [r["question"] for r in rows], [entries[r["id"]].answer for r in rows]
 
 
+def ranked_figures(scores, entries, refs: list[str], kept, pool: list[str]) -> dict:
+    """Top 1, top 1 under the threshold (`kept`: each question answered, not declined) and top-3 recall of a
+    (questions x entries) score matrix, each question's reference answer in `refs`."""
+    from faqtune.metrics import matches_own_answer
+
+    top = (-scores).argsort(1)[:, :3]
+    ok = [[matches_own_answer(entries[i].answer, ref, pool) for i in row] for row, ref in zip(top, refs, strict=True)]
+    n = len(refs)
+    return {"top1": round(sum(o[0] for o in ok) / n, 3),
+            "top1_under_threshold": round(sum(o[0] and k for o, k in zip(ok, kept, strict=True)) / n, 3),
+            "top3_recall": round(sum(any(o) for o in ok) / n, 3)}
+
+
 def status_gib(key: str, pid: int | str = "self") -> float:
     """A memory figure of process `pid` (this one by default) from /proc/PID/status (VmRSS, VmHWM, ...) in GiB;
     0 where there is none."""
