@@ -243,7 +243,7 @@ def worker_faqtune(out: Path, sets: list[str]) -> None:
             if not recorded:  # the run's index exists once training has begun
                 g = cfg.grounding
                 recorded.append(RecordedIndex(*in_fresh_process(search_run_index, cfg.output_dir, questions,
-                                                                g.top_k, g.hybrid)))
+                                                                max(g.top_k, g.related + 1), g.hybrid)))
             return GroundedAnswerer(model, tok, cfg.generation, cfg.data.system_prompt, recorded[0], cfg)
 
     peak = TrainingPeak()

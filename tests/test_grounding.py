@@ -339,6 +339,8 @@ def test_related_entries_are_those_within_the_margin_of_the_top_one_or_of_the_th
     # declined (top below the threshold): only entries close under the threshold ("did you mean")
     assert [h.id for h in related_hits(_hits(0.48, 0.46, 0.44), threshold=0.5)] == [0, 1]
     assert related_hits(_hits(0.40, 0.39), threshold=0.5) == [] and related_hits([], 0.5) == []
+    # `hybrid` ranks by fused rank: the margin is taken from the best score, wherever it is ranked
+    assert [h.id for h in related_hits(_hits(0.70, 0.80, 0.78), threshold=0.5)] == [1, 2]
 
 
 @pytest.mark.parametrize("related", [0, 1, 2])

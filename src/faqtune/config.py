@@ -150,8 +150,8 @@ class GroundingConfig:
     absent_share: float = _f(0.2, "share of training examples whose right entry is withheld (target: a decline)")
     noisy_share: float = _f(0.5, "share of training questions rewritten as keywords / typos / lower case")
     hybrid: bool = _f(False, "fuse LanceDB full-text ranking with the vector ranking (measured worse on rephrasings)")
-    related: int = _f(2, "related FAQ questions offered with an answer or a decline: the next entries within "
-                         "RELATED_MARGIN of the top score (0: none; measured: the right entry reached +4-9 points)")
+    related: int = _f(2, "related FAQ questions offered with an answer (entries within 0.05 of the top score) or a "
+                         "decline (up to 0.05 under the threshold); 0: none (measured: right entry reached +4-22 points)")
     threshold: float | None = _f(None, "decline below this top-1 similarity (default: calibrated at training time)")
     fallback: bool = _f(True, "when the model declines a question retrieval found in scope, answer with the top "
                               "entry verbatim (cited as such)")

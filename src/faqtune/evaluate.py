@@ -241,8 +241,10 @@ def _measure_side(bot: Answerer, model, tokenizer, es: EvalSet, offtopic: list[s
     if getattr(bot, "index", None) is not None:
         texts = bot.index.answers([i for i, _ in cited] + [r["id"] for a in answers for r in a.related])
         right = sum(texts.get(i) == ref for i, ref in cited) / len(cited) if cited else None
-        reached = sum(row.match or any(matches_own_answer(texts[r["id"]], ref, es.pool) for r in a.related)
-                      for a, row, ref in zip(answers, rows, es.references, strict=True)) / max(1, len(answers))
+        if bot.grounding.related:  # with none offered it would be answer accuracy again
+            offered = [[texts.get(r["id"], "") for r in a.related] for a in answers]
+            reached = sum(row.match or any(matches_own_answer(t, ref, es.pool) for t in shown)
+                          for shown, row, ref in zip(offered, rows, es.references, strict=True)) / max(1, len(answers))
     return Side(figures, rows, [a.text for a in off_answers], right, reached)
 
 

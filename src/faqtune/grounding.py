@@ -393,7 +393,7 @@ def related_hits(hits: list[Hit], threshold: float, margin: float = RELATED_MARG
     and no more than `margin` below the decline threshold (a declined question's "did you mean")."""
     if not hits:
         return []
-    floor = max(hits[0].score, threshold) - margin
+    floor = max(max(h.score for h in hits), threshold) - margin  # the max: `hybrid` ranks by fused rank
     return [h for h in hits if h.score >= floor]
 
 

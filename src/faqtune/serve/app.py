@@ -5,8 +5,9 @@
     GET  /                      a small chat page (static HTML + JS shipped in the package)
     GET  /healthz               liveness, queue and worker figures
 
-Extra response field: when an answer comes from an FAQ entry (grounding), its choice carries
-`faqtune_citation` = {"id", "question", "score"} (in the last chunk of a stream).
+Extra response fields: when an answer comes from an FAQ entry (grounding), its choice carries
+`faqtune_citation` = {"id", "question", "score"}, and the related entries offered with it (or with a decline)
+`faqtune_related` = a list of the same (both in the last chunk of a stream).
 
 The ASGI layers, outside in: `Gate` (Host check, API key, body size and time, security headers, one log line per
 request, no traceback to a client; http.py), FastAPI (routes, validation: every request is checked here,
