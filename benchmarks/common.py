@@ -3,6 +3,7 @@ and write them as JSON to benchmarks/results/<date><suffix>.json."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -12,6 +13,45 @@ from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data"
+OFFTOPIC_SETS = [DATA / "offtopic_heldout.txt", DATA / "offtopic_validation.txt"]  # never used for calibration
+
+
+def heldout_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A retrieval benchmark's parser, with the options they all take: --name (its key in the results), --faq and
+    --in-scope (held-out sets, read with `read_sets`)."""
+    from faqtune import data as data_mod  # here: benchmarks measuring a bare process import this module
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True)
+    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
+    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    return p
+
+
+def read_sets(args: argparse.Namespace) -> tuple[list, list[str], dict[str, tuple[list[str], list[str]]]]:
+    """(the FAQ's entries, its distinct answers, {set name: (questions, reference answers)}) of `heldout_parser`'s
+    --faq and --in-scope."""
+    from faqtune import data as data_mod
+
+    entries = data_mod.load_faq(args.faq).entries
+    return (entries, list(dict.fromkeys(e.answer for e in entries)),
+            {Path(path).stem: read_heldout(path, entries) for path in args.in_scope})
+
+
+class DenseScores:
+    """An index's own entry score (question_weight x cosine to the question + the rest x to the answer) of a batch
+    of query vectors against every entry, as one matrix (queries x entries)."""
+
+    def __init__(self, index, entries):
+        from faqtune.retrieval import embed
+
+        self.weight = index.question_weight
+        self.questions = embed(index.embedder, [e.question for e in entries])
+        self.answers = embed(index.embedder, [e.answer for e in entries])
+
+    def __call__(self, vecs):
+        return self.weight * vecs @ self.questions.T + (1 - self.weight) * vecs @ self.answers.T
 
 
 def read_heldout(path: str | Path, entries) -> tuple[list[str], list[str]]:

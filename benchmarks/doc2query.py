@@ -14,7 +14,6 @@ dense top-1 score. Figures go under faqs.<name> of benchmarks/results/<date>-doc
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -22,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import add_to_result, ranked_figures, read_heldout
+from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets
 
-from faqtune import data as data_mod
 from faqtune.config import load_config
 from faqtune.generate import clean
 from faqtune.grounding import build_index
@@ -55,23 +53,17 @@ def rephrasings(model, tokenizer, questions: list[str], n: int, tokens: int, bat
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True)
-    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
-    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    p = heldout_parser(__doc__)
     p.add_argument("--n", type=int, default=6)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--nus", default="0,0.1,0.2,0.3,0.5")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    entries = data_mod.load_faq(args.faq).entries
-    pool = list(dict.fromkeys(e.answer for e in entries))
-    held_in = {Path(path).stem: read_heldout(path, entries) for path in args.in_scope}
+    entries, pool, held_in = read_sets(args)
     index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {}))
-    w, cut = index.question_weight, index.threshold
-    qv = embed(index.embedder, [e.question for e in entries])
-    av = embed(index.embedder, [e.answer for e in entries])
+    cut = index.threshold
+    dense_of = DenseScores(index, entries)
     from transformers import AutoModelForCausalLM
 
     folder = ensure_embedded_model()
@@ -88,7 +80,7 @@ def main() -> int:
     print(json.dumps(out["examples"][:4], indent=1), flush=True)
     for name, (questions, refs) in held_in.items():
         q_vec = embed(index.embedder, questions)
-        dense = w * q_vec @ qv.T + (1 - w) * q_vec @ av.T
+        dense = dense_of(q_vec)
         kept = dense.max(1) >= cut
         best = np.full_like(dense, -1.0)
         sims = q_vec @ fv.T

@@ -16,16 +16,14 @@ benchmarks/results/<date>-generation-augmented.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import add_to_result, ranked_figures, read_heldout
+from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets
 
-from faqtune import data as data_mod
 from faqtune.config import load_config
 from faqtune.generate import clean
 from faqtune.grounding import build_index
@@ -51,23 +49,17 @@ def drafts(model, tokenizer, questions: list[str], tokens: int, system: str | No
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True)
-    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
-    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    p = heldout_parser(__doc__)
     p.add_argument("--run", help="a tuned run whose model drafts the answers (default: the embedded base)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--mus", default="0,0.1,0.2,0.3,0.5,1")
     args = p.parse_args()
 
-    entries = data_mod.load_faq(args.faq).entries
-    pool = list(dict.fromkeys(e.answer for e in entries))
-    held_in = {Path(path).stem: read_heldout(path, entries) for path in args.in_scope}
+    entries, pool, held_in = read_sets(args)
     cfg = load_config(None, {})
     index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
-    w, cut = index.question_weight, index.threshold
-    qv = embed(index.embedder, [e.question for e in entries])
-    av = embed(index.embedder, [e.answer for e in entries])
+    cut = index.threshold
+    dense_of = DenseScores(index, entries)
     if args.run:
         model, tokenizer, run_cfg = load_for_inference(args.run)
         system = run_cfg.data.system_prompt  # as it was trained
@@ -84,9 +76,9 @@ def main() -> int:
         seconds = (time.perf_counter() - t0) / len(questions)
         q_vec, d_vec = embed(index.embedder, questions), embed(index.embedder, texts)
         j_vec = embed(index.embedder, [f"{q}\n{d}" for q, d in zip(questions, texts, strict=True)])
-        dense = w * q_vec @ qv.T + (1 - w) * q_vec @ av.T
+        dense = dense_of(q_vec)
         kept = dense.max(1) >= cut
-        draft_cos, joint = d_vec @ av.T, w * j_vec @ qv.T + (1 - w) * j_vec @ av.T
+        draft_cos, joint = d_vec @ dense_of.answers.T, dense_of(j_vec)
 
 
         res = {"questions": len(questions), "draft_seconds": round(seconds, 2),

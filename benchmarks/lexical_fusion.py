@@ -15,16 +15,14 @@ faqs.<name> of benchmarks/results/<date>-lexical-fusion.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from common import add_to_result, read_heldout
+from common import add_to_result, heldout_parser, read_sets
 
-from faqtune import data as data_mod
 from faqtune.config import load_config
 from faqtune.grounding import build_index
 from faqtune.metrics import matches_own_answer
@@ -61,19 +59,14 @@ class CharTfidf:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True)
-    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
-    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    p = heldout_parser(__doc__)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     p.add_argument("--depth", type=int, default=20, help="dense candidates reranked per query")
     p.add_argument("--weights", default="0:0,0.1:0,0.2:0,0.3:0,0.5:0,0.2:0.1,0.3:0.1,0.3:0.2",
                    help="lq:la pairs, comma-separated")
     args = p.parse_args()
 
-    entries = data_mod.load_faq(args.faq).entries
-    pool = list(dict.fromkeys(e.answer for e in entries))
-    held_in = {Path(path).stem: read_heldout(path, entries) for path in args.in_scope}
+    entries, pool, held_in = read_sets(args)
     cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
     index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
     tfidf = CharTfidf([e.question for e in entries] + [e.answer for e in entries])

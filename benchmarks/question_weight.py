@@ -16,39 +16,30 @@ benchmarks/results/<date>-question-weight.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from common import ROOT, add_to_result, read_heldout
+from common import OFFTOPIC_SETS, add_to_result, heldout_parser, read_sets
 
-from faqtune import data as data_mod
 from faqtune.config import load_config
 from faqtune.evaluate import read_offtopic
 from faqtune.grounding import build_index, calibration_questions
 from faqtune.metrics import matches_own_answer
 from faqtune.retrieval import calibrate_threshold
 
-DATA = ROOT / "benchmarks" / "data"
-
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True)
-    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
-    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    p = heldout_parser(__doc__)
     p.add_argument("--offtopic", action="append", help="held-out off-topic questions, one a line (repeatable; "
                                                        "default both of benchmarks/data/offtopic_*.txt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     p.add_argument("--weights", default="0.5,0.55,0.6,0.65,0.7")
     args = p.parse_args()
 
-    entries = data_mod.load_faq(args.faq).entries
-    pool = list(dict.fromkeys(e.answer for e in entries))
-    held_in = {Path(path).stem: read_heldout(path, entries) for path in args.in_scope}
+    entries, pool, held_in = read_sets(args)
     held_off = {Path(path).stem: read_offtopic(path) for path in
-                args.offtopic or [DATA / "offtopic_heldout.txt", DATA / "offtopic_validation.txt"]}
+                args.offtopic or OFFTOPIC_SETS}
     cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
     index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
     cal_in, cal_off = calibration_questions(entries, seed=0)  # build_index's own (its default seed)

@@ -16,20 +16,16 @@ benchmarks/results/<date>-related-questions.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from common import ROOT, add_to_result, read_heldout
+from common import OFFTOPIC_SETS, add_to_result, heldout_parser, read_sets
 
-from faqtune import data as data_mod
 from faqtune.config import load_config
 from faqtune.evaluate import read_offtopic
 from faqtune.grounding import build_index, related_hits
 from faqtune.metrics import matches_own_answer
-
-DATA = ROOT / "benchmarks" / "data"
 
 
 def offered(hits, threshold: float, margin: float, n: int) -> tuple[bool, list]:
@@ -41,21 +37,16 @@ def offered(hits, threshold: float, margin: float, n: int) -> tuple[bool, list]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True)
-    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
-    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    p = heldout_parser(__doc__)
     p.add_argument("--offtopic", action="append", help="off-topic questions, one a line (default both of "
                                                        "benchmarks/data/offtopic_*.txt)")
     p.add_argument("--related", type=int, default=2)
     p.add_argument("--margins", default="0,0.03,0.05,0.08,0.1,0.15")
     args = p.parse_args()
 
-    entries = data_mod.load_faq(args.faq).entries
-    pool = list(dict.fromkeys(e.answer for e in entries))
-    held_in = {Path(path).stem: read_heldout(path, entries) for path in args.in_scope}
+    entries, pool, held_in = read_sets(args)
     held_off = {Path(path).stem: read_offtopic(path) for path in
-                args.offtopic or [DATA / "offtopic_heldout.txt", DATA / "offtopic_validation.txt"]}
+                args.offtopic or OFFTOPIC_SETS}
     index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {}))
     cut, k = index.threshold, args.related + 1
     found_in = {name: index.search_many(qs, k=k) for name, (qs, _) in held_in.items()}

@@ -14,12 +14,11 @@ is recomputed for each fraction (`--fractions`) through the product's own `calib
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from common import ROOT, add_to_result, read_heldout
+from common import DATA, add_to_result, heldout_parser, read_heldout
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -39,10 +38,7 @@ class Scored:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True)
-    p.add_argument("--faq", default=str(data_mod.bundled_faq_path()))
-    p.add_argument("--in-scope", action="append", required=True, help="held-out questions (jsonl: id, question)")
+    p = heldout_parser(__doc__)
     p.add_argument("--offtopic", action="append", help="held-out off-topic questions, one a line (repeatable; "
                                                        "default benchmarks/data/offtopic_heldout.txt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
@@ -52,7 +48,7 @@ def main() -> int:
     entries = data_mod.load_faq(args.faq).entries
     held_in = {Path(path).stem: read_heldout(path, entries)[0] for path in args.in_scope}
     held_off = {Path(path).stem: read_offtopic(path)
-                for path in args.offtopic or [ROOT / "benchmarks" / "data" / "offtopic_heldout.txt"]}
+                for path in args.offtopic or [DATA / "offtopic_heldout.txt"]}
     cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
     index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
     cal_in, cal_off = calibration_questions(entries, seed=0)  # build_index's own (its default seed)
