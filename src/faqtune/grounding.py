@@ -331,7 +331,7 @@ class GroundedAnswerer(Answerer):
         """The entries for each conversation's last user turn (see `choose_hits`): one batched search of every
         turn alone, and of every turn after an earlier one together with it; the top_k shown and, after
         them, enough for `grounding.related`."""
-        k = max(self.grounding.top_k, self.grounding.related + 1 if self.grounding.related else 0)
+        k = max(self.grounding.top_k, self.grounding.related + 1)  # top_k >= 1: related 0 asks for no more
         return retrieve_turns(self.index, conversations, k, self.threshold, self.grounding.hybrid)
 
     def prepare(self, conversations: list[list[dict[str, str]]]):

@@ -55,7 +55,7 @@ from faqtune.serve.http import (
     resolve_api_key,
     uvicorn_config,
 )
-from faqtune.serve.jobs import GenSettings, Job, QueueFull, Result, WorkerStopped
+from faqtune.serve.jobs import Choice, GenSettings, Job, QueueFull, Result, WorkerStopped
 from faqtune.serve.upstream import Upstream, UpstreamWorker, check_backend, load_upstream_models
 
 log = logging.getLogger("faqtune.serve")
@@ -164,15 +164,21 @@ def _usage(result: Result) -> dict[str, int]:
             "total_tokens": result.prompt_tokens + completion}
 
 
+def _grounding_fields(c: Choice) -> dict[str, Any]:
+    """A choice's faqtune fields: the FAQ entry it came from and the related ones offered, each when there is one."""
+    fields: dict[str, Any] = {}
+    if c.source is not None:
+        fields["faqtune_citation"] = c.source
+    if c.related:
+        fields["faqtune_related"] = list(c.related)
+    return fields
+
+
 def completion_body(rid: str, created: int, model: str, result: Result) -> dict[str, Any]:
     choices = []
     for c in result.choices:
         choice = {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                  "finish_reason": c.finish_reason}
-        if c.source is not None:
-            choice["faqtune_citation"] = c.source
-        if c.related:
-            choice["faqtune_related"] = list(c.related)
+                  "finish_reason": c.finish_reason, **_grounding_fields(c)}
         choices.append(choice)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": _usage(result)}
@@ -246,11 +252,7 @@ def from_result(stream: JobStream, result: Result) -> bytes:
     for c in result.choices:
         rest = c.text[len(c.streamed):] if c.text.startswith(c.streamed) else ""
         choice = {"index": c.index, "delta": {"content": rest} if rest else {}, "logprobs": None,
-                  "finish_reason": c.finish_reason}
-        if c.source is not None:
-            choice["faqtune_citation"] = c.source
-        if c.related:
-            choice["faqtune_related"] = list(c.related)
+                  "finish_reason": c.finish_reason, **_grounding_fields(c)}
         last = c is result.choices[-1]
         data += stream.chunk([choice], **({"usage": _usage(result)} if last else {}))
     if stream.include_usage:
