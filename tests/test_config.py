@@ -1,4 +1,4 @@
-"""Unit tests for faqtune.config (load, coerce, validate, save) and cli.parse_overrides."""
+"""Unit tests for faqtune.config (load, coerce, save), faqtune.validation and cli.parse_overrides."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import dataclasses
 import pytest
 
 from faqtune.cli import parse_overrides
-from faqtune.config import FaqtuneConfig, field_help, load_config, normalise, validate
+from faqtune.config import FaqtuneConfig, field_help, load_config
 from faqtune.errors import ConfigError
+from faqtune.run import RunDir
+from faqtune.validation import normalise, validate
 
 
 def _problems(**kwargs) -> list[str]:
@@ -237,6 +239,36 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
     assert len(problems) == 2 and all(p.startswith(str(path)) for p in problems)
     assert "did you mean `train.epochs`" in problems[0]
     assert "`lora` must be a mapping" in problems[1]
+
+
+def test_range_problems_name_where_the_value_was_set(tmp_path):
+    """A value out of range names its file (or `override`); one that only breaks a rule with another value names
+    the source of each; a default names none."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: -1\ntrain:\n  keep_best: true\n  eval_steps: 3\n", encoding="utf-8")
+    problems = _problems(path=path, overrides={"generation.top_p": "2", "train.save_steps": "10"})
+    by_key = {k: next(p for p in problems if f"`{k}`" in p) for k in ("lora.r", "generation.top_p", "train.keep_best")}
+    assert by_key["lora.r"].startswith(f"{path}: `lora.r` must be > 0")
+    assert by_key["generation.top_p"].startswith("override: `generation.top_p`")
+    assert by_key["train.keep_best"].startswith(f"{path}, override: `train.keep_best` needs")
+    cfg = FaqtuneConfig()
+    cfg.lora.r = 0
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.problems == ["`lora.r` must be > 0, got 0"]
+
+
+def test_override_takes_over_the_source_of_a_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 8\n", encoding="utf-8")
+    assert _one_problem(path=path, overrides={"lora.r": "0"}).startswith("override: `lora.r`")
+
+
+def test_a_runs_bad_setting_names_its_config_file(tmp_path):
+    (tmp_path / "config.yaml").write_text("grounding:\n  top_k: 99\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        RunDir(tmp_path).load_config()
+    assert e.value.problems == [f"{tmp_path / 'config.yaml'}: `grounding.top_k` must be in [1, 20], got 99"]
 
 
 @pytest.mark.parametrize("text,fragments", [

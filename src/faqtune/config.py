@@ -1,8 +1,7 @@
 """Typed configuration: one dataclass per concern, loaded from YAML with CLI overrides.
 
-Every field's help text lives in its ``metadata`` and nowhere else. ``load_config`` reads the values,
-``normalise`` spells them one way and ``validate`` checks them, each once: it collects every problem and
-raises them together in one :class:`ConfigError`, and changes nothing.
+Every field's help text lives in its ``metadata`` and nowhere else. ``load_config`` reads the values and
+notes where each was set; the rules they must meet are in :mod:`faqtune.validation`, applied once at load.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import dataclasses
 import difflib
 import math
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any
 import yaml
 
 from faqtune.errors import ConfigError
+from faqtune.validation import normalise, show, validate
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -110,9 +109,6 @@ def effective_epochs(cfg: Any) -> float:
     return GROUNDED_EPOCHS / cfg.grounding.questions if cfg.grounding.mode == "retrieval" else 10.0
 
 
-MERGED_CHOICES = ("auto", "none", "fp32", "bf16")  # generation.merged
-
-
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = _f(128, "longest answer in tokens")
@@ -191,124 +187,6 @@ class FaqtuneConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-_CHOICES = {
-    "data.format": {"auto", "json", "jsonl", "csv"},
-    "quantization.mode": {"4bit", "8bit", "none"},
-    "quantization.quant_type": {"nf4", "fp4"},
-    "quantization.compute_dtype": {"auto", "bf16", "fp16", "fp32"},
-    "quantization.adapter_dtype": {"auto", "bf16", "fp32"},
-    "quantization.norm_dtype": {"auto", "bf16", "fp32"},
-    "lora.bias": {"none", "all", "lora_only"},
-    "train.gradient_checkpointing": {"auto", "true", "false"},
-    "grounding.mode": {"retrieval", "none"},
-    "generation.merged": set(MERGED_CHOICES),
-}
-
-
-def normalise(cfg: FaqtuneConfig) -> None:
-    """Spell every choice as `validate` expects it: `NF4` -> `nf4` (the one change made to loaded values).
-
-    A value that is no choice in any case is left as written, so that its error quotes what the user wrote."""
-    for key, choices in _CHOICES.items():
-        section, _, leaf = key.rpartition(".")
-        owner = _get(cfg, section)
-        value = getattr(owner, leaf)
-        if isinstance(value, str) and value.lower() in choices:
-            setattr(owner, leaf, value.lower())
-
-
-def validate(cfg: FaqtuneConfig) -> None:
-    """Raise one ConfigError listing every invalid value; checks only, never changes `cfg`.
-
-    Choices are compared as `normalise` spells them (`load_config` normalises, then validates)."""
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, rule: str, value: Any) -> None:
-        if not ok:
-            problems.append(f"`{key}` must be {rule}, got {_show(value)}")
-
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        need(value in choices, key, "one of " + ", ".join(sorted(choices)), value)
-    need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "in [0, 1)", cfg.data.eval_fraction)
-    need(cfg.data.max_seq_length >= 16, "data.max_seq_length", ">= 16", cfg.data.max_seq_length)
-    need(cfg.lora.r > 0, "lora.r", "> 0", cfg.lora.r)
-    need(cfg.lora.alpha > 0, "lora.alpha", "> 0", cfg.lora.alpha)
-    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "in [0, 1)", cfg.lora.dropout)
-    tm = cfg.lora.target_modules
-    need(
-        tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(m, str) for m in tm)),
-        "lora.target_modules", "'all-linear' or a non-empty list of module names", tm,
-    )
-    t = cfg.train
-    need(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
-    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
-    need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1", t.gradient_accumulation_steps)
-    need(t.epochs is None or t.epochs > 0 or t.max_steps > 0, "train.epochs", "> 0 when train.max_steps is not set",
-         t.epochs)
-    need(t.logging_steps >= 1, "train.logging_steps", ">= 1", t.logging_steps)
-    need(t.eval_steps >= 0, "train.eval_steps", ">= 0", t.eval_steps)
-    if t.keep_best and (t.eval_steps == 0 or t.save_steps % max(1, t.eval_steps) or cfg.data.eval_fraction == 0):
-        problems.append("`train.keep_best` needs `data.eval_fraction` > 0, `train.eval_steps` > 0 and "
-                        f"`train.save_steps` a multiple of it, got eval_steps={t.eval_steps}, "
-                        f"save_steps={t.save_steps}, eval_fraction={cfg.data.eval_fraction}")
-    shares = []
-    for spec in cfg.data.mix:
-        try:
-            shares.append(parse_mix(spec)[1])
-        except ValueError as e:
-            problems.append(str(e))
-    if sum(shares) >= 1:
-        problems.append(f"`data.mix` shares must add up to less than 1, got {cfg.data.mix}")
-    need(t.save_steps >= 1, "train.save_steps", ">= 1", t.save_steps)
-    need(t.save_total_limit >= 1, "train.save_total_limit", ">= 1", t.save_total_limit)
-    need(t.max_grad_norm >= 0, "train.max_grad_norm", ">= 0", t.max_grad_norm)
-    need(t.num_threads >= 0, "train.num_threads", ">= 0", t.num_threads)
-    g = cfg.generation
-    need(g.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1", g.max_new_tokens)
-    need(g.temperature >= 0, "generation.temperature", ">= 0", g.temperature)
-    need(0 < g.top_p <= 1, "generation.top_p", "in (0, 1]", g.top_p)
-    need(g.top_k >= 0, "generation.top_k", ">= 0", g.top_k)
-    need(g.repetition_penalty > 0, "generation.repetition_penalty", "> 0", g.repetition_penalty)
-    need(g.num_return_sequences >= 1, "generation.num_return_sequences", ">= 1", g.num_return_sequences)
-    need(g.prompt_lookup >= 0, "generation.prompt_lookup", ">= 0", g.prompt_lookup)
-    if g.num_return_sequences > 1 and g.temperature == 0:
-        problems.append("`generation.num_return_sequences` > 1 needs sampling: set `generation.temperature` > 0")
-    gr = cfg.grounding
-    need(1 <= gr.top_k <= 20, "grounding.top_k", "in [1, 20]", gr.top_k)
-    need(0 <= gr.related <= 10, "grounding.related", "in [0, 10]", gr.related)
-    need(0 <= gr.embedder_epochs <= 20, "grounding.embedder_epochs", "in [0, 20]", gr.embedder_epochs)
-    need(0 <= gr.embedder_mix <= 1, "grounding.embedder_mix", "in [0, 1]", gr.embedder_mix)
-    need(0 <= gr.question_weight <= 1, "grounding.question_weight", "in [0, 1]", gr.question_weight)
-    need(0 <= gr.absent_share < 1, "grounding.absent_share", "in [0, 1)", gr.absent_share)
-    need(0 <= gr.noisy_share <= 1, "grounding.noisy_share", "in [0, 1]", gr.noisy_share)
-    need(1 <= gr.questions <= 10, "grounding.questions", "in [1, 10]", gr.questions)
-    need(gr.retrieval_prior >= 0, "grounding.retrieval_prior", ">= 0", gr.retrieval_prior)
-    need(gr.threshold is None or -1 <= gr.threshold <= 1, "grounding.threshold", "in [-1, 1] (a cosine)",
-         gr.threshold)
-    need(bool(gr.decline_message.strip()), "grounding.decline_message", "non-empty", gr.decline_message)
-    if problems:
-        raise ConfigError(problems)
-
-
-def parse_mix(spec: str) -> tuple[str, float]:
-    """'FILE[:SHARE]' -> (FILE, SHARE); SHARE defaults to 0.1 and must be in (0, 1)."""
-    path, sep, share = spec.rpartition(":")
-    if not sep or not re.fullmatch(r"[0-9]*\.?[0-9]+", share):  # ASCII digits only ('²' is a digit too)
-        path, share = spec, "0.1"
-    value = float(share)
-    if not path or not 0 < value < 1:
-        raise ValueError(f"`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1, got {_show(spec)}")
-    return path, value
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def field_help() -> dict[str, tuple[Any, str]]:
     """Every dotted key with its default and help text, for `--help` and docs."""
     out: dict[str, tuple[Any, str]] = {}
@@ -343,15 +221,6 @@ def suggest(name: str, siblings: list[str] | None = None) -> str:
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
-_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 80, 80
-
-
-def _show(value: Any) -> str:
-    """A bounded repr for messages (YAML aliases can make a value enormous)."""
-    return _SHORT.repr(value)
-
-
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML/CLI value into the field's type; raise ValueError with a clear message."""
     hint = annotation
@@ -373,12 +242,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"`{key}`: unsupported value {_show(value)}")
+        raise ValueError(errors[0] if errors else f"`{key}`: unsupported value {show(value)}")
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-            raise ValueError(f"`{key}` must be a list of strings, got {_show(value)}")
+            raise ValueError(f"`{key}` must be a list of strings, got {show(value)}")
         return [str(v) for v in value]
     if hint is bool:
         if isinstance(value, bool):
@@ -387,10 +256,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in {"false", "no", "0", "off"}:
             return False
-        raise ValueError(f"`{key}` must be true or false, got {_show(value)}")
+        raise ValueError(f"`{key}` must be true or false, got {show(value)}")
     if hint is int:
         if isinstance(value, bool):
-            raise ValueError(f"`{key}` must be an integer, got {_show(value)}")
+            raise ValueError(f"`{key}` must be an integer, got {show(value)}")
         if isinstance(value, int):
             return value
         try:
@@ -398,19 +267,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return int(value)
             as_float = float(value)
         except (TypeError, ValueError, OverflowError):  # not a number, or too many digits
-            raise ValueError(f"`{key}` must be an integer, got {_show(value)}") from None
+            raise ValueError(f"`{key}` must be an integer, got {show(value)}") from None
         if not as_float.is_integer():
-            raise ValueError(f"`{key}` must be an integer, got {_show(value)}")
+            raise ValueError(f"`{key}` must be an integer, got {show(value)}")
         return int(as_float)
     if hint is float:
         if isinstance(value, bool):
-            raise ValueError(f"`{key}` must be a number, got {_show(value)}")
+            raise ValueError(f"`{key}` must be a number, got {show(value)}")
         try:
             number = float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"`{key}` must be a number, got {_show(value)}") from None
+            raise ValueError(f"`{key}` must be a number, got {show(value)}") from None
         if not math.isfinite(number):
-            raise ValueError(f"`{key}` must be a finite number, got {_show(value)}")
+            raise ValueError(f"`{key}` must be a finite number, got {show(value)}")
         return number
     if hint is str:
         if value is None:
@@ -418,12 +287,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, (dict, list)):
-            raise ValueError(f"`{key}` must be a string, got {_show(value)}")
+            raise ValueError(f"`{key}` must be a string, got {show(value)}")
         return str(value)
     raise ValueError(f"`{key}`: unsupported type {hint!r}")
 
 
-def _apply(cfg: Any, values: dict[str, Any], prefix: str, problems: list[str], source: str) -> None:
+def _apply(cfg: Any, values: dict[str, Any], prefix: str, problems: list[str], source: str,
+           sources: dict[str, str]) -> None:
+    """Set `values` on `cfg`, noting in `sources` where each dotted key was set."""
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg)]
     for key, value in values.items():
@@ -435,12 +306,13 @@ def _apply(cfg: Any, values: dict[str, Any], prefix: str, problems: list[str], s
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                problems.append(f"{source}: `{dotted}` must be a mapping, got {_show(value)}")
+                problems.append(f"{source}: `{dotted}` must be a mapping, got {show(value)}")
                 continue
-            _apply(current, value, dotted + ".", problems, source)
+            _apply(current, value, dotted + ".", problems, source, sources)
             continue
         try:
             setattr(cfg, key, _coerce(value, hints[key], dotted))
+            sources[dotted] = source
         except ValueError as e:
             problems.append(f"{source}: {e}")
 
@@ -460,9 +332,10 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FaqtuneConfig:
     """Defaults <- YAML file <- overrides (dotted keys), normalised once, then validated once; every problem
-    reported at once."""
+    reported at once, each naming where its value was set."""
     cfg = FaqtuneConfig()
     problems: list[str] = []
+    sources: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         try:
@@ -487,12 +360,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of settings, got {type(raw).__name__}"])
-        _apply(cfg, raw, "", problems, str(path))
+        _apply(cfg, raw, "", problems, str(path), sources)
     if overrides:
-        _apply(cfg, _nest(overrides), "", problems, "override")
+        _apply(cfg, _nest(overrides), "", problems, "override", sources)
     normalise(cfg)
     try:
-        validate(cfg)  # values that failed to parse kept their defaults, so this still checks the rest
+        validate(cfg, sources)  # values that failed to parse kept their defaults, so this still checks the rest
     except ConfigError as e:
         problems += e.problems
     if problems:

@@ -28,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 
 from faqtune import checkpoints
 from faqtune import data as data_mod
-from faqtune.config import FaqtuneConfig, effective_epochs, parse_mix
+from faqtune.config import FaqtuneConfig, effective_epochs
 from faqtune.data import general_instructions_path
 from faqtune.errors import FaqtuneError, TrainingStopped
 from faqtune.grounding import ground_splits
@@ -55,6 +55,7 @@ from faqtune.models import (
 )
 from faqtune.prompting import IGNORE_INDEX, encode_conversation, ensure_chat_template, with_system
 from faqtune.run import RunDir
+from faqtune.validation import parse_mix
 
 log = logging.getLogger(__name__)
 
