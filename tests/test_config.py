@@ -258,6 +258,18 @@ def test_range_problems_name_where_the_value_was_set(tmp_path):
     assert e.value.problems == ["`lora.r` must be > 0, got 0"]
 
 
+def test_scheduler_and_optimizer_names_are_checked_at_load(tmp_path):
+    """A misspelt name failed only after the model had loaded, inside transformers, naming no key."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr_scheduler: linearr\n  optimizer: adamw_torc\n", encoding="utf-8")
+    problems = _problems(path=path)
+    assert problems[0].startswith(f"{path}: `train.lr_scheduler` must be one of transformers' ")
+    assert "(closest: linear" in problems[0] and problems[0].endswith("got 'linearr'")
+    assert problems[1].startswith(f"{path}: `train.optimizer`") and "closest: adamw_torch" in problems[1]
+    cfg = load_config(overrides={"train.lr_scheduler": "linear", "train.optimizer": "adamw_torch"})
+    assert (cfg.train.lr_scheduler, cfg.train.optimizer) == ("linear", "adamw_torch")
+
+
 def test_override_takes_over_the_source_of_a_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  r: 8\n", encoding="utf-8")

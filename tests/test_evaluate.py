@@ -220,3 +220,18 @@ def test_conversation_files_name_the_line_and_field(tmp_path, line, field):
         read_conversations(path, faq)
     path.write_text('{"turns": ["q", "and then?"], "id": 1}\n')
     assert read_conversations(path, faq) == ([["q", "and then?"]], ["a1"])
+
+
+@pytest.mark.parametrize("line,fragment", [('{"turns": ' + "[" * 100_000, "nested too deeply"),
+                                           ('{"turns": ["a?", "b?"], "id": ' + "9" * 5000 + "}", "4300 digits"),
+                                           ('{"turns": ["a?", "b?"], "id": 1', "invalid JSON")])
+def test_conversation_lines_that_are_no_json_name_the_line(tmp_path, line, fragment):
+    from faqtune.data import FaqEntry
+    from faqtune.evaluate import read_conversations
+
+    path = tmp_path / "convs.jsonl"
+    path.write_text('{"turns": ["q", "and then?"], "id": 1}\n' + line + "\n")
+    faq = [FaqEntry((("user", f"q{i}"), ("assistant", f"a{i}")), f"record {i}") for i in range(3)]
+    with pytest.raises(DataError, match="convs.jsonl line 2") as e:
+        read_conversations(path, faq)
+    assert fragment in str(e.value)

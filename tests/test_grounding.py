@@ -286,6 +286,29 @@ def test_ask_cites_the_entry_on_stderr_and_declines_offtopic(grounded_run, capsy
     assert "source" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["index.json gone", "table data gone"])
+def test_a_grounded_run_whose_index_is_damaged_refuses_to_answer(grounded_run, tmp_path, capsys, damage):
+    """Without its index a grounded run would answer from the tuned model alone, unannounced; a table whose
+    files are gone failed inside LanceDB with a traceback."""
+    import shutil
+
+    from faqtune.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(grounded_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    if damage == "index.json gone":
+        (run / "index" / "index.json").unlink()
+        expected = f"{run / 'index'}: no FAQ index (index.json), but this run answers from one"
+    else:
+        for f in (run / "index").glob("*.lance/data/*"):
+            f.unlink()
+        expected = f"{run / 'index'}: damaged FAQ index ("
+    assert main(["ask", str(run), "How do I do thing number 3?", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "faqtune index" in err and "Traceback" not in err
+    assert main(["ask", str(run), "How do I do thing number 3?", "--no-grounding", "--max-new-tokens", "4"]) == 0
+
+
 def test_eval_of_a_grounded_run_reports_the_three_ways_side_by_side(grounded_run, capsys):
     from faqtune.cli import main
 

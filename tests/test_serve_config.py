@@ -59,6 +59,20 @@ def test_adapters_vllm_cannot_serve_are_refused_together(runs, capsys, tmp_path)
     assert main(["serve-config", str(bad), "--engine", "llamacpp", "--gguf-dir", str(tmp_path)]) == 0  # merged
 
 
+@pytest.mark.parametrize("text,fragment", [
+    ('{"r": ', "Expecting value"), ("[1]", "not a JSON object"), ('{"r": "big"}', "invalid literal"),
+])
+def test_a_damaged_adapter_config_is_one_line_naming_it(runs, capsys, tmp_path, text, fragment):  # noqa: F811
+    alpha, _ = runs
+    bad = tmp_path / "bad"
+    shutil.copytree(alpha, bad, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    (bad / "adapter" / "adapter_config.json").write_text(text)
+    assert main(["serve-config", str(bad), "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad / 'adapter' / 'adapter_config.json'}: damaged or unreadable adapter config" in err
+    assert fragment in err and "Traceback" not in err
+
+
 def test_runs_on_different_bases_are_refused(runs, capsys, tmp_path, tiny_base_no_template):  # noqa: F811
     alpha, _ = runs
     other = tmp_path / "other"

@@ -325,10 +325,7 @@ def read_conversations(path: str | Path, faq_entries: list[data_mod.FaqEntry]) -
         if not line.strip():
             continue
         record = f"line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), f"not JSON ({e.msg})", record) from e
+        obj = data_mod.parse_json(line, str(path), record)
         if not isinstance(obj, dict):
             raise DataError(str(path), f"must be an object, got {type(obj).__name__}", record)
         t = obj.get("turns")

@@ -20,7 +20,7 @@ from faqtune.embedder_tuning import tune_embedder
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
 from faqtune.reader import NONE, check_choice, choice_target, pick, score_choices
-from faqtune.retrieval import FaqIndex, Hit, building_dir, calibrate_threshold, swap_into_place
+from faqtune.retrieval import FaqIndex, Hit, IndexError_, building_dir, calibrate_threshold, swap_into_place
 from faqtune.run import RunDir
 
 RELATED_MARGIN = 0.05  # related entries score within this of the top one (benchmarks/README.md, "Related questions")
@@ -404,8 +404,16 @@ def open_run_index(run_root: str | Path) -> FaqIndex | None:
 
 
 def make_answerer(run_root: str | Path, model, tokenizer, cfg: FaqtuneConfig, grounded: bool = True) -> Answerer:
-    """The run's answerer: grounded when the run was trained with retrieval (and `grounded`), else plain."""
+    """The run's answerer: grounded when the run was trained with retrieval (and `grounded`), else plain.
+
+    A faqtune run (or pushed adapter) trained with retrieval whose index is gone is an error, never a bot that
+    quietly answers without its FAQ; a plain PEFT adapter folder (no faqtune settings) answers plainly."""
     index = open_run_index(run_root) if grounded and cfg.grounding.mode == "retrieval" else None
+    run = RunDir(run_root)
+    if index is None and grounded and cfg.grounding.mode == "retrieval" and (
+            run.config_path.exists() or (run.root / "faqtune.yaml").exists()):
+        raise IndexError_(f"{run.index_dir}: no FAQ index (index.json), but this run answers from one; rebuild "
+                          f"it with `faqtune index FAQ --out {run.index_dir}`, or pass --no-grounding")
     if index is None:
         return Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
     return GroundedAnswerer(model, tokenizer, cfg.generation, cfg.data.system_prompt, index, cfg)

@@ -8,10 +8,12 @@ compared to.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -116,7 +118,18 @@ class FaqIndex:
         return float(self.meta["threshold"])
 
     def __len__(self) -> int:
-        return self.table.count_rows()
+        with self._read():
+            return self.table.count_rows()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[None]:
+        """A read of the table whose files are gone or damaged (LanceDB opens it lazily) as one line naming it."""
+        try:
+            yield
+        except (OSError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise IndexError_(one_line(f"{self.root}: damaged FAQ index ({first}); rebuild it with "
+                                       "`faqtune index FAQ --out DIR`")) from e
 
     @classmethod
     def build(cls, entries: list[FaqEntry], root: str | Path, embedder: str = DEFAULT_EMBEDDER,
@@ -162,8 +175,9 @@ class FaqIndex:
     def answers(self, ids: list[int]) -> dict[int, str]:
         """Entry id -> answer, for the given ids."""
         wanted = ",".join(str(int(i)) for i in set(ids)) or "-1"
-        rows = self.table.search().where(f"id IN ({wanted})").select(["id", "answer"]).limit(len(ids) + 1)
-        return {int(r["id"]): r["answer"] for r in rows.to_list()}
+        with self._read():
+            rows = self.table.search().where(f"id IN ({wanted})").select(["id", "answer"]).limit(len(ids) + 1).to_list()
+        return {int(r["id"]): r["answer"] for r in rows}
 
     def set_threshold(self, threshold: float) -> None:
         self.meta["threshold"] = float(threshold)
@@ -182,7 +196,9 @@ class FaqIndex:
         for query, vec in zip(queries, vecs, strict=True):
             rows: dict[int, dict] = {}
             for column in ("vector", "answer_vector"):
-                for r in self.table.search(vec, vector_column_name=column).metric("cosine").limit(depth).to_list():
+                with self._read():
+                    found = self.table.search(vec, vector_column_name=column).metric("cosine").limit(depth).to_list()
+                for r in found:
                     rows.setdefault(int(r["id"]), r)
             score = {i: self._score(vec, r) for i, r in rows.items()}
             ranked = sorted(score, key=lambda i: -score[i])

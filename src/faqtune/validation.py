@@ -7,6 +7,7 @@ value was set (the YAML file or `override`), and raises them together in one :cl
 
 from __future__ import annotations
 
+import difflib
 import re
 import reprlib
 from typing import Any
@@ -91,6 +92,11 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1", t.gradient_accumulation_steps)
     need(t.epochs is None or t.epochs > 0 or t.max_steps > 0, "train.epochs", "> 0 when train.max_steps is not set",
          t.epochs)
+    for key, names in _transformers_names(t).items():
+        value = lookup(cfg, key)
+        close = difflib.get_close_matches(str(value), names, n=3, cutoff=0.5)
+        need(value in names, key, f"one of transformers' {len(names)} names" + (
+            f" (closest: {', '.join(close)})" if close else f" ({', '.join(sorted(names)[:6])}, ...)"), value)
     need(t.logging_steps >= 1, "train.logging_steps", ">= 1", t.logging_steps)
     need(t.eval_steps >= 0, "train.eval_steps", ">= 0", t.eval_steps)
     if t.keep_best and (t.eval_steps == 0 or t.save_steps % max(1, t.eval_steps) or cfg.data.eval_fraction == 0):
@@ -136,6 +142,21 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
     need(bool(gr.decline_message.strip()), "grounding.decline_message", "non-empty", gr.decline_message)
     if problems:
         raise ConfigError(problems)
+
+
+def _transformers_names(train: Any) -> dict[str, set[str]]:
+    """The names transformers accepts for `lr_scheduler` and `optimizer`, for each not at its default (importing
+    transformers takes seconds; a default needs no check)."""
+    defaults, out = type(train)(), {}
+    if train.lr_scheduler != defaults.lr_scheduler:
+        from transformers.trainer_utils import SchedulerType
+
+        out["train.lr_scheduler"] = {s.value for s in SchedulerType}
+    if train.optimizer != defaults.optimizer:
+        from transformers.training_args import OptimizerNames
+
+        out["train.optimizer"] = {o.value for o in OptimizerNames}
+    return out
 
 
 def parse_mix(spec: str) -> tuple[str, float]:

@@ -21,6 +21,7 @@ from transformers import AutoConfig
 
 from faqtune.errors import ModelError
 from faqtune.models import embedded_gguf
+from faqtune.run import named_damage
 from faqtune.serve.jobs import base_display_name, check_runs
 from faqtune.ship.gguf import check_llama
 
@@ -47,8 +48,12 @@ class Recipe:
 
 
 def _adapter_rank(name: str, adapter_dir: Path, engine: str, problems: list[str]) -> int:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    ranks = [int(config.get("r") or 0), *map(int, (config.get("rank_pattern") or {}).values())]
+    path = adapter_dir / "adapter_config.json"
+    with named_damage(path, "adapter config"):  # truncated JSON, not an object, a rank that is no number
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"not a JSON object: {type(config).__name__}")
+        ranks = [int(config.get("r") or 0), *map(int, dict(config.get("rank_pattern") or {}).values())]
     if min(ranks) < 1:
         problems.append(f"{name}: adapter_config.json has no LoRA rank r (is it a LoRA adapter?)")
     if engine == "vllm":
