@@ -204,6 +204,11 @@ def test_export_gguf_round_trip(tiny_run, tmp_path, capsys):
     modelfile = (tmp_path / "Modelfile").read_text()
     assert "FROM ./bot.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert 'eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
+    before = out.stat().st_mtime_ns
+    assert main(["export-gguf", str(tiny_run), str(out), "--no-verify"]) == 2  # both are there: kept
+    assert "pass --force to replace them" in capsys.readouterr().err and out.stat().st_mtime_ns == before
+    assert main(["export-gguf", str(tiny_run), str(out), "--no-verify", "--force"]) == 0
+    assert out.stat().st_mtime_ns != before and [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
 @pytest.mark.parametrize("outtype, tolerance", [("f32", 1e-5), ("q8_0", 5e-2)])

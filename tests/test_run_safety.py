@@ -230,6 +230,17 @@ def test_export_gguf_output_that_is_a_directory(tmp_path, capsys):
     assert "is a directory, expected a file path" in _one_line_error(capsys)
 
 
+def test_export_gguf_keeps_a_users_modelfile(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    (tmp_path / "out").mkdir()
+    modelfile = tmp_path / "out" / "Modelfile"
+    modelfile.write_text("FROM ./mine.gguf\nPARAMETER temperature 0.2\n")
+    assert main(["export-gguf", str(run), str(tmp_path / "out" / "bot.gguf")]) == 2
+    assert f"{modelfile}: already there; pass --force to replace it" in _one_line_error(capsys)
+    assert modelfile.read_text() == "FROM ./mine.gguf\nPARAMETER temperature 0.2\n"
+    assert not (tmp_path / "out" / "bot.gguf").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_output_directory(tmp_path):
     from faqtune.run import check_output

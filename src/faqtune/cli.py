@@ -333,7 +333,7 @@ def cmd_export_gguf(args: argparse.Namespace, extra: list[str]) -> int:
 
     check_output(args.out, "file", "OUT.gguf")
     print(format_export(export_run(args.run_dir, args.out, args.outtype, verify=not args.no_verify,
-                                   trust_remote_code=args.trust_remote_code)))
+                                   trust_remote_code=args.trust_remote_code, force=args.force)))
     return 0
 
 
@@ -431,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT.gguf", help="GGUF file to write; a Modelfile for Ollama goes next to it")
     p.add_argument("--outtype", metavar="{f16,q8_0,f32}", default="f16", help="weight type [default: f16]")
     p.add_argument("--no-verify", action="store_true", help="skip loading the GGUF back to compare logits")
+    p.add_argument("--force", action="store_true", help="replace OUT.gguf and its Modelfile when they exist")
 
     p = parsers["serve"]
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

@@ -11,6 +11,7 @@ embeddings are tied. The tokenizer is written as `gpt2` (byte-level BPE): tokens
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from faqtune.data import load_faq
-from faqtune.errors import ModelError
+from faqtune.errors import FaqtuneError, ModelError
 from faqtune.loading import merge_adapter, open_run
 from faqtune.prompting import encode_conversation, encode_prompt, render, with_system
 from faqtune.run import RunDir
@@ -330,21 +331,34 @@ def verify_gguf(path: str | Path, model, tokenizer, prompts: list[list[dict[str,
 # ---- the command ------------------------------------------------------------------------------------
 
 def export_run(run_dir: str | Path, out_path: str | Path, outtype: str = "f16", verify: bool = True,
-               trust_remote_code: bool = False) -> dict[str, Any]:
+               trust_remote_code: bool = False, force: bool = False) -> dict[str, Any]:
     """Merge the run (into the dequantized NF4 weights, the faithful merge), write OUT.gguf and a Modelfile
-    next to it, and (verify) load the GGUF back with transformers to compare logits and template ids."""
+    next to it, and (verify) load the GGUF back with transformers to compare logits and template ids.
+
+    An existing OUT.gguf or Modelfile is replaced only with `force` (a hand-edited Modelfile is the user's
+    work); the GGUF is written beside OUT.gguf and renamed into place, so a write cut short leaves it as it was."""
     check_outtype(outtype)  # before minutes of merging
-    opened = open_run(run_dir, trust_remote_code=trust_remote_code)
-    run, cfg = RunDir(opened.root), opened.cfg
     out = Path(out_path)
     if out.suffix != ".gguf":
         raise ModelError(f"{out}: the output file must end in .gguf")
+    modelfile = out.parent / "Modelfile"
+    existing = [str(p) for p in (out, modelfile) if p.exists()]
+    if existing and not force:
+        raise FaqtuneError(f"{' and '.join(existing)}: already there; pass --force to replace "
+                           f"{'them' if len(existing) > 1 else 'it'} (export-gguf writes {out.name} and a "
+                           "Modelfile next to it)")
+    opened = open_run(run_dir, trust_remote_code=trust_remote_code)
+    run, cfg = RunDir(opened.root), opened.cfg
     tokenizer = opened.tokenizer()
     weights = "dequantized" if cfg.quantization.mode != "none" else "original"
     model = merge_adapter(run.root, weights, "fp32", cfg)
     check_llama(model.config)
-    write_gguf(model, tokenizer, out, outtype, name=run.root.name)
-    modelfile = out.parent / "Modelfile"
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        write_gguf(model, tokenizer, partial, outtype, name=run.root.name)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     modelfile.write_text(ollama_modelfile(tokenizer, out.name, cfg.data.system_prompt, cfg.generation),
                          encoding="utf-8")
     result: dict[str, Any] = {"gguf": str(out), "modelfile": str(modelfile), "outtype": outtype,
