@@ -111,6 +111,30 @@ def test_questions_paired_by_id_and_by_order(tmp_path):
     assert es.references == ["Own answer here."] and "Own answer here." in es.pool
 
 
+def test_pairing_with_a_runs_faq_that_is_gone_is_refused(tmp_path):
+    """The saved splits are shuffled: pairing by id or order with them gave wrong references, silently."""
+    from faqtune.evaluate import load_conversations
+
+    run, cfg = _run(tmp_path, ROWS[::-1], ROWS[1:2])  # the splits in another order than the FAQ
+    (tmp_path / "faq.json").unlink()
+    for name, text in (("ids.jsonl", '{"id": 0, "question": "x?"}\n'), ("order.txt", "x?\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"{tmp_path / name} line 1: pairs questions with the run's FAQ by "
+                                            f"{'id' if name == 'ids.jsonl' else 'order'}, but "
+                                            f"{tmp_path / 'faq.json'} is gone"):
+            build_eval_set(run, cfg, tmp_path / name)
+    (tmp_path / "convs.jsonl").write_text('{"turns": ["a?", "b?"], "id": 0}\n')
+    with pytest.raises(DataError, match="by id, but .* is gone"):
+        load_conversations(run, cfg, tmp_path / "convs.jsonl")
+    with_answers = tmp_path / "qa.csv"
+    with_answers.write_text("Question,Answer\nWhat?,Own answer here.\n")
+    assert build_eval_set(run, cfg, with_answers).references == ["Own answer here."]
+    assert build_eval_set(run, cfg).references == [POOL[1]] and set(POOL) <= set(build_eval_set(run, cfg).pool)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"questions": ROWS}))
+    assert build_eval_set(run, cfg, tmp_path / "ids.jsonl", faq=other).references == [POOL[0]]
+
+
 @pytest.mark.parametrize("content,needle", [
     ('{"id": 7, "question": "x"}\n', "field 'id'"),
     ('{"id": "zero", "question": "x"}\n', "field 'id'"),

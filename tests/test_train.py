@@ -8,13 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from transformers import TrainerCallback
 
 from faqtune import models
 from faqtune.config import load_config
 from faqtune.errors import ConfigError
 from faqtune.prompting import encode_conversation
-from faqtune.train import FaqTrainer, mix_entries, resolve_optimizer
+from faqtune.run import RunDir
+from faqtune.train import FaqTrainer, _prepare_run_dir, mix_entries, resolve_optimizer
 
 pytestmark = pytest.mark.pipeline  # the training stage: torch, transformers' Trainer, TRL on every test
 
@@ -306,3 +308,12 @@ def test_auto_checkpointing_turns_on_when_activations_would_dominate_memory():
     assert memory.use_checkpointing("true", 1, free) is True
     measured = memory.available_memory()
     assert measured is None or measured > 0
+
+
+def test_the_faq_path_is_saved_absolute(tmp_path, monkeypatch):
+    """`eval` pairs question ids with the run's FAQ file and `--resume` reads it again, from any folder."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"data.path": "faq.json", "output_dir": "run"})
+    _prepare_run_dir(cfg, RunDir("run"), resume=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(tmp_path / "faq.json")

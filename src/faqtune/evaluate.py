@@ -56,15 +56,27 @@ class EvalSet:
     notes: list[str] = field(default_factory=list)
 
 
+def _run_faq(cfg) -> Path:
+    return Path(cfg.data.path) if cfg.data.path else data_mod.bundled_faq_path()
+
+
 def _faq_for_run(run: RunDir, cfg) -> list[data_mod.FaqEntry]:
-    """The run's FAQ in its original order (ids and order pairing refer to it), else its saved splits."""
-    path = Path(cfg.data.path) if cfg.data.path else data_mod.bundled_faq_path()
+    """The run's FAQ in its original order (ids and order pairing refer to it), else its saved splits (the
+    same answers, for the pool, in another order: `_pairable` refuses pairing with them)."""
+    path = _run_faq(cfg)
     if path.exists():
         return data_mod.load_faq(path, cfg.data.format, cfg.data.question_field, cfg.data.answer_field).entries
     entries = data_mod.load_faq(run.train_split).entries if run.train_split.exists() else []
     if run.eval_split.exists() and run.eval_split.stat().st_size:
         entries += data_mod.load_faq(run.eval_split).entries
     return entries
+
+
+def _pairable(cfg, faq: str | Path | None, file: Path, record: str | None, how: str) -> None:
+    """Questions of `file` pair with the FAQ by `how` (id, order): the run's FAQ file must still be there."""
+    if not faq and not _run_faq(cfg).exists():
+        raise DataError(str(file), f"pairs questions with the run's FAQ by {how}, but {_run_faq(cfg)} is gone "
+                                   "(the run's saved splits are not in its order); pass --faq FILE", record)
 
 
 def _read_question_records(path: Path) -> list[tuple[str, dict]]:
@@ -107,11 +119,13 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
             refs.append(data_mod.text_field(obj[akey], str(path), record, akey))
         elif "id" in obj:
             idx = obj["id"]
+            _pairable(cfg, faq, path, record, "id")
             if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
                 raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}",
                                 record, "id")
             refs.append(faq_entries[idx].answer)
         else:
+            _pairable(cfg, faq, path, record, "order")
             if i >= len(faq_entries):
                 raise DataError(str(path), f"has more questions than the FAQ has entries ({len(faq_entries)}) "
                                            "to pair by order; add an 'id' or 'answer' field", record)
@@ -343,6 +357,7 @@ def read_conversations(path: str | Path, faq_entries: list[data_mod.FaqEntry]) -
 
 def load_conversations(run: RunDir, cfg, path: str | Path, faq: str | Path | None = None):
     """`read_conversations` against `faq` (default: the run's FAQ, as `build_eval_set` pairs questions)."""
+    _pairable(cfg, faq, Path(path), None, "id")
     return read_conversations(path, data_mod.load_faq(faq).entries if faq else _faq_for_run(run, cfg))
 
 

@@ -257,6 +257,8 @@ def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
     if not resume:  # a fresh start: logs of an earlier attempt that died before its first checkpoint would mix in
         run.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(run.tb_dir, ignore_errors=True)
+    if cfg.data.path:  # saved absolute: `eval` (ids pair with this file) and `--resume` may run from elsewhere
+        cfg.data.path = str(Path(cfg.data.path).resolve())
     cfg.save(run.config_path)
 
 
