@@ -270,6 +270,18 @@ def test_scheduler_and_optimizer_names_are_checked_at_load(tmp_path):
     assert (cfg.train.lr_scheduler, cfg.train.optimizer) == ("linear", "adamw_torch")
 
 
+@pytest.mark.parametrize("key", ["base_model", "output_dir", "grounding.embedder"])
+def test_a_blank_model_or_folder_is_refused(key):
+    """`--base "  "` was looked up on the Hub; an empty embedder name fell back to the default silently."""
+    assert _one_problem(overrides={key: "  "}) == f"override: `{key}` must be set (a name or a path), got '  '"
+
+
+@pytest.mark.parametrize("spec", ["general:-1", "general:1.5", "general:0", "general:nan"])
+def test_a_mix_share_out_of_range_is_named_as_such(spec):
+    """A negative share was read as part of a file name: 'general:-1: no such file'."""
+    assert "`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1" in _one_problem(overrides={"data.mix": spec})
+
+
 def test_override_takes_over_the_source_of_a_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  r: 8\n", encoding="utf-8")

@@ -240,6 +240,13 @@ def test_directory(tmp_path):
     assert str(tmp_path) in str(info.value)
 
 
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero here")
+def test_a_device_is_refused_before_reading():
+    """/dev/zero never ends: reading it filled memory."""
+    with pytest.raises(DataError, match="/dev/zero: is a device, expected a file"):
+        load_faq("/dev/zero")
+
+
 # --- split -------------------------------------------------------------------------------------
 
 

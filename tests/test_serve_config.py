@@ -73,6 +73,13 @@ def test_a_damaged_adapter_config_is_one_line_naming_it(runs, capsys, tmp_path, 
     assert fragment in err and "Traceback" not in err
 
 
+def test_a_gguf_dir_that_is_a_file_is_refused(runs, capsys, tmp_path):  # noqa: F811
+    alpha, _ = runs
+    (tmp_path / "gguf").write_text("not a folder")
+    assert main(["serve-config", str(alpha), "--engine", "llamacpp", "--gguf-dir", str(tmp_path / "gguf")]) == 2
+    assert f"--gguf-dir {tmp_path / 'gguf'}: is a file, expected a directory" in capsys.readouterr().err
+
+
 def test_runs_on_different_bases_are_refused(runs, capsys, tmp_path, tiny_base_no_template):  # noqa: F811
     alpha, _ = runs
     other = tmp_path / "other"

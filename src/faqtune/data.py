@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -84,6 +85,8 @@ def general_instructions_path() -> Path:
 
 def read_text(path: Path) -> str:
     try:
+        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):  # /dev/zero never ends
+            raise DataError(str(path), "is a device, expected a file")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(str(path), "no such file") from None

@@ -51,6 +51,8 @@ class RunDir:
             raise FaqtuneError(f"{self.root}: no such run directory")
         if not self.config_path.exists():
             raise FaqtuneError(f"{self.root}: not a faqtune run directory (no config.yaml)")
+        if self.config_path.is_file() and not self.config_path.stat().st_size:  # train writes every setting
+            raise FaqtuneError(f"{self.config_path}: empty (damaged?); a run's settings cannot be guessed")
         return load_saved_settings(self.config_path, overrides, trust_remote_code)
 
 

@@ -75,6 +75,8 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
     for key, choices in CHOICES.items():
         value = lookup(cfg, key)
         need(value in choices, key, "one of " + ", ".join(sorted(choices)), value)
+    for key in ("base_model", "output_dir", "grounding.embedder"):  # "" or blanks: not a model, not a folder
+        need(bool(lookup(cfg, key).strip()), key, "set (a name or a path)", lookup(cfg, key))
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "in [0, 1)", cfg.data.eval_fraction)
     need(cfg.data.max_seq_length >= 16, "data.max_seq_length", ">= 16", cfg.data.max_seq_length)
     need(cfg.lora.r > 0, "lora.r", "> 0", cfg.lora.r)
@@ -162,8 +164,8 @@ def _transformers_names(train: Any) -> dict[str, set[str]]:
 def parse_mix(spec: str) -> tuple[str, float]:
     """'FILE[:SHARE]' -> (FILE, SHARE); SHARE defaults to 0.1 and must be in (0, 1)."""
     path, sep, share = spec.rpartition(":")
-    if not sep or not re.fullmatch(r"[0-9]*\.?[0-9]+", share):  # ASCII digits only ('²' is a digit too)
-        path, share = spec, "0.1"
+    if not sep or not re.fullmatch(r"\s*[+-]?([0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?|inf|nan)\s*", share, re.I):
+        path, share = spec, "0.1"  # ASCII digits only ('²' is a digit too); 'C:\\x.jsonl' is a path
     value = float(share)
     if not path or not 0 < value < 1:
         raise ValueError(f"`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1, got {show(spec)}")

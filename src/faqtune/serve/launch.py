@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from faqtune.errors import ModelError
 from faqtune.models import embedded_gguf
-from faqtune.run import named_damage
+from faqtune.run import check_output, named_damage
 from faqtune.serve.jobs import base_display_name, check_runs
 from faqtune.ship.gguf import check_llama
 
@@ -173,6 +173,8 @@ def serve_config(specs: list[str], engine: str, host: str = "127.0.0.1", port: i
     """The launch recipe for `engine`, as shell lines (comments say what each step is)."""
     if not 1 <= port <= 65535:
         raise ModelError(f"`--port` must be between 1 and 65535, got {port}")
+    if engine == "llamacpp":
+        check_output(gguf_dir, "dir", "--gguf-dir")  # the recipe writes the GGUFs and llamacpp.json there
     recipe = build_recipe(specs, engine, trust_remote_code)
     if engine == "vllm":
         return vllm_recipe(recipe, host, port)
