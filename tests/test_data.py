@@ -165,6 +165,31 @@ def test_near_duplicates_are_kept(tmp_path):
     assert len(data) == 4 and data.duplicates_dropped == 0 and data.notes == []
 
 
+def test_a_question_asked_again_with_another_answer_is_noted(tmp_path):
+    """Both are kept (which is right is the user's call), but retrieval cannot tell them apart: say so."""
+    recs = [QA, QA2, {"question": "Q ", "answer": "b"}, {"question": "q2", "answer": "A2."}]
+    path = _write(tmp_path, "faq.jsonl", _jsonl(*recs))
+    data = load_faq(path)
+    assert len(data) == 4 and data.notes == [
+        f"{path}: 1 question(s) asked again with another answer, both kept (e.g. 'q', line 1 and line 3); merge "
+        "or remove one"]
+
+
+def test_alpaca_input_follows_the_instruction(tmp_path):
+    recs = [{"instruction": "Translate to French.", "input": "hello", "output": "bonjour"},
+            {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    data = load_faq(_write(tmp_path, "faq.jsonl", _jsonl(*recs)))
+    assert _pairs(data) == [("Translate to French.\n\nhello", "bonjour"), ("Say hi.", "hi")]
+
+
+def test_several_lists_of_records_are_refused(tmp_path):
+    """Reading one of them dropped the others unannounced."""
+    doc = {"questions": [QA], "faq": [QA2], "tags": ["shipping"]}
+    with pytest.raises(DataError, match=r"faq.json: holds several lists of records \('questions', 'faq'\)"):
+        load_faq(_write(tmp_path, "faq.json", json.dumps(doc)))
+    assert len(load_faq(_write(tmp_path, "one.json", json.dumps({"questions": [QA], "tags": ["x"]})))) == 1
+
+
 # --- errors: each names the file, the record and the field ------------------------------------
 
 LATIN1 = "Question,Answer\nq,a\nCaf\xe9 open?,Oui\n".encode("latin-1")

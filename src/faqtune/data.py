@@ -176,6 +176,9 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
                         answer_field or "answer")
     q = text_field(obj[qkey], file, record, qkey)
     a = text_field(obj[akey], file, record, akey)
+    context = pick_key(keys, None, ("input",)) if qkey.lower() == "instruction" and not question_field else None
+    if context is not None and obj[context] not in (None, ""):  # Alpaca: the input follows the instruction
+        q = f"{q}\n\n{text_field(obj[context], file, record, context)}"
     return FaqEntry((("user", q), ("assistant", a)), record)
 
 
@@ -200,6 +203,10 @@ def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
             if len(lists) != 1:
                 raise DataError(file, "expected a list of records, or an object like {\"questions\": [...]}")
             key = next(iter(lists))
+        others = [k for k, v in lists.items() if k != key and any(isinstance(r, dict) for r in v)]
+        if others:  # reading one of them would drop the rest unannounced
+            raise DataError(file, f"holds several lists of records ({', '.join(map(repr, [key, *others]))}); "
+                                  "put the FAQ's records in one list")
         doc = doc[key]
         prefix = f"{key}[%d]"
     elif isinstance(doc, list):
@@ -317,6 +324,11 @@ def detect_format(path: Path, text: str) -> str:
     return "csv"
 
 
+def _loose(text: str) -> str:
+    """`text` compared loosely: case, spacing and a final full stop ignored."""
+    return " ".join(text.lower().split()).rstrip(".!?")
+
+
 def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = None,
              answer_field: str | None = None) -> FaqData:
     """Read and validate an FAQ file; exact duplicate entries are dropped and counted."""
@@ -327,6 +339,8 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
         raise DataError(str(path), f"unknown format {fmt!r} (expected json, jsonl or csv)")
     entries: list[FaqEntry] = []
     seen: set[tuple] = set()
+    first_of: dict[str, FaqEntry] = {}  # a question's first record, to find one asked again with another answer
+    conflicts: list[tuple[FaqEntry, FaqEntry]] = []
     dropped = removed = 0
     for record, obj in READERS[fmt](text, str(path)):
         obj, n = strip_controls(obj)
@@ -337,6 +351,9 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
             continue
         seen.add(entry.messages)
         entries.append(entry)
+        first = first_of.setdefault(_loose(entry.question), entry)
+        if first is not entry and _loose(first.answer) != _loose(entry.answer):
+            conflicts.append((first, entry))
     if not entries:
         raise DataError(str(path), "holds no records")
     data = FaqData(entries, str(path), dropped)
@@ -344,6 +361,10 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
         data.notes.append(f"{path}: dropped {dropped} exact duplicate record(s)")
     if removed:
         data.notes.append(f"{path}: removed {removed} terminal escape sequence(s) and bidi control character(s)")
+    if conflicts:
+        first, again = conflicts[0]
+        data.notes.append(f"{path}: {len(conflicts)} question(s) asked again with another answer, both kept (e.g. "
+                          f"{first.question[:60]!r}, {first.record} and {again.record}); merge or remove one")
     return data
 
 
