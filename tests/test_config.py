@@ -282,6 +282,15 @@ def test_a_mix_share_out_of_range_is_named_as_such(spec):
     assert "`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1" in _one_problem(overrides={"data.mix": spec})
 
 
+def test_a_key_set_twice_in_the_yaml_is_refused(tmp_path):
+    """PyYAML keeps the last of two values silently: a user editing the first saw no effect."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 8\n  alpha: 16\n  r: 16\n", encoding="utf-8")
+    assert _one_problem(path=path) == f"{path} line 4: invalid YAML (`r` is set twice)"
+    path.write_text("lora: &l\n  r: 8\ntrain:\n  epochs: 2\n", encoding="utf-8")  # anchors still load
+    assert load_config(path).lora.r == 8
+
+
 def test_override_takes_over_the_source_of_a_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  r: 8\n", encoding="utf-8")

@@ -330,6 +330,21 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag != "tag:yaml.org,2002:str":  # merge keys (<<), numbers: left to PyYAML
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"`{key_node.value}` is set twice",
+                                                        key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FaqtuneConfig:
     """Defaults <- YAML file <- overrides (dotted keys), normalised once, then validated once; every problem
     reported at once, each naming where its value was set."""
@@ -339,7 +354,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             raise ConfigError([f"{path}: no such config file"]) from None
         except IsADirectoryError:
