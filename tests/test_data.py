@@ -171,15 +171,21 @@ def test_a_question_asked_again_with_another_answer_is_noted(tmp_path):
     path = _write(tmp_path, "faq.jsonl", _jsonl(*recs))
     data = load_faq(path)
     assert len(data) == 4 and data.notes == [
-        f"{path}: 1 question(s) asked again with another answer, both kept (e.g. 'q', line 1 and line 3); merge "
+        f"{path}: 1 question(s) asked again with another answer, all kept (e.g. 'q', line 1 and line 3); merge "
         "or remove one"]
+    again = load_faq(_write(tmp_path, "thrice.jsonl", _jsonl(QA, {"question": "q", "answer": "b"},
+                                                               {"question": "q", "answer": "c"})))
+    assert again.notes[0].split(": ", 1)[1].startswith("1 question(s) asked again")  # one question, asked 3 times
 
 
 def test_alpaca_input_follows_the_instruction(tmp_path):
     recs = [{"instruction": "Translate to French.", "input": "hello", "output": "bonjour"},
-            {"instruction": "Say hi.", "input": "", "output": "hi"}]
+            {"instruction": "Say hi.", "input": "", "output": "hi"},
+            {"instruction": "Say bye.", "input": " \u200b", "output": "bye"},  # blank: no input, as before
+            {"instruction": "Count.", "input": ["1", "2"], "output": "1, 2"}]  # not text: ignored, as before
     data = load_faq(_write(tmp_path, "faq.jsonl", _jsonl(*recs)))
-    assert _pairs(data) == [("Translate to French.\n\nhello", "bonjour"), ("Say hi.", "hi")]
+    assert _pairs(data) == [("Translate to French.\n\nhello", "bonjour"), ("Say hi.", "hi"), ("Say bye.", "bye"),
+                            ("Count.", "1, 2")]
 
 
 def test_several_lists_of_records_are_refused(tmp_path):
@@ -187,7 +193,8 @@ def test_several_lists_of_records_are_refused(tmp_path):
     doc = {"questions": [QA], "faq": [QA2], "tags": ["shipping"]}
     with pytest.raises(DataError, match=r"faq.json: holds several lists of records \('questions', 'faq'\)"):
         load_faq(_write(tmp_path, "faq.json", json.dumps(doc)))
-    assert len(load_faq(_write(tmp_path, "one.json", json.dumps({"questions": [QA], "tags": ["x"]})))) == 1
+    metadata = {"questions": [QA], "tags": ["x"], "categories": [{"id": 1, "name": "Billing"}]}
+    assert len(load_faq(_write(tmp_path, "one.json", json.dumps(metadata)))) == 1
 
 
 # --- errors: each names the file, the record and the field ------------------------------------

@@ -121,10 +121,10 @@ def test_pairing_with_a_runs_faq_that_is_gone_is_refused(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=f"{tmp_path / name} line 1: pairs questions with the run's FAQ by "
                                             f"{'id' if name == 'ids.jsonl' else 'order'}, but "
-                                            f"{tmp_path / 'faq.json'} is gone"):
+                                            f"{tmp_path / 'faq.json'} is not found"):
             build_eval_set(run, cfg, tmp_path / name)
     (tmp_path / "convs.jsonl").write_text('{"turns": ["a?", "b?"], "id": 0}\n')
-    with pytest.raises(DataError, match="by id, but .* is gone"):
+    with pytest.raises(DataError, match="by id, but .* is not found"):
         load_conversations(run, cfg, tmp_path / "convs.jsonl")
     with_answers = tmp_path / "qa.csv"
     with_answers.write_text("Question,Answer\nWhat?,Own answer here.\n")

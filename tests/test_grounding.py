@@ -309,6 +309,21 @@ def test_a_grounded_run_whose_index_is_damaged_refuses_to_answer(grounded_run, t
     assert main(["ask", str(run), "How do I do thing number 3?", "--no-grounding", "--max-new-tokens", "4"]) == 0
 
 
+
+def test_a_run_that_never_had_an_index_answers_plainly(grounded_run, tmp_path, capsys):
+    """A run from before grounding (its config.yaml has no grounding section, so it reads as `retrieval`) or an
+    upload without its index never had one: it answers as it always did."""
+    import shutil
+
+    from faqtune.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(grounded_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "index",
+                                                                    "train_grounded.jsonl"))
+    assert main(["ask", str(run), "How do I do thing number 3?", "--max-new-tokens", "4"]) == 0
+    assert "source" not in capsys.readouterr().err
+
+
 def test_eval_of_a_grounded_run_reports_the_three_ways_side_by_side(grounded_run, capsys):
     from faqtune.cli import main
 

@@ -293,14 +293,16 @@ def test_a_bad_adapter_config_is_named(tmp_path):
         safe_adapter_dir(folder)
 
 
-@pytest.mark.parametrize("command", [["ask", "RUN", "hi?"], ["eval", "RUN"], ["merge", "RUN", "OUT"]])
-def test_an_empty_run_config_is_refused(tmp_path, capsys, command):
+@pytest.mark.parametrize("command", [["ask", "RUN", "hi?"], ["eval", "RUN"], ["merge", "RUN", "OUT"],
+                                     ["train", "--output", "RUN", "--resume"]])
+@pytest.mark.parametrize("text", ["", "# nothing\n", "{}\n"])
+def test_an_empty_run_config_is_refused(tmp_path, capsys, command, text):
     """An emptied config.yaml read as all defaults: a run trained otherwise answered with the wrong settings."""
     run = _fake_run(tmp_path / "run")
-    (run / "config.yaml").write_text("")
+    (run / "config.yaml").write_text(text)
     argv = [str(run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in command]
     assert main(argv) == 2
-    assert f"{run / 'config.yaml'}: empty (damaged?)" in _one_line_error(capsys)
+    assert f"{run / 'config.yaml'}: no settings (damaged?)" in _one_line_error(capsys)
 
 
 def test_a_bad_tokenizer_is_one_line(tmp_path, tiny_base, capsys):

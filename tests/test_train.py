@@ -313,7 +313,8 @@ def test_auto_checkpointing_turns_on_when_activations_would_dominate_memory():
 def test_the_faq_path_is_saved_absolute(tmp_path, monkeypatch):
     """`eval` pairs question ids with the run's FAQ file and `--resume` reads it again, from any folder."""
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, {"data.path": "faq.json", "output_dir": "run"})
+    cfg = load_config(None, {"data.path": "faq.json", "output_dir": "run", "data.mix": "general:0.2,more.jsonl"})
     _prepare_run_dir(cfg, RunDir("run"), resume=False)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["path"] == str(tmp_path / "faq.json")
+    assert saved["data"]["mix"] == ["general:0.2", f"{tmp_path / 'more.jsonl'}:0.1"]

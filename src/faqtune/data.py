@@ -177,8 +177,9 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
     q = text_field(obj[qkey], file, record, qkey)
     a = text_field(obj[akey], file, record, akey)
     context = pick_key(keys, None, ("input",)) if qkey.lower() == "instruction" and not question_field else None
-    if context is not None and obj[context] not in (None, ""):  # Alpaca: the input follows the instruction
-        q = f"{q}\n\n{text_field(obj[context], file, record, context)}"
+    extra = obj[context] if context is not None else None
+    if isinstance(extra, str) and extra.translate(ZERO_WIDTH).strip():  # Alpaca: the input follows the instruction
+        q = f"{q}\n\n{text_field(extra, file, record, context)}"
     return FaqEntry((("user", q), ("assistant", a)), record)
 
 
@@ -203,8 +204,8 @@ def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
             if len(lists) != 1:
                 raise DataError(file, "expected a list of records, or an object like {\"questions\": [...]}")
             key = next(iter(lists))
-        others = [k for k, v in lists.items() if k != key and any(isinstance(r, dict) for r in v)]
-        if others:  # reading one of them would drop the rest unannounced
+        others = [k for k, v in lists.items() if k != key and any(_looks_like_record(r) for r in v)]
+        if others:  # reading one of them would drop the rest unannounced (metadata lists are no records)
             raise DataError(file, f"holds several lists of records ({', '.join(map(repr, [key, *others]))}); "
                                   "put the FAQ's records in one list")
         doc = doc[key]
@@ -215,6 +216,15 @@ def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
         raise DataError(file, f"expected a list of records, got {type(doc).__name__}")
     for i, obj in enumerate(doc):
         yield prefix % i, obj
+
+
+def _looks_like_record(obj: Any) -> bool:
+    """An FAQ record's shape: a question and an answer field, or messages."""
+    if not isinstance(obj, dict):
+        return False
+    keys = list(obj)
+    return pick_key(keys, "messages", ()) is not None or (
+        pick_key(keys, None, QUESTION_KEYS) is not None and pick_key(keys, None, ANSWER_KEYS) is not None)
 
 
 def _lines(text: str) -> Iterator[str]:
@@ -363,7 +373,8 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
         data.notes.append(f"{path}: removed {removed} terminal escape sequence(s) and bidi control character(s)")
     if conflicts:
         first, again = conflicts[0]
-        data.notes.append(f"{path}: {len(conflicts)} question(s) asked again with another answer, both kept (e.g. "
+        asked = len({_loose(e.question) for e, _ in conflicts})
+        data.notes.append(f"{path}: {asked} question(s) asked again with another answer, all kept (e.g. "
                           f"{first.question[:60]!r}, {first.record} and {again.record}); merge or remove one")
     return data
 

@@ -75,8 +75,9 @@ def _faq_for_run(run: RunDir, cfg) -> list[data_mod.FaqEntry]:
 def _pairable(cfg, faq: str | Path | None, file: Path, record: str | None, how: str) -> None:
     """Questions of `file` pair with the FAQ by `how` (id, order): the run's FAQ file must still be there."""
     if not faq and not _run_faq(cfg).exists():
-        raise DataError(str(file), f"pairs questions with the run's FAQ by {how}, but {_run_faq(cfg)} is gone "
-                                   "(the run's saved splits are not in its order); pass --faq FILE", record)
+        raise DataError(str(file), f"pairs questions with the run's FAQ by {how}, but {_run_faq(cfg)} is not "
+                                   "found (a relative path is read from the current folder; the run's saved splits "
+                                   "are not in its order); pass --faq FILE", record)
 
 
 def _read_question_records(path: Path) -> list[tuple[str, dict]]:
@@ -394,7 +395,7 @@ def retrieval_follow_ups(index, conversations: list[list[str]], references: list
 def check_merged(merged: str | None) -> None:
     """Refuse `eval --merged`: eval measures the base (forgetting, --compare-base) by turning the adapter
     off, which a model with the adapter merged in cannot do."""
-    if merged is not None and merged.lower() != "none":  # spelt as the settings are read (config.normalise)
+    if merged is not None and merged.lower() != "none":  # spelt as the settings are read (validation.normalise)
         raise FaqtuneError(f"eval takes no --merged {merged}: it measures the base (forgetting, --compare-base) by "
                            "turning the adapter off, which a merged model cannot do; --merged is for ask, chat "
                            "and demo")

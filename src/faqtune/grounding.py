@@ -406,14 +406,15 @@ def open_run_index(run_root: str | Path) -> FaqIndex | None:
 def make_answerer(run_root: str | Path, model, tokenizer, cfg: FaqtuneConfig, grounded: bool = True) -> Answerer:
     """The run's answerer: grounded when the run was trained with retrieval (and `grounded`), else plain.
 
-    A faqtune run (or pushed adapter) trained with retrieval whose index is gone is an error, never a bot that
-    quietly answers without its FAQ; a plain PEFT adapter folder (no faqtune settings) answers plainly."""
+    A run that had an index (its folder is there, or it trained on grounded examples) whose index.json is gone
+    is an error, never a bot that quietly answers without its FAQ. One that never had one (a plain PEFT
+    adapter, a run from before grounding, an upload without its index) answers plainly, as it always did."""
     index = open_run_index(run_root) if grounded and cfg.grounding.mode == "retrieval" else None
     run = RunDir(run_root)
     if index is None and grounded and cfg.grounding.mode == "retrieval" and (
-            run.config_path.exists() or (run.root / "faqtune.yaml").exists()):
+            run.index_dir.exists() or run.grounded_split.exists()):
         raise IndexError_(f"{run.index_dir}: no FAQ index (index.json), but this run answers from one; rebuild "
-                          f"it with `faqtune index FAQ --out {run.index_dir}`, or pass --no-grounding")
+                          "it with `faqtune index FAQ --out DIR` (ask, chat and eval also take --no-grounding)")
     if index is None:
         return Answerer(model, tokenizer, cfg.generation, cfg.data.system_prompt)
     return GroundedAnswerer(model, tokenizer, cfg.generation, cfg.data.system_prompt, index, cfg)

@@ -184,7 +184,7 @@ def merged_dtype(merged: str, base: str) -> str | None:
 
     `auto`: on CPU only (a GPU runs the 4-bit kernels fast and has little memory to spare), in bf16 where this
     CPU computes it fast (measured), else fp32, when that model takes at most a quarter of the free memory."""
-    if merged != "auto":  # one of MERGED_CHOICES: config.validate checked it at load
+    if merged != "auto":  # one of its choices: validation.validate checked it at load
         return None if merged == "none" else merged
     if torch.cuda.is_available():
         return None

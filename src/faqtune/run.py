@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from faqtune.config import FaqtuneConfig, load_config
 from faqtune.errors import FaqtuneError, ModelError, one_line
 
@@ -51,8 +53,6 @@ class RunDir:
             raise FaqtuneError(f"{self.root}: no such run directory")
         if not self.config_path.exists():
             raise FaqtuneError(f"{self.root}: not a faqtune run directory (no config.yaml)")
-        if self.config_path.is_file() and not self.config_path.stat().st_size:  # train writes every setting
-            raise FaqtuneError(f"{self.config_path}: empty (damaged?); a run's settings cannot be guessed")
         return load_saved_settings(self.config_path, overrides, trust_remote_code)
 
 
@@ -70,6 +70,8 @@ def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = No
     Python files): only the person at the command line can, with `--trust-remote-code`. A `true` in the file
     is ignored with a one-line warning."""
     cfg = load_config(path, overrides)
+    if path is not None and not yaml.safe_load(path.read_text(encoding="utf-8")):  # parsed above: no error here
+        raise FaqtuneError(f"{path}: no settings (damaged?); training writes every one, they cannot be guessed")
     if cfg.trust_remote_code and not trust_remote_code:
         print(f"warning: {path}: `trust_remote_code: true` ignored (a run's saved settings cannot enable remote "
               "code; pass --trust-remote-code to allow it for this command)", file=sys.stderr)

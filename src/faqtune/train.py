@@ -247,6 +247,12 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations:
     )
 
 
+def _absolute_mix(spec: str) -> str:
+    """A `data.mix` entry with its file's path made absolute (the `general` alias as it is)."""
+    path, share = parse_mix(spec)
+    return spec if path == "general" else f"{Path(path).resolve()}:{share}"
+
+
 def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         if run.has_adapter() or checkpoints.last_checkpoint(run.checkpoints_dir) is not None:
@@ -259,6 +265,7 @@ def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
         shutil.rmtree(run.tb_dir, ignore_errors=True)
     if cfg.data.path:  # saved absolute: `eval` (ids pair with this file) and `--resume` may run from elsewhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
+    cfg.data.mix = [_absolute_mix(spec) for spec in cfg.data.mix]
     cfg.save(run.config_path)
 
 

@@ -96,7 +96,7 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
          t.epochs)
     for key, names in _transformers_names(t).items():
         value = lookup(cfg, key)
-        close = difflib.get_close_matches(str(value), names, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(str(value).lower(), names, n=3, cutoff=0.5)
         need(value in names, key, f"one of transformers' {len(names)} names" + (
             f" (closest: {', '.join(close)})" if close else f" ({', '.join(sorted(names)[:6])}, ...)"), value)
     need(t.logging_steps >= 1, "train.logging_steps", ">= 1", t.logging_steps)

@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from faqtune.errors import ModelError
 from faqtune.models import embedded_gguf
-from faqtune.run import check_output, named_damage
+from faqtune.run import named_damage
 from faqtune.serve.jobs import base_display_name, check_runs
 from faqtune.ship.gguf import check_llama
 
@@ -148,8 +148,9 @@ def llamacpp_recipe(recipe: Recipe, gguf_dir: Path, host: str, port: int) -> str
     config_path = gguf_dir / "llamacpp.json"
     config = json.dumps(llamacpp_config(recipe, gguf_dir, host, port, base_gguf), indent=1)
     lines = ["# llama.cpp: one merged GGUF per run (merged into the dequantized 4-bit base it was trained on; "
-             "faqtune writes no LoRA-adapter GGUF)"]
-    lines += [f"faqtune export-gguf {_q(r.root)} {_q(gguf_dir / (r.name + '.gguf'))} --outtype f16"
+             "faqtune writes no LoRA-adapter GGUF); --force: rerunning the recipe replaces them, and the "
+             "Modelfile each export writes next to its GGUF"]
+    lines += [f"faqtune export-gguf {_q(r.root)} {_q(gguf_dir / (r.name + '.gguf'))} --outtype f16 --force"
               for r in recipe.runs]
     lines += ["# llama-cpp-python's server picks each run by `model` (its model_alias), loading one at a time "
               "(pip install 'llama-cpp-python[server]')",
@@ -173,8 +174,8 @@ def serve_config(specs: list[str], engine: str, host: str = "127.0.0.1", port: i
     """The launch recipe for `engine`, as shell lines (comments say what each step is)."""
     if not 1 <= port <= 65535:
         raise ModelError(f"`--port` must be between 1 and 65535, got {port}")
-    if engine == "llamacpp":
-        check_output(gguf_dir, "dir", "--gguf-dir")  # the recipe writes the GGUFs and llamacpp.json there
+    if engine == "llamacpp" and Path(gguf_dir).exists() and not Path(gguf_dir).is_dir():  # (one to create is fine)
+        raise ModelError(f"--gguf-dir {gguf_dir}: is a file, expected a directory")
     recipe = build_recipe(specs, engine, trust_remote_code)
     if engine == "vllm":
         return vllm_recipe(recipe, host, port)
