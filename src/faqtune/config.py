@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from faqtune.errors import ConfigError
-from faqtune.validation import normalise, show, validate
+from faqtune.validation import normalise, parse_mix, show, validate
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -182,6 +182,13 @@ class FaqtuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def make_paths_absolute(self) -> None:
+        """The FAQ's and the mixed-in files' paths made absolute (the `general` alias as it is)."""
+        if self.data.path:
+            self.data.path = str(Path(self.data.path).resolve())
+        mix = [parse_mix(spec) for spec in self.data.mix]
+        self.data.mix = [f"{p if p == 'general' else Path(p).resolve()}:{share}" for p, share in mix]
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")

@@ -247,12 +247,6 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations:
     )
 
 
-def _absolute_mix(spec: str) -> str:
-    """A `data.mix` entry with its file's path made absolute (the `general` alias as it is)."""
-    path, share = parse_mix(spec)
-    return spec if path == "general" else f"{Path(path).resolve()}:{share}"
-
-
 def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         if run.has_adapter() or checkpoints.last_checkpoint(run.checkpoints_dir) is not None:
@@ -263,9 +257,7 @@ def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
     if not resume:  # a fresh start: logs of an earlier attempt that died before its first checkpoint would mix in
         run.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(run.tb_dir, ignore_errors=True)
-    if cfg.data.path:  # saved absolute: `eval` (ids pair with this file) and `--resume` may run from elsewhere
-        cfg.data.path = str(Path(cfg.data.path).resolve())
-    cfg.data.mix = [_absolute_mix(spec) for spec in cfg.data.mix]
+    cfg.make_paths_absolute()  # `eval` (ids pair with the FAQ file) and `--resume` may run from elsewhere
     cfg.save(run.config_path)
 
 
