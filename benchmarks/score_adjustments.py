@@ -59,27 +59,28 @@ def main() -> int:
         qs, ans = f(questions), f(answers)
         return lambda v: w * f(v) @ qs.T + (1 - w) * f(v) @ ans.T
 
-    variants = {"index": lambda v, q, s: s, "center": None, "abtt1": None, "abtt3": None}
-    post = {name: projected(int(name[4:]) if name.startswith("abtt") else 0) for name in ("center", "abtt1", "abtt3")}
+    # each: (query vectors, the index's scores, the scores of the queries' keyword forms) -> adjusted scores
+    variants = {"index": lambda v, s, sk: s}
+    for name, d in (("center", 0), ("abtt1", 1), ("abtt3", 3)):
+        score = projected(d)
+        variants[name] = lambda v, s, sk, score=score: score(v)
     for k, g in ((3, 0.25), (3, 0.5), (10, 0.25), (10, 0.5)):
         hub = np.sort(own, 0)[-k:].mean(0)
-        variants[f"csls{k}_{g}"] = lambda v, q, s, hub=hub, g=g: s - g * hub
+        variants[f"csls{k}_{g}"] = lambda v, s, sk, hub=hub, g=g: s - g * hub
     for a in (0.15, 0.3, 0.5):
-        variants[f"kw{a}"] = lambda v, q, s, a=a: (1 - a) * s + a * np.asarray(
-            dense(np.asarray(embed(index.embedder, [keywords(x) for x in q]))))
+        variants[f"kw{a}"] = lambda v, s, sk, a=a: (1 - a) * s + a * sk
     for m, b in ((1, 0.3), (3, 0.3), (3, 0.6)):
-        variants[f"prf{m}_{b}"] = lambda v, q, s, m=m, b=b: np.asarray(
+        variants[f"prf{m}_{b}"] = lambda v, s, sk, m=m, b=b: np.asarray(
             dense(unit(v + b * entry_vecs[(-s).argsort(1)[:, :m]].mean(1))))
     out = {"faq": args.faq, "entries": len(entries), "question_weight": w, "threshold": round(index.threshold, 4),
            "top1": {}}
     for name, (qs, refs) in held_in.items():
         vecs = np.asarray(embed(index.embedder, qs))
         scores = np.asarray(dense(vecs))
+        keyword_scores = np.asarray(dense(np.asarray(embed(index.embedder, [keywords(q) for q in qs]))))
         kept = scores.max(1) >= index.threshold
-        row = {}
-        for variant, adjust in variants.items():
-            adjusted = post[variant](vecs) if adjust is None else adjust(vecs, qs, scores)
-            row[variant] = ranked_figures(adjusted, entries, refs, kept, pool)["top1"]
+        row = {variant: ranked_figures(adjust(vecs, scores, keyword_scores), entries, refs, kept, pool)["top1"]
+               for variant, adjust in variants.items()}
         out["top1"][name] = {"questions": len(qs), **row}
         print(f"{args.name} {name}: " + json.dumps(out["top1"][name]), flush=True)
     add_to_result("-score-adjustments", args.name, out)

@@ -302,7 +302,7 @@ def test_a_grounded_run_whose_index_is_damaged_refuses_to_answer(grounded_run, t
     else:
         for f in (run / "index").glob("*.lance/data/*"):
             f.unlink()
-        expected = f"{run / 'index'}: damaged FAQ index ("
+        expected = f"{run / 'index'}: damaged or unreadable FAQ index ("
     assert main(["ask", str(run), "How do I do thing number 3?", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert expected in err and "faqtune index" in err and "Traceback" not in err

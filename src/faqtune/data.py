@@ -85,7 +85,8 @@ def general_instructions_path() -> Path:
 
 def read_text(path: Path) -> str:
     try:
-        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):  # /dev/zero never ends
+        mode = path.stat().st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # /dev/zero never ends
             raise DataError(str(path), "is a device, expected a file")
         raw = path.read_bytes()
     except FileNotFoundError:

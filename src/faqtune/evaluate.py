@@ -72,12 +72,18 @@ def _faq_for_run(run: RunDir, cfg) -> list[data_mod.FaqEntry]:
     return entries
 
 
-def _pairable(cfg, faq: str | Path | None, file: Path, record: str | None, how: str) -> None:
-    """Questions of `file` pair with the FAQ by `how` (id, order): the run's FAQ file must still be there."""
-    if not faq and not _run_faq(cfg).exists():
-        raise DataError(str(file), f"pairs questions with the run's FAQ by {how}, but {_run_faq(cfg)} is not "
-                                   "found (a relative path is read from the current folder; the run's saved splits "
-                                   "are not in its order); pass --faq FILE", record)
+def _gone_faq(cfg, faq: str | Path | None) -> Path | None:
+    """The run's FAQ file when questions would pair with it (no `faq` given) but it is not there."""
+    path = _run_faq(cfg)
+    return None if faq or path.exists() else path
+
+
+def _pairable(gone: Path | None, file: Path, record: str | None, how: str) -> None:
+    """Questions of `file` pair with the FAQ by `how` (id, order): refused when the run's FAQ file is `gone`."""
+    if gone is not None:
+        raise DataError(str(file), f"pairs questions with the run's FAQ by {how}, but {gone} is not found (a "
+                                   "relative path is read from the current folder; the run's saved splits are not "
+                                   "in its order); pass --faq FILE", record)
 
 
 def _read_question_records(path: Path) -> list[tuple[str, dict]]:
@@ -107,6 +113,7 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
     records = _read_question_records(path)
     if not records:
         raise DataError(str(path), "holds no questions")
+    gone = _gone_faq(cfg, faq)  # checked once, refused at the first question that pairs by id or order
     qs, refs = [], []
     for i, (record, obj) in enumerate(records):
         if not isinstance(obj, dict):
@@ -120,13 +127,13 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
             refs.append(data_mod.text_field(obj[akey], str(path), record, akey))
         elif "id" in obj:
             idx = obj["id"]
-            _pairable(cfg, faq, path, record, "id")
+            _pairable(gone, path, record, "id")
             if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
                 raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}",
                                 record, "id")
             refs.append(faq_entries[idx].answer)
         else:
-            _pairable(cfg, faq, path, record, "order")
+            _pairable(gone, path, record, "order")
             if i >= len(faq_entries):
                 raise DataError(str(path), f"has more questions than the FAQ has entries ({len(faq_entries)}) "
                                            "to pair by order; add an 'id' or 'answer' field", record)
@@ -358,7 +365,7 @@ def read_conversations(path: str | Path, faq_entries: list[data_mod.FaqEntry]) -
 
 def load_conversations(run: RunDir, cfg, path: str | Path, faq: str | Path | None = None):
     """`read_conversations` against `faq` (default: the run's FAQ, as `build_eval_set` pairs questions)."""
-    _pairable(cfg, faq, Path(path), None, "id")
+    _pairable(_gone_faq(cfg, faq), Path(path), None, "id")
     return read_conversations(path, data_mod.load_faq(faq).entries if faq else _faq_for_run(run, cfg))
 
 

@@ -409,10 +409,10 @@ def make_answerer(run_root: str | Path, model, tokenizer, cfg: FaqtuneConfig, gr
     A run that had an index (its folder is there, or it trained on grounded examples) whose index.json is gone
     is an error, never a bot that quietly answers without its FAQ. One that never had one (a plain PEFT
     adapter, a run from before grounding, an upload without its index) answers plainly, as it always did."""
-    index = open_run_index(run_root) if grounded and cfg.grounding.mode == "retrieval" else None
+    retrieves = grounded and cfg.grounding.mode == "retrieval"
+    index = open_run_index(run_root) if retrieves else None
     run = RunDir(run_root)
-    if index is None and grounded and cfg.grounding.mode == "retrieval" and (
-            run.index_dir.exists() or run.grounded_split.exists()):
+    if index is None and retrieves and (run.index_dir.exists() or run.grounded_split.exists()):
         raise IndexError_(f"{run.index_dir}: no FAQ index (index.json), but this run answers from one; rebuild "
                           "it with `faqtune index FAQ --out DIR` (ask, chat and eval also take --no-grounding)")
     if index is None:

@@ -8,12 +8,10 @@ compared to.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 
 from faqtune.data import FaqEntry, write_json
 from faqtune.errors import FaqtuneError, ModelError, one_line
+from faqtune.run import named_damage
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("LANCEDB_LOG", "error")  # lance's Rust logger warns on every new table otherwise
@@ -121,15 +120,9 @@ class FaqIndex:
         with self._read():
             return self.table.count_rows()
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[None]:
-        """A read of the table whose files are gone or damaged (LanceDB opens it lazily) as one line naming it."""
-        try:
-            yield
-        except (OSError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise IndexError_(one_line(f"{self.root}: damaged FAQ index ({first}); rebuild it with "
-                                       "`faqtune index FAQ --out DIR`")) from e
+    def _read(self):
+        """A read of the table whose files are gone or damaged (LanceDB opens them lazily) as one line naming it."""
+        return named_damage(self.root, "FAQ index", fix="rebuild it with `faqtune index FAQ --out DIR`")
 
     @classmethod
     def build(cls, entries: list[FaqEntry], root: str | Path, embedder: str = DEFAULT_EMBEDDER,

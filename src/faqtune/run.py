@@ -118,16 +118,17 @@ def check_output(path: str | Path, kind: str = "dir", what: str = "output") -> P
 # ---- damaged run files ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def named_damage(path: str | Path, what: str = "file") -> Iterator[None]:
+def named_damage(path: str | Path, what: str = "file", fix: str = "") -> Iterator[None]:
     """Turn a failure to read a run's file (truncated weights, bad JSON, unreadable tokenizer) into one line
-    naming it. Our own errors pass through unchanged."""
+    naming it, and how to `fix` it when given. Our own errors pass through unchanged."""
     try:
         yield
     except FaqtuneError:
         raise
-    except Exception as e:  # safetensors, tokenizers and json raise their own types
+    except Exception as e:  # safetensors, tokenizers, json and lancedb raise their own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(one_line(f"{path}: damaged or unreadable {what} ({first[:200]})")) from e
+        raise ModelError(one_line(f"{path}: damaged or unreadable {what} ({first[:200]})"
+                                  + (f"; {fix}" if fix else ""))) from e
 
 
 # ---- the run lock -----------------------------------------------------------------------------------
