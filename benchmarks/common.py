@@ -40,18 +40,23 @@ def read_sets(args: argparse.Namespace) -> tuple[list, list[str], dict[str, tupl
 
 
 class DenseScores:
-    """An index's own entry score (question_weight x cosine to the question + the rest x to the answer) of a batch
-    of query vectors against every entry, as one matrix (queries x entries)."""
+    """An index's own entry score (`FaqIndex._score`: w x cosine to the question + (1 - w) x [j x to question and
+    answer as one text + (1 - j) x to the answer]) of a batch of query vectors against every entry, as one matrix
+    (queries x entries)."""
 
     def __init__(self, index, entries):
-        from faqtune.retrieval import embed
+        from faqtune.retrieval import embed, entry_text
 
-        self.weight = index.question_weight
+        self.weight, self.joint_weight = index.question_weight, index.joint_weight
         self.questions = embed(index.embedder, [e.question for e in entries])
         self.answers = embed(index.embedder, [e.answer for e in entries])
+        self.joint = embed(index.embedder, [entry_text(e) for e in entries]) if self.joint_weight else None
 
     def __call__(self, vecs):
-        return self.weight * vecs @ self.questions.T + (1 - self.weight) * vecs @ self.answers.T
+        j, rest = self.joint_weight, vecs @ self.answers.T
+        if j:
+            rest = (1 - j) * rest + j * vecs @ self.joint.T
+        return self.weight * vecs @ self.questions.T + (1 - self.weight) * rest
 
 
 def read_heldout(path: str | Path, entries) -> tuple[list[str], list[str]]:

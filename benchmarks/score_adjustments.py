@@ -40,7 +40,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 def main() -> int:
     args = heldout_parser(__doc__).parse_args()
     entries, pool, held_in = read_sets(args)
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {}))
+    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {"grounding.joint_weight": 0}))
     dense = DenseScores(index, entries)
     w, questions, answers = dense.weight, np.asarray(dense.questions), np.asarray(dense.answers)
     both = np.vstack([questions, answers])

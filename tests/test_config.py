@@ -125,6 +125,7 @@ def test_string_overrides_are_coerced():
     ("train.packing", "maybe", "`train.packing` must be true or false, got 'maybe'"),
     ("lora.r", True, "`lora.r` must be an integer"),
     ("grounding.question_weight", "1.5", "`grounding.question_weight` must be in [0, 1], got 1.5"),
+    ("grounding.joint_weight", "-0.2", "`grounding.joint_weight` must be in [0, 1], got -0.2"),
     ("grounding.related", "-1", "`grounding.related` must be in [0, 10], got -1"),
 ])
 def test_uncoercible_values(key, value, fragment):

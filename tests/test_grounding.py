@@ -194,10 +194,17 @@ def test_index_command_builds_an_index_and_reports_bad_files(tmp_path, small_faq
     from faqtune.cli import main
 
     out = tmp_path / "idx"
-    assert main(["index", str(small_faq), "--out", str(out), "--threshold", "0.3", "--question-weight", "0.7"]) == 0
+    assert main(["index", str(small_faq), "--out", str(out), "--threshold", "0.3", "--question-weight", "0.7",
+                 "--joint-weight", "0"]) == 0
     assert "indexed 10 entries" in capsys.readouterr().out
     idx = FaqIndex(out)
-    assert idx.threshold == 0.3 and idx.question_weight == 0.7 and idx.search("thing number 7")[0].id == 7
+    assert (idx.threshold, idx.question_weight, idx.joint_weight) == (0.3, 0.7, 0.0)
+    assert idx.search("thing number 7")[0].id == 7
+    meta = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**meta, "joint_weight": 0.5}))  # a table built without them
+    with pytest.raises(FaqtuneError, match="joint vectors its table lacks; rebuild"):
+        FaqIndex(out)
+    (out / "index.json").write_text(json.dumps(meta))
     assert main(["index", str(small_faq), "--out", str(tmp_path / "other"), "--question-weight", "1.5"]) == 2
     assert "`grounding.question_weight` must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
@@ -460,14 +467,15 @@ def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, sm
 @pytest.mark.parametrize("meta", [{"embedder": "all-MiniLM-L6-v2", "threshold": None},
                                   {"threshold": 0.4}, {"embedder": "all-MiniLM-L6-v2"},
                                   {"embedder": "all-MiniLM-L6-v2", "threshold": 0.4, "question_weight": 2},
-                                  {"embedder": "all-MiniLM-L6-v2", "threshold": 0.4, "question_weight": "high"}])
+                                  {"embedder": "all-MiniLM-L6-v2", "threshold": 0.4, "question_weight": "high"},
+                                  {"embedder": "all-MiniLM-L6-v2", "threshold": 0.4, "joint_weight": -0.1}])
 def test_index_metadata_without_threshold_or_embedder_is_one_clear_error(index, tmp_path, meta):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(index.root, copy)
     (copy / "index.json").write_text(json.dumps(meta))
-    with pytest.raises(FaqtuneError, match="index.json: field '(threshold|embedder|question_weight)'") as e:
+    with pytest.raises(FaqtuneError, match="index.json: field '(threshold|embedder|question_weight|joint_weight)'") as e:
         FaqIndex(copy)
     assert "\n" not in str(e.value) and "faqtune index" in str(e.value)
 
@@ -475,17 +483,19 @@ def test_index_metadata_without_threshold_or_embedder_is_one_clear_error(index, 
 def test_the_question_weight_is_fixed_as_the_index_is_built_and_scores_its_entries(tmp_path, small_faq):
     import numpy as np
 
-    from faqtune.retrieval import embed
+    from faqtune.retrieval import embed, entry_text
 
     entries = data_mod.load_faq(small_faq).entries[:6]
-    index = build_index(tmp_path / "idx", entries, load_config(None, {"grounding.question_weight": 0.8}))
-    assert json.loads((tmp_path / "idx" / "index.json").read_text())["question_weight"] == 0.8
+    settings = {"grounding.question_weight": 0.8, "grounding.joint_weight": 0.25}
+    index = build_index(tmp_path / "idx", entries, load_config(None, settings))
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert (meta["question_weight"], meta["joint_weight"]) == (0.8, 0.25)
     query = "how do I get thing number 3"
     hit = FaqIndex(index.root).search(query, k=1)[0]
-    q, question, answer = embed(index.embedder, [query, hit.question, hit.answer])
-    assert hit.score == pytest.approx(0.8 * np.dot(q, question) + 0.2 * np.dot(q, answer), abs=1e-4)
-    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    del meta["question_weight"]  # an index built before the weight was stored: scored, and calibrated, as the mean
+    q, question, answer, joint = embed(index.embedder, [query, hit.question, hit.answer, entry_text(hit)])
+    rest = 0.75 * np.dot(q, answer) + 0.25 * np.dot(q, joint)
+    assert hit.score == pytest.approx(0.8 * np.dot(q, question) + 0.2 * rest, abs=1e-4)
+    del meta["question_weight"], meta["joint_weight"]  # an index built before the weights were stored: the mean
     (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
     old = FaqIndex(index.root).search(query, k=6)
     same = next(h for h in old if h.id == hit.id)

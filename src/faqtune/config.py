@@ -141,6 +141,9 @@ class GroundingConfig:
                                    "weights, which keep its robustness; 1: tuned alone)")
     question_weight: float = _f(0.5, "the question's share of an entry's retrieval score, fixed as the index is built "
                                      "(measured: 0.8 +17 points on the bank FAQ's long answers, worse on e-commerce)")
+    joint_weight: float = _f(0.6, "of the score's rest (1 - question_weight), the share of the cosine to question "
+                                  "and answer embedded as one text, the answer alone getting the remainder; fixed "
+                                  "as the index is built (measured against 0: +15 points on the bank FAQ)")
     top_k: int = _f(1, "FAQ entries shown to the model with each question (measured: 1 answers more faithfully "
                           "than 3 with the 135M default, which mixes entries up)")
     absent_share: float = _f(0.2, "share of training examples whose right entry is withheld (target: a decline)")

@@ -185,7 +185,8 @@ def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, s
     embedder = cfg.grounding.embedder
     if cfg.grounding.embedder_epochs > 0:
         embedder = _tuned_embedder(tmp, entries, range(len(entries)) if tune_on is None else tune_on, cfg, seed)
-    index = FaqIndex.build(entries, tmp, embedder, question_weight=cfg.grounding.question_weight)
+    index = FaqIndex.build(entries, tmp, embedder, question_weight=cfg.grounding.question_weight,
+                           joint_weight=cfg.grounding.joint_weight)
     threshold = cfg.grounding.threshold
     index.set_threshold(calibrate(index, entries, seed) if threshold is None else threshold)
     swap_into_place(tmp, root)

@@ -1,9 +1,9 @@
 """The FAQ index: entries embedded with a local sentence-embedding model in an embedded LanceDB table.
 
-`FaqIndex.build` embeds each entry's question and answer (two vector columns) and writes a LanceDB table
-with a full-text index beside it; `search` ranks entries by a weighted mean of the query's cosines to both
-(optionally fused with the full-text ranking), the score the decline threshold (`calibrate_threshold`) is
-compared to.
+`FaqIndex.build` embeds each entry's question, its answer and the two as one text (three vector columns) and
+writes a LanceDB table with a full-text index beside it; `search` ranks entries by a weighted mean of the query's
+cosines to the three (optionally fused with the full-text ranking), the score the decline threshold
+(`calibrate_threshold`) is compared to.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ TABLE = "faq"
 META = "index.json"
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 CUT_IN_GAP = 0.25  # where in the chosen gap between calibration scores the threshold goes (0 = its lower end)
-QUESTION_WEIGHT = 0.5  # the question's share of an entry's score, the rest the answer's (grounding.question_weight)
+QUESTION_WEIGHT = 0.5  # the question's share of an entry's score (grounding.question_weight)
+JOINT_WEIGHT = 0.6  # of the rest, the share of question and answer embedded as one text (grounding.joint_weight)
 UNRECORDED_WEIGHT = 0.5  # the plain mean, which indexes built before index.json held the weight scored and calibrated
 
 
@@ -97,7 +98,7 @@ def entry_text(entry: FaqEntry) -> str:
 
 
 class FaqIndex:
-    """A LanceDB table of FAQ entries (id, question, answer, text, vector) plus its metadata."""
+    """A LanceDB table of FAQ entries (id, question, answer, text and their vectors) plus its metadata."""
 
     def __init__(self, root: str | Path, meta: dict | None = None):
         """Open the index in `root`; `meta` instead of its index.json only while building (no threshold yet)."""
@@ -111,6 +112,10 @@ class FaqIndex:
         self.table = lancedb.connect(str(self.root)).open_table(TABLE)
         self.embedder = resolve_embedder(self.root, self.meta["embedder"])
         self.question_weight = float(self.meta.get("question_weight", UNRECORDED_WEIGHT))
+        self.joint_weight = float(self.meta.get("joint_weight", 0.0))  # 0: an index built before joint vectors
+        if self.joint_weight and "joint_vector" not in self.table.schema.names:
+            raise IndexError_(f"{self.root}: index.json scores joint vectors its table lacks; rebuild it with "
+                              "`faqtune index FAQ --out DIR`")
 
     @property
     def threshold(self) -> float:
@@ -127,9 +132,10 @@ class FaqIndex:
     @classmethod
     def build(cls, entries: list[FaqEntry], root: str | Path, embedder: str = DEFAULT_EMBEDDER,
               threshold: float | None = None, start_id: int = 0, batch_size: int = 256,
-              question_weight: float = QUESTION_WEIGHT) -> FaqIndex:
+              question_weight: float = QUESTION_WEIGHT, joint_weight: float = JOINT_WEIGHT) -> FaqIndex:
         """Write (or replace) the index of `entries`; ids are their positions in the FAQ (from `start_id`).
-        An entry's score is `question_weight` x the query's cosine to its question + the rest x to its answer."""
+        An entry's score is w x the query's cosine to its question + (1 - w) x [j x its cosine to the question and
+        answer embedded as one text + (1 - j) x to the answer alone], w = `question_weight`, j = `joint_weight`."""
         import lancedb
         import pyarrow as pa
 
@@ -143,14 +149,17 @@ class FaqIndex:
             texts = [entry_text(e) for e in chunk]
             qvecs = embed(model, [e.question for e in chunk])
             avecs = embed(model, [e.answer for e in chunk])
-            batch = pa.table({
+            columns = {
                 "id": pa.array(range(start_id + lo, start_id + lo + len(chunk)), pa.int64()),
                 "question": [e.question for e in chunk],
                 "answer": [e.answer for e in chunk],
                 "text": texts,
                 "vector": _vector_column(qvecs),
                 "answer_vector": _vector_column(avecs),
-            })
+            }
+            if joint_weight:
+                columns["joint_vector"] = _vector_column(embed(model, texts))
+            batch = pa.table(columns)
             if table is None:
                 table = db.create_table(TABLE, data=batch, mode="overwrite")
             else:
@@ -159,7 +168,8 @@ class FaqIndex:
             raise IndexError_(f"{root}: no entries to index")
         table.create_fts_index("text", replace=True)
         meta = {"embedder": embedder, "entries": len(entries), "threshold": threshold,
-                "vectors": "question, answer (score: weighted mean cosine)", "question_weight": question_weight}
+                "vectors": "question, answer, both as one text (score: weighted mean cosine)",
+                "question_weight": question_weight, "joint_weight": joint_weight}
         if threshold is None:  # index.json is written once, complete: by set_threshold after calibration
             return cls(root, meta=meta)
         write_json(root / META, meta)
@@ -177,9 +187,10 @@ class FaqIndex:
         write_json(self.root / META, self.meta)
 
     def search_many(self, queries: list[str], k: int = 3, hybrid: bool = False) -> list[list[Hit]]:
-        """Top-k entries for each query, by the weighted mean of its cosines to the entry's question and answer.
+        """Top-k entries for each query, by the weighted mean of its cosines to the entry's question, its answer
+        and the two as one text.
 
-        Candidates come from a nearest-neighbour search on each of the two vector columns (and, with
+        Candidates come from a nearest-neighbour search on each vector column (and, with
         `hybrid`, from the full-text index too, fused by reciprocal rank); they are ranked by that score,
         which is also the score the decline threshold is compared against.
         """
@@ -188,7 +199,7 @@ class FaqIndex:
         out = []
         for query, vec in zip(queries, vecs, strict=True):
             rows: dict[int, dict] = {}
-            for column in ("vector", "answer_vector"):
+            for column in ("vector", "answer_vector") + (("joint_vector",) if self.joint_weight else ()):
                 with self._read():
                     found = self.table.search(vec, vector_column_name=column).metric("cosine").limit(depth).to_list()
                 for r in found:
@@ -209,8 +220,11 @@ class FaqIndex:
 
     def _score(self, vec, row: dict) -> float:
         """The ranking score of one entry (`row`) for the (normalized) query vector `vec`."""
-        w = self.question_weight
-        return w * float(np.dot(vec, row["vector"])) + (1 - w) * float(np.dot(vec, row["answer_vector"]))
+        w, j = self.question_weight, self.joint_weight
+        rest = float(np.dot(vec, row["answer_vector"]))
+        if j:
+            rest = (1 - j) * rest + j * float(np.dot(vec, row["joint_vector"]))
+        return w * float(np.dot(vec, row["vector"])) + (1 - w) * rest
 
     def search(self, query: str, k: int = 3, hybrid: bool = False) -> list[Hit]:
         return self.search_many([query], k, hybrid)[0]
@@ -240,9 +254,10 @@ def _read_meta(path: Path) -> dict:
     problems = []
     if not isinstance(meta.get("embedder"), str) or not meta["embedder"]:
         problems.append("field 'embedder' is missing or empty")
-    w = meta.get("question_weight", UNRECORDED_WEIGHT)
-    if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1:
-        problems.append(f"field 'question_weight' must be a number in [0, 1], got {w!r}")
+    for field, default in (("question_weight", UNRECORDED_WEIGHT), ("joint_weight", 0.0)):
+        w = meta.get(field, default)
+        if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1:
+            problems.append(f"field {field!r} must be a number in [0, 1], got {w!r}")
     t = meta.get("threshold")
     if not isinstance(t, int | float) or isinstance(t, bool):
         problems.append(f"field 'threshold' must be a number, got {t!r}")

@@ -135,6 +135,7 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
     need(0 <= gr.embedder_epochs <= 20, "grounding.embedder_epochs", "in [0, 20]", gr.embedder_epochs)
     need(0 <= gr.embedder_mix <= 1, "grounding.embedder_mix", "in [0, 1]", gr.embedder_mix)
     need(0 <= gr.question_weight <= 1, "grounding.question_weight", "in [0, 1]", gr.question_weight)
+    need(0 <= gr.joint_weight <= 1, "grounding.joint_weight", "in [0, 1]", gr.joint_weight)
     need(0 <= gr.absent_share < 1, "grounding.absent_share", "in [0, 1)", gr.absent_share)
     need(0 <= gr.noisy_share <= 1, "grounding.noisy_share", "in [0, 1]", gr.noisy_share)
     need(1 <= gr.questions <= 10, "grounding.questions", "in [1, 10]", gr.questions)
