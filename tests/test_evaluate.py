@@ -109,6 +109,12 @@ def test_questions_paired_by_id_and_by_order(tmp_path):
     with_answers.write_text("Question,Answer\nWhat?,Own answer here.\n")
     es = build_eval_set(run, cfg, with_answers)
     assert es.references == ["Own answer here."] and "Own answer here." in es.pool
+    chat = tmp_path / "chat.jsonl"  # the chat format training takes: its question and its answer
+    chat.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Where is it?"},
+                                             {"role": "assistant", "content": "Chat answer."}]}) + "\n")
+    es = build_eval_set(run, cfg, chat)
+    assert (es.questions, es.references) == (["Where is it?"], ["Chat answer."])
 
 
 def test_pairing_with_a_runs_faq_that_is_gone_is_refused(tmp_path):
@@ -140,6 +146,9 @@ def test_pairing_with_a_runs_faq_that_is_gone_is_refused(tmp_path):
     ('{"id": "zero", "question": "x"}\n', "field 'id'"),
     ('{"answer": "x"}\n', "field 'question'"),
     ('{"question": ""}\n', "field 'question'"),
+    ('{"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "user", "content": "c?"}, {"role": "assistant", "content": "d"}]}\n', "--conversations"),
+    ('{"messages": [{"role": "user", "content": "a?"}]}\n', "must end with an assistant message"),
     ("".join(f'{{"question": "q{i}"}}\n' for i in range(5)), "more questions than the FAQ"),
 ])
 def test_questions_file_errors_name_file_record_field(tmp_path, content, needle):

@@ -120,6 +120,14 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
             raise DataError(str(path), f"must be an object, got {type(obj).__name__}", record)
         qkey = data_mod.pick_key(list(obj), None, data_mod.QUESTION_KEYS)
         akey = data_mod.pick_key(list(obj), None, data_mod.ANSWER_KEYS)
+        if qkey is None and data_mod.pick_key(list(obj), "messages", ()):  # a chat record: one question, one answer
+            entry = data_mod.parse_record(obj, str(path), record)
+            if sum(role == "user" for role, _ in entry.messages) > 1:
+                raise DataError(str(path), "a conversation of several questions: one question and its answer "
+                                           "per record here (follow-ups: --conversations)", record, "messages")
+            qs.append(entry.question)
+            refs.append(entry.answer)
+            continue
         if qkey is None:
             raise DataError(str(path), "missing (expected fields: question, and answer or id)", record, "question")
         qs.append(data_mod.text_field(obj[qkey], str(path), record, qkey))
