@@ -17,7 +17,7 @@ import time
 
 from common import write_result
 
-from faqtune.data import load_faq
+from faqtune.data import bundled_faq_path, load_faq
 from faqtune.grounding import make_answerer
 from faqtune.loading import load_for_inference
 from faqtune.metrics import answer_accuracy
@@ -49,7 +49,7 @@ def main() -> int:
     args = p.parse_args()
     from faqtune.run import RunDir
 
-    faq = args.faq or RunDir(args.run).load_config().data.path
+    faq = args.faq or RunDir(args.run).load_config().data.path or bundled_faq_path()  # None: the bundled FAQ
     entries = load_faq(faq).entries
     questions, refs = [e.question for e in entries], [e.answer for e in entries]
     ways = {"4-bit + adapter": ("none", 0), "merged, fp32": ("fp32", 0), "merged, bf16": ("bf16", 0),
