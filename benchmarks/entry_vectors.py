@@ -5,8 +5,8 @@
         --in-scope benchmarks/data/shared_ecommerce_keywords.jsonl \\
         --in-scope benchmarks/data/shared_ecommerce_validation.jsonl
 
-The index is the product's own (`grounding.build_index`, stock embedder); its score of an entry is
-w x cos(query, question) + (1 - w) x cos(query, answer), each text embedded alone. The variants, each ranking
+The index is the product's (`grounding.build_index`, stock embedder) without its joint vector (`joint_weight` 0,
+the score before it): w x cos(query, question) + (1 - w) x cos(query, answer), each text embedded alone. The variants, each ranking
 every entry (the decline stays on the index's own top-1 score, so only top 1 moves):
 - `joint`: cos(query, the question and answer embedded as one text, `retrieval.entry_text`), the usual
   single-vector FAQ document;

@@ -415,3 +415,20 @@ def test_parse_overrides_ambiguous_leaf():
         parse_overrides(["--seed", "1"])
     problem = info.value.problems[0]
     assert "data.seed" in problem and "train.seed" in problem
+
+
+def test_a_run_saved_before_joint_vectors_keeps_its_index_scoring(tmp_path):
+    """Its config.yaml has no grounding.joint_weight: a rebuild (`faqtune index`, `train --resume`) must score
+    as the run was trained, not with the new default."""
+    import yaml
+
+    from faqtune.run import load_saved_settings
+
+    path = tmp_path / "config.yaml"
+    FaqtuneConfig().save(path)
+    assert load_saved_settings(path).grounding.joint_weight == 0.6
+    saved = yaml.safe_load(path.read_text())
+    del saved["grounding"]["joint_weight"]
+    path.write_text(yaml.safe_dump(saved))
+    assert load_saved_settings(path).grounding.joint_weight == 0.0
+    assert load_saved_settings(path, {"grounding.joint_weight": 0.3}).grounding.joint_weight == 0.3

@@ -49,7 +49,7 @@ class Hit:
     id: int
     question: str
     answer: str
-    score: float  # weighted cosine similarity of the question to the entry's question and answer, in [-1, 1]
+    score: float  # weighted cosine of the question to the entry's question, answer and both as one text, in [-1, 1]
 
     def citation(self) -> dict:
         return {"id": self.id, "question": self.question, "score": round(self.score, 4)}

@@ -70,8 +70,13 @@ def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = No
     Python files): only the person at the command line can, with `--trust-remote-code`. A `true` in the file
     is ignored with a one-line warning."""
     cfg = load_config(path, overrides)
-    if path is not None and not yaml.safe_load(path.read_text(encoding="utf-8")):  # parsed above: no error here
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path is not None else {}  # parsed above: no error
+    if path is not None and not saved:
         raise FaqtuneError(f"{path}: no settings (damaged?); training writes every one, they cannot be guessed")
+    grounding = saved.get("grounding") if isinstance(saved, dict) else None
+    if isinstance(grounding, dict) and "joint_weight" not in grounding and "grounding.joint_weight" not in (
+            overrides or {}):
+        cfg.grounding.joint_weight = 0.0  # saved before joint vectors existed: its index is rebuilt as it was
     if cfg.trust_remote_code and not trust_remote_code:
         print(f"warning: {path}: `trust_remote_code: true` ignored (a run's saved settings cannot enable remote "
               "code; pass --trust-remote-code to allow it for this command)", file=sys.stderr)
