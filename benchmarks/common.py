@@ -39,6 +39,17 @@ def read_sets(args: argparse.Namespace) -> tuple[list, list[str], dict[str, tupl
             {Path(path).stem: read_heldout(path, entries) for path in args.in_scope})
 
 
+def scratch_index(entries, overrides: dict | None = None):
+    """The product's index of `entries` (`grounding.build_index`, its threshold calibrated), built in a temporary
+    folder with the settings' defaults and `overrides` (dotted keys)."""
+    import tempfile
+
+    from faqtune.config import load_config
+    from faqtune.grounding import build_index
+
+    return build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, overrides or {}))
+
+
 class DenseScores:
     """An index's own entry score (`FaqIndex._score`: w x cosine to the question + (1 - w) x [j x to question and
     answer as one text + (1 - j) x to the answer]) of a batch of query vectors against every entry, as one matrix

@@ -15,17 +15,13 @@ dense top-1 score. Figures go under faqs.<name> of benchmarks/results/<date>-doc
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets
+from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets, scratch_index
 
-from faqtune.config import load_config
 from faqtune.generate import clean
-from faqtune.grounding import build_index
 from faqtune.models import ensure_embedded_model, load_tokenizer
 from faqtune.retrieval import embed
 
@@ -61,7 +57,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     entries, pool, held_in = read_sets(args)
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {}))
+    index = scratch_index(entries)
     cut = index.threshold
     dense_of = DenseScores(index, entries)
     from transformers import AutoModelForCausalLM

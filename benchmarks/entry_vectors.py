@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets
+from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets, scratch_index
 
-from faqtune.config import load_config
-from faqtune.grounding import build_index
 from faqtune.retrieval import embed, entry_text
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
@@ -51,7 +47,7 @@ def ranks(scores: np.ndarray) -> np.ndarray:
 def main() -> int:
     args = heldout_parser(__doc__).parse_args()
     entries, pool, held_in = read_sets(args)
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {"grounding.joint_weight": 0}))
+    index = scratch_index(entries, {"grounding.joint_weight": 0})
     dense = DenseScores(index, entries)
     w, questions, answers = dense.weight, np.asarray(dense.questions), np.asarray(dense.answers)
     joint = np.asarray(embed(index.embedder, [entry_text(e) for e in entries]))

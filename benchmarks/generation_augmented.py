@@ -17,16 +17,12 @@ benchmarks/results/<date>-generation-augmented.json.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets
+from common import DenseScores, add_to_result, heldout_parser, ranked_figures, read_sets, scratch_index
 
-from faqtune.config import load_config
 from faqtune.generate import clean
-from faqtune.grounding import build_index
 from faqtune.loading import load_for_inference
 from faqtune.metrics import matches_own_answer
 from faqtune.models import ensure_embedded_model, load_tokenizer
@@ -56,8 +52,7 @@ def main() -> int:
     args = p.parse_args()
 
     entries, pool, held_in = read_sets(args)
-    cfg = load_config(None, {})
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
+    index = scratch_index(entries)
     cut = index.threshold
     dense_of = DenseScores(index, entries)
     if args.run:

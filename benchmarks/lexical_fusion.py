@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections import Counter
-from pathlib import Path
 
-from common import add_to_result, heldout_parser, read_sets
+from common import add_to_result, heldout_parser, read_sets, scratch_index
 
-from faqtune.config import load_config
-from faqtune.grounding import build_index
 from faqtune.metrics import matches_own_answer
 
 
@@ -67,8 +63,7 @@ def main() -> int:
     args = p.parse_args()
 
     entries, pool, held_in = read_sets(args)
-    cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
+    index = scratch_index(entries, dict(kv.split("=", 1) for kv in args.set))
     tfidf = CharTfidf([e.question for e in entries] + [e.answer for e in entries])
     lex_q = {e.question: tfidf.vector(e.question) for e in entries}
     lex_a = {e.answer: tfidf.vector(e.answer) for e in entries}

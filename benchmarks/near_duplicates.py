@@ -17,14 +17,10 @@ the decline is its threshold. Figures go under faqs.<name> of benchmarks/results
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from common import DenseScores, add_to_result, heldout_parser, read_sets
+from common import DenseScores, add_to_result, heldout_parser, read_sets, scratch_index
 
-from faqtune.config import load_config
-from faqtune.grounding import build_index
 from faqtune.metrics import matches_own_answer, rouge_l
 from faqtune.retrieval import embed
 
@@ -36,8 +32,7 @@ def main() -> int:
                    help="ROUGE-L to the reference from which an FAQ answer counts as the same")
     args = p.parse_args()
     entries, pool, held_in = read_sets(args)
-    cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
+    index = scratch_index(entries, dict(kv.split("=", 1) for kv in args.set))
     dense = DenseScores(index, entries)
     pairs = None  # all pairs of a large FAQ's answers take too long in Python
     if len(pool) <= 200:

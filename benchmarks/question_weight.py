@@ -17,14 +17,12 @@ benchmarks/results/<date>-question-weight.json.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
-from common import OFFTOPIC_SETS, add_to_result, heldout_parser, read_sets
+from common import OFFTOPIC_SETS, add_to_result, heldout_parser, read_sets, scratch_index
 
-from faqtune.config import load_config
 from faqtune.evaluate import read_offtopic
-from faqtune.grounding import build_index, calibration_questions
+from faqtune.grounding import calibration_questions
 from faqtune.metrics import matches_own_answer
 from faqtune.retrieval import calibrate_threshold
 
@@ -40,8 +38,7 @@ def main() -> int:
     entries, pool, held_in = read_sets(args)
     held_off = {Path(path).stem: read_offtopic(path) for path in
                 args.offtopic or OFFTOPIC_SETS}
-    cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
+    index = scratch_index(entries, dict(kv.split("=", 1) for kv in args.set))
     cal_in, cal_off = calibration_questions(entries, seed=0)  # build_index's own (its default seed)
     out = {"faq": args.faq, "overrides": args.set, "entries": len(entries), "weights": {}}
     for weight in [float(w) for w in args.weights.split(",")]:

@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import ROOT, add_to_result, read_heldout
+from common import ROOT, add_to_result, read_heldout, scratch_index
 
 from faqtune import data as data_mod
-from faqtune.config import load_config
 from faqtune.data import packaged
 from faqtune.evaluate import (
     answer_all,
@@ -37,7 +35,7 @@ from faqtune.evaluate import (
     retrieval_follow_ups,
     text_perplexity,
 )
-from faqtune.grounding import GroundedAnswerer, build_index, is_decline, open_run_index
+from faqtune.grounding import GroundedAnswerer, is_decline, open_run_index
 from faqtune.metrics import matches_own_answer
 from faqtune.report import to_dict
 
@@ -120,7 +118,7 @@ def main() -> int:
         index = open_run_index(args.run)
     else:
         overrides = dict(kv.split("=", 1) for kv in args.set)
-        index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, overrides))
+        index = scratch_index(entries, overrides)
     threshold = index.threshold
     print(f"index ready ({len(entries)} entries, threshold {threshold:.3f})", flush=True)
     out: dict = {"faq": args.faq, "entries": len(entries), "threshold": threshold, "run": args.run,

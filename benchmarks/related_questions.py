@@ -17,14 +17,12 @@ benchmarks/results/<date>-related-questions.json.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
-from common import OFFTOPIC_SETS, add_to_result, heldout_parser, read_sets
+from common import OFFTOPIC_SETS, add_to_result, heldout_parser, read_sets, scratch_index
 
-from faqtune.config import load_config
 from faqtune.evaluate import read_offtopic
-from faqtune.grounding import build_index, related_hits
+from faqtune.grounding import related_hits
 from faqtune.metrics import matches_own_answer
 
 
@@ -47,7 +45,7 @@ def main() -> int:
     entries, pool, held_in = read_sets(args)
     held_off = {Path(path).stem: read_offtopic(path) for path in
                 args.offtopic or OFFTOPIC_SETS}
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, load_config(None, {}))
+    index = scratch_index(entries)
     cut, k = index.threshold, args.related + 1
     found_in = {name: index.search_many(qs, k=k) for name, (qs, _) in held_in.items()}
     found_off = {name: index.search_many(qs, k=k) for name, qs in held_off.items()}

@@ -15,15 +15,13 @@ is recomputed for each fraction (`--fractions`) through the product's own `calib
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
-from common import DATA, add_to_result, heldout_parser, read_heldout
+from common import DATA, add_to_result, heldout_parser, read_heldout, scratch_index
 
 from faqtune import data as data_mod
-from faqtune.config import load_config
 from faqtune.evaluate import read_offtopic
-from faqtune.grounding import build_index, calibration_questions
+from faqtune.grounding import calibration_questions
 from faqtune.retrieval import Hit, calibrate_threshold
 
 
@@ -49,8 +47,7 @@ def main() -> int:
     held_in = {Path(path).stem: read_heldout(path, entries)[0] for path in args.in_scope}
     held_off = {Path(path).stem: read_offtopic(path)
                 for path in args.offtopic or [DATA / "offtopic_heldout.txt"]}
-    cfg = load_config(None, dict(kv.split("=", 1) for kv in args.set))
-    index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg)
+    index = scratch_index(entries, dict(kv.split("=", 1) for kv in args.set))
     cal_in, cal_off = calibration_questions(entries, seed=0)  # build_index's own (its default seed)
 
     def top(questions):
