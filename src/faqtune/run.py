@@ -62,6 +62,10 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
+# settings added after runs were saved (train writes every setting): the value a saved file without one means
+SAVED_BEFORE = {"grounding.joint_weight": 0.0}  # no joint vectors: the run's index is rebuilt as it was trained
+
+
 def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = None,
                         trust_remote_code: bool = False) -> FaqtuneConfig:
     """Settings a run (config.yaml) or a pushed adapter (faqtune.yaml, maybe downloaded) carries.
@@ -73,10 +77,11 @@ def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = No
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path is not None else {}  # parsed above: no error
     if path is not None and not saved:
         raise FaqtuneError(f"{path}: no settings (damaged?); training writes every one, they cannot be guessed")
-    grounding = saved.get("grounding") if isinstance(saved, dict) else None
-    if isinstance(grounding, dict) and "joint_weight" not in grounding and "grounding.joint_weight" not in (
-            overrides or {}):
-        cfg.grounding.joint_weight = 0.0  # saved before joint vectors existed: its index is rebuilt as it was
+    for key, value in SAVED_BEFORE.items():  # a file saved before the setting existed means its old behaviour
+        section, name = key.split(".")
+        part = saved.get(section)  # saved is a mapping: load_config refused any other top level
+        if isinstance(part, dict) and name not in part and key not in (overrides or {}):
+            setattr(getattr(cfg, section), name, value)
     if cfg.trust_remote_code and not trust_remote_code:
         print(f"warning: {path}: `trust_remote_code: true` ignored (a run's saved settings cannot enable remote "
               "code; pass --trust-remote-code to allow it for this command)", file=sys.stderr)
