@@ -6,7 +6,9 @@
         --in-scope benchmarks/data/shared_ecommerce_validation.jsonl
 
 The index is the product's own (`grounding.build_index`, stock embedder); its score of an entry is
-w x cos(query, question) + (1 - w) x cos(query, answer). Each adjustment reranks every entry and leaves the
+w x cos(query, question) + (1 - w) x cos(query, answer), or with `--joint-weight j` (the default since session 17
+is 0.6) w x cos(query, question) + (1 - w) x [j x cos(query, question and answer as one text) + (1 - j) x
+cos(query, answer)]; the centring and feedback variants use the question and answer vectors alone. Each adjustment reranks every entry and leaves the
 decline on the index's own top-1 score, so only top 1 moves:
 - `center` / `abtt<D>`: query and entry vectors centred on the FAQ's mean vector (questions and answers), then
   the top D principal directions removed ("all-but-the-top", Mu & Viswanath 2018, arXiv:1702.01417);
@@ -35,9 +37,12 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def main() -> int:
-    args = heldout_parser(__doc__).parse_args()
+    p = heldout_parser(__doc__)
+    p.add_argument("--joint-weight", type=float, default=0.0,
+                   help="the index's grounding.joint_weight (0: as measured in session 16, before joint vectors)")
+    args = p.parse_args()
     entries, pool, held_in = read_sets(args)
-    index = scratch_index(entries, {"grounding.joint_weight": 0})
+    index = scratch_index(entries, {"grounding.joint_weight": args.joint_weight})
     dense = DenseScores(index, entries)
     w, questions, answers = dense.weight, np.asarray(dense.questions), np.asarray(dense.answers)
     both = np.vstack([questions, answers])
@@ -69,7 +74,7 @@ def main() -> int:
     for m, b in ((1, 0.3), (3, 0.3), (3, 0.6)):
         variants[f"prf{m}_{b}"] = lambda v, s, sk, m=m, b=b: np.asarray(
             dense(unit(v + b * entry_vecs[(-s).argsort(1)[:, :m]].mean(1))))
-    out = {"faq": args.faq, "entries": len(entries), "question_weight": w, "threshold": round(index.threshold, 4),
+    out = {"faq": args.faq, "entries": len(entries), "question_weight": w, "joint_weight": args.joint_weight, "threshold": round(index.threshold, 4),
            "top1": {}}
     for name, (qs, refs) in held_in.items():
         vecs = np.asarray(embed(index.embedder, qs))

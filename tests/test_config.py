@@ -432,3 +432,20 @@ def test_a_run_saved_before_joint_vectors_keeps_its_index_scoring(tmp_path):
     path.write_text(yaml.safe_dump(saved))
     assert load_saved_settings(path).grounding.joint_weight == 0.0
     assert load_saved_settings(path, {"grounding.joint_weight": 0.3}).grounding.joint_weight == 0.3
+
+
+def test_a_run_saved_before_embedder_tuning_was_the_default_keeps_the_shipped_embedder(tmp_path):
+    """Runs saved before session 9 have no grounding.embedder_epochs: their index was built with the embedder as
+    shipped, and a rebuild must not start tuning it (the default is now 1)."""
+    import yaml
+
+    from faqtune.run import load_saved_settings
+
+    path = tmp_path / "config.yaml"
+    FaqtuneConfig().save(path)
+    assert load_saved_settings(path).grounding.embedder_epochs == 1
+    saved = yaml.safe_load(path.read_text())
+    del saved["grounding"]["embedder_epochs"]
+    path.write_text(yaml.safe_dump(saved))
+    assert load_saved_settings(path).grounding.embedder_epochs == 0
+    assert load_saved_settings(path, {"grounding.embedder_epochs": 2}).grounding.embedder_epochs == 2

@@ -199,6 +199,11 @@ def test_index_command_builds_an_index_and_reports_bad_files(tmp_path, small_faq
     assert "indexed 10 entries" in capsys.readouterr().out
     idx = FaqIndex(out)
     assert (idx.threshold, idx.question_weight, idx.joint_weight) == (0.3, 0.7, 0.0)
+    assert idx.meta["embedder"].startswith("./embedder-")  # tuned on the FAQ's questions by default
+    shipped = tmp_path / "shipped"
+    assert main(["index", str(small_faq), "--out", str(shipped), "--threshold", "0.3", "--embedder-epochs", "0"]) == 0
+    assert "with all-MiniLM-L6-v2 (" in capsys.readouterr().out
+    assert FaqIndex(shipped).meta["embedder"] == "all-MiniLM-L6-v2"
     assert idx.search("thing number 7")[0].id == 7
     meta = json.loads((out / "index.json").read_text())
     (out / "index.json").write_text(json.dumps({**meta, "joint_weight": 0.5}))  # a table built without them
@@ -437,7 +442,7 @@ def test_forgetting_probes_bypass_retrieval(grounded_run, tmp_path):
 def test_an_interrupted_index_build_leaves_the_previous_index_whole(tmp_path, small_faq):
     from faqtune.retrieval import TABLE, load_embedder
 
-    cfg = load_config(None)
+    cfg = load_config(None, {"grounding.embedder_epochs": "0"})  # the hook below is on the embedder as shipped
     entries = data_mod.load_faq(small_faq).entries
     out = tmp_path / "idx"
     first = build_index(out, entries[:5], cfg)

@@ -211,7 +211,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.run import RunDir, check_output, run_lock
 
     check_output(args.out, "dir", "--out")
-    options = ("embedder", "threshold", "question_weight", "joint_weight")
+    options = ("embedder", "embedder_epochs", "threshold", "question_weight", "joint_weight")
     overrides = {f"grounding.{k}": getattr(args, k) for k in options if getattr(args, k) is not None}
     run = RunDir(os.path.dirname(os.path.abspath(args.out)))
     inside_run = run.config_path.exists()  # RUN/index of a run: no training may write it meanwhile
@@ -382,10 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("faq", help="FAQ file: JSON, JSONL or CSV")
     p.add_argument("--out", required=True, help="index folder (a run's RUN_DIR/index to update the run)")
     p.add_argument("--embedder", help="sentence-embedding model: alias, id or folder [default: all-MiniLM-L6-v2]")
+    p.add_argument("--embedder-epochs", type=int, help="epochs tuning the embedder first (0: as shipped) [default: 1]")
     p.add_argument("--threshold", type=float, help="decline below this similarity [default: calibrated]")
     p.add_argument("--question-weight", type=float, help="the question's share of an entry's score [default: 0.5]")
-    p.add_argument("--joint-weight", type=float, help="of the rest, the share of question and answer embedded "
-                                                      "together [default: 0.6]")
+    p.add_argument("--joint-weight", type=float, help="of the rest, question and answer as one text [default: 0.6]")
 
     p = parsers["eval"]
     p.add_argument("run_dir", help="a run directory written by `faqtune train`")

@@ -63,7 +63,10 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 
 # settings added after runs were saved (train writes every setting): the value a saved file without one means
-SAVED_BEFORE = {"grounding.joint_weight": 0.0}  # no joint vectors: the run's index is rebuilt as it was trained
+SAVED_BEFORE = {  # the run's index is rebuilt as it was trained:
+    "grounding.joint_weight": 0.0,  # no joint vectors
+    "grounding.embedder_epochs": 0,  # the embedder as shipped (the default until session 18)
+}
 
 
 def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = None,
