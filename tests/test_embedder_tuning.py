@@ -103,3 +103,34 @@ def test_tuning_cuts_long_texts_and_the_saved_embedder_keeps_its_own_cap(tmp_pat
     out = embedder_tuning.tune_embedder(DEFAULT_EMBEDDER, entries, anchors, tmp_path / "tuned", epochs=1, mix=1.0)
     assert lengths and max(lengths) == 16  # the answers (~130 tokens) were cut while tuning
     assert SentenceTransformer(str(out), device="cpu").max_seq_length == 256  # what the index embeds with
+
+
+@pytest.mark.pipeline
+def test_each_open_index_keeps_its_own_tuned_embedder_loaded(tmp_path, monkeypatch):
+    """Every run's index carries its own tuned embedder, and `serve` holds many runs: searching them in turn must
+    not load an embedder from disk again and again (an LRU cache of a few embedders alone did, past its size)."""
+    from sentence_transformers import SentenceTransformer
+
+    from faqtune.grounding import build_index
+    from faqtune.retrieval import FaqIndex, load_embedder
+
+    entries = _entries()
+    cfg = load_config(None, {"grounding.embedder_epochs": "1", "grounding.threshold": "0.3"})
+    build_index(tmp_path / "run0", entries, cfg)
+    for n in range(1, 6):  # six runs' indexes, each with its own embedder folder
+        shutil.copytree(tmp_path / "run0", tmp_path / f"run{n}")
+    indexes = [FaqIndex(tmp_path / f"run{n}") for n in range(6)]
+    assert len({i.embedder for i in indexes}) == 6
+    load_embedder.cache_clear()
+    loads = []
+    init = SentenceTransformer.__init__
+
+    def counted(self, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("model_name_or_path"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "__init__", counted)
+    for _ in range(3):
+        for index in indexes:
+            assert index.search("thing number 3", k=1)[0].id == 3
+    assert len(loads) == 6

@@ -86,7 +86,11 @@ def load_embedder(name: str):
 
 
 def embed(name: str, texts: list[str], batch_size: int = 64) -> list[list[float]]:
-    model = load_embedder(name)
+    return encode(load_embedder(name), texts, batch_size)
+
+
+def encode(model, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+    """Unit-length vectors of `texts` from a loaded sentence-transformers `model`."""
     vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                         show_progress_bar=False)
     return vecs.astype("float32")
@@ -111,6 +115,7 @@ class FaqIndex:
         self.meta = meta
         self.table = lancedb.connect(str(self.root)).open_table(TABLE)
         self.embedder = resolve_embedder(self.root, self.meta["embedder"])
+        self._model = None  # loaded at the first search and kept while the index is open (`_encoder`)
         self.question_weight = float(self.meta.get("question_weight", UNRECORDED_WEIGHT))
         self.joint_weight = float(self.meta.get("joint_weight", 0.0))  # 0: an index built before joint vectors
         if self.joint_weight and "joint_vector" not in self.table.schema.names:
@@ -194,7 +199,7 @@ class FaqIndex:
         `hybrid`, from the full-text index too, fused by reciprocal rank); they are ranked by that score,
         which is also the score the decline threshold is compared against.
         """
-        vecs = embed(self.embedder, queries)
+        vecs = encode(self._encoder(), queries)
         depth = max(2 * k, 20)
         out = []
         for query, vec in zip(queries, vecs, strict=True):
@@ -217,6 +222,14 @@ class FaqIndex:
                 ranked = sorted(fused, key=lambda i: -fused[i])
             out.append([Hit(i, rows[i]["question"], rows[i]["answer"], score[i]) for i in ranked[:k]])
         return out
+
+    def _encoder(self):
+        """This index's embedder, loaded once and held while the index is open: each run's index may carry an
+        embedder tuned on its FAQ, and `serve` holds many runs, more than `load_embedder`'s cache keeps (which
+        shares the shipped one between indexes)."""
+        if self._model is None:
+            self._model = load_embedder(self.embedder)
+        return self._model
 
     def _score(self, vec, row: dict) -> float:
         """The ranking score of one entry (`row`) for the (normalized) query vector `vec`."""
