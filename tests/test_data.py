@@ -94,6 +94,13 @@ def test_custom_field_names_json(tmp_path):
     assert _pairs(data) == [("Where?", "Here.")]
 
 
+def test_mapped_fields_read_a_record_that_also_holds_a_conversation(tmp_path):
+    doc = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+            "question": "Where?", "answer": "Here."}]
+    data = load_faq(_write(tmp_path, "faq.json", json.dumps(doc)), question_field="question", answer_field="answer")
+    assert _pairs(data) == [("Where?", "Here.")]
+
+
 ALT_KEYS = [("prompt", "completion"), ("instruction", "output"), ("query", "response")]
 
 
@@ -233,6 +240,8 @@ ERROR_CASES = {
                     ["line 1", "'messages[1].role'", "system"]),
     "empty content": ("faq.json", json.dumps([_msgs(("user", "q"), ("assistant", ""))]),
                       ["record 0", "'messages[1].content'", "empty"]),
+    "conversation and question": ("faq.jsonl", _jsonl(QA, _msgs(("user", "q"), ("assistant", "a")) | QA),
+                                  ["line 2", "'messages'", "both a conversation", "question, answer"]),
     "top-level string": ("faq.json", '"just a string"', ["expected a list of records", "str"]),
     "top-level number": ("faq.json", "42", ["expected a list of records", "int"]),
     "no records": ("faq.json", "[]", ["holds no records"]),
