@@ -127,6 +127,8 @@ def test_string_overrides_are_coerced():
     ("grounding.question_weight", "1.5", "`grounding.question_weight` must be in [0, 1], got 1.5"),
     ("grounding.joint_weight", "-0.2", "`grounding.joint_weight` must be in [0, 1], got -0.2"),
     ("grounding.related", "-1", "`grounding.related` must be in [0, 10], got -1"),
+    ("train.batch_size", str(10**100), "`train.batch_size` must be in [1, 65536], got 1000"),
+    ("train.gradient_accumulation_steps", "0", "`train.gradient_accumulation_steps` must be in [1, 65536], got 0"),
 ])
 def test_uncoercible_values(key, value, fragment):
     assert fragment in _one_problem(overrides={key: value})

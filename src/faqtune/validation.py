@@ -14,6 +14,7 @@ from typing import Any
 
 from faqtune.errors import ConfigError
 
+MAX_BATCH = 2**16  # the most examples per micro-batch, and micro-batches per step
 _SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 80, 80
 
@@ -90,8 +91,10 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
     t = cfg.train
     need(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
-    need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1", t.gradient_accumulation_steps)
+    # upper bounds: torch refuses sizes past int64 with a traceback deep in the data loader; no real run nears them
+    need(1 <= t.batch_size <= MAX_BATCH, "train.batch_size", f"in [1, {MAX_BATCH}]", t.batch_size)
+    need(1 <= t.gradient_accumulation_steps <= MAX_BATCH, "train.gradient_accumulation_steps", f"in [1, {MAX_BATCH}]",
+         t.gradient_accumulation_steps)
     need(t.epochs is None or t.epochs > 0 or t.max_steps > 0, "train.epochs", "> 0 when train.max_steps is not set",
          t.epochs)
     for key, names in _transformers_names(t).items():
