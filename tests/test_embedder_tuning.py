@@ -106,6 +106,32 @@ def test_tuning_cuts_long_texts_and_the_saved_embedder_keeps_its_own_cap(tmp_pat
 
 
 @pytest.mark.pipeline
+@pytest.mark.parametrize("bf16_fast", [True, False])
+def test_tuning_runs_in_bf16_only_where_this_cpu_runs_it_fast_and_saves_fp32(tmp_path, monkeypatch, bf16_fast):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from faqtune import embedder_tuning
+    from faqtune.retrieval import DEFAULT_EMBEDDER
+
+    autocast = []
+    forward = SentenceTransformer.forward
+
+    def spy(self, features, *args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "forward", spy)
+    monkeypatch.setattr(embedder_tuning, "cpu_bf16_is_fast", lambda: bf16_fast)
+    entries = _entries(4)
+    out = embedder_tuning.tune_embedder(DEFAULT_EMBEDDER, entries, [(e.question, i) for i, e in enumerate(entries)],
+                                        tmp_path / "tuned", epochs=1, mix=1.0)
+    assert autocast and set(autocast) == {bf16_fast}
+    saved = SentenceTransformer(str(out), device="cpu")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+
+
+@pytest.mark.pipeline
 def test_each_open_index_keeps_its_own_tuned_embedder_loaded(tmp_path, monkeypatch):
     """Every run's index carries its own tuned embedder, and `serve` holds many runs: searching them in turn must
     not load an embedder from disk again and again (an LRU cache of a few embedders alone did, past its size)."""
