@@ -4,7 +4,8 @@
 entry's question -- the question, noisy spellings, key words -- pulled to that entry's question and to its
 answer, away from the other entries in its batch), then mixes the tuned weights with the original ones
 (WiSE-FT, Wortsman et al. 2022: `mix` x tuned + (1 - mix) x original), which keeps the gains on the FAQ's
-phrasings and the original's robustness elsewhere. Measured in benchmarks/README.md (`embedder_finetune.py`).
+phrasings and the original's robustness elsewhere. The forward passes run under bf16 autocast where this CPU runs
+bf16 fast (`BF16`). Measured in benchmarks/README.md (`embedder_finetune.py`, `embedder_tuning_speed.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ SCALE = 20.0  # cosine similarities x SCALE are the logits (sentence-transformer
 LEARNING_RATE = 2e-5
 MAX_TOKENS = 128  # texts cut to this while tuning (the index still embeds up to the model's own cap): a batch is
 # padded to its longest text, so long answers made every batch as slow as the longest (benchmarks/README.md)
-ANSWER_GRADIENTS = True  # False: the answers' vectors as fixed targets at each step (1.5x faster, but it lost 1-2
+ANSWER_GRADIENTS = True  # False: the answers' vectors as fixed targets at each step (1.3x faster, but it lost 1-2
 # shared-FAQ rephrasings at every seed: benchmarks/README.md, `embedder_tuning_speed.py`)
 BF16 = "auto"  # bf16 autocast where this CPU runs bf16 fast (models.cpu_bf16_is_fast; the weights stay fp32):
 # the same held-out figures as fp32 in every build measured, builds 1.6x faster; "never": fp32 everywhere

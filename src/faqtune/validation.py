@@ -91,7 +91,7 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
     t = cfg.train
     need(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
-    # upper bounds: torch refuses sizes past int64 with a traceback deep in the data loader; no real run nears them
+    # upper bounds: torch's data loader fails on a batch past sys.maxsize with a traceback; no real run nears them
     need(1 <= t.batch_size <= MAX_BATCH, "train.batch_size", f"in [1, {MAX_BATCH}]", t.batch_size)
     need(1 <= t.gradient_accumulation_steps <= MAX_BATCH, "train.gradient_accumulation_steps", f"in [1, {MAX_BATCH}]",
          t.gradient_accumulation_steps)
