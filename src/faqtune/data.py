@@ -164,13 +164,14 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
     if not isinstance(obj, dict):
         raise DataError(file, f"must be an object with question and answer, got {type(obj).__name__}", record)
     keys = list(obj.keys())
-    if pick_key(keys, "messages", ()) and not question_field:
+    mkey = pick_key(keys, "messages", ())
+    if mkey and not question_field:
         both = [pick_key(keys, None, QUESTION_KEYS), pick_key(keys, None, ANSWER_KEYS)]
         if None not in both:  # two entries in one record: reading either would drop the other unannounced
             raise DataError(file, f"holds both a conversation and a question and answer ({', '.join(both)}): keep "
                                   "one (or set data.question_field and data.answer_field to read the question and "
-                                  "answer)", record, pick_key(keys, "messages", ()))
-        return _messages_entry(obj[pick_key(keys, "messages", ())], file, record)
+                                  "answer)", record, mkey)
+        return _messages_entry(obj[mkey], file, record)
     qkey = pick_key(keys, question_field, QUESTION_KEYS)
     akey = pick_key(keys, answer_field, ANSWER_KEYS)
     expected = f"expected fields: {question_field or 'question'}, {answer_field or 'answer'} (or messages)"

@@ -64,12 +64,6 @@ def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, i
     def encode(texts: list[str]) -> torch.Tensor:
         return torch.nn.functional.normalize(model(features(texts))["sentence_embedding"].float(), dim=-1)
 
-    def encode_answers(texts: list[str]) -> torch.Tensor:
-        if ANSWER_GRADIENTS:
-            return encode(texts)
-        with torch.no_grad():
-            return encode(texts)
-
     bf16 = BF16 == "auto" and cpu_bf16_is_fast()
 
     anchors = list(anchors)
@@ -82,9 +76,11 @@ def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, i
             ids = [i for _, i in batch]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 forms = encode([f for f, _ in batch])
-                targets = encode([entries[i].question for i in ids]), encode_answers([entries[i].answer for i in ids])
+                questions = encode([entries[i].question for i in ids])
+                with torch.set_grad_enabled(ANSWER_GRADIENTS):
+                    answers = encode([entries[i].answer for i in ids])
             target = torch.arange(len(batch))
-            loss = sum(torch.nn.functional.cross_entropy(SCALE * forms @ t.T, target) for t in targets)
+            loss = sum(torch.nn.functional.cross_entropy(SCALE * forms @ t.T, target) for t in (questions, answers))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
