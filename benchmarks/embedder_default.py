@@ -24,6 +24,7 @@ from common import OFFTOPIC_SETS, add_to_result, heldout_parser, machine_line, r
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
+from faqtune.evaluate import read_offtopic
 from faqtune.grounding import build_index
 from faqtune.metrics import matches_own_answer
 
@@ -43,18 +44,28 @@ def figures(index, held_in: dict, pool: list[str], off_topic: dict[str, list[str
     return out
 
 
+def off_topic_sets() -> dict[str, list[str]]:
+    """{name: questions} of `common.OFFTOPIC_SETS`, read as `faqtune eval` reads off-topic questions."""
+    return {p.stem: read_offtopic(p) for p in OFFTOPIC_SETS}
+
+
+def train_split_ids(entries: list, cfg) -> list[int]:
+    """Positions in `entries` of the training split `faqtune train` makes with `cfg`."""
+    train, _ = data_mod.split(entries, cfg.data.eval_fraction, cfg.data.seed)
+    position = {id(e): i for i, e in enumerate(entries)}
+    return [position[id(e)] for e in train]
+
+
 def main() -> int:
     p = heldout_parser(__doc__)
     p.add_argument("--seeds", default="42,1,2", help="build seeds of the training-split builds ('' for none: "
                                                      "stock and every entry only, e.g. for the bank FAQ)")
     args = p.parse_args()
     entries, pool, held_in = read_sets(args)
-    off_topic = {p.stem: [q.strip() for q in p.read_text().splitlines() if q.strip()] for p in OFFTOPIC_SETS}
+    off_topic = off_topic_sets()
     cfg0 = load_config(None, {"grounding.embedder_epochs": 0})
     cfg1 = load_config(None, {"grounding.embedder_epochs": 1})
-    train, _ = data_mod.split(entries, cfg1.data.eval_fraction, cfg1.data.seed)
-    position = {id(e): i for i, e in enumerate(entries)}
-    train_ids = [position[id(e)] for e in train]
+    train_ids = train_split_ids(entries, cfg1)
     variants = {"stock": (cfg0, cfg0.data.seed, None)}
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         variants[f"tuned-train-split-seed{seed}"] = (cfg1, seed, train_ids)

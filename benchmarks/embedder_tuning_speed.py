@@ -7,8 +7,8 @@ Variants (`embedder_tuning`'s switches): `fp32` (the answers' vectors trained th
 session 20), `fixed-answers` (the answers' vectors are fixed targets at each step: no backward through the
 longest texts), `bf16` (bf16 autocast where `models.cpu_bf16_is_fast`) and `bf16-fixed-answers`. Each builds the
 product's index (`grounding.build_index`, defaults, `grounding.embedder_epochs` 1) tuned on the training split
-`faqtune train` makes, per build seed in `--seeds`, and on every entry (`faqtune index`) unless `--no-every-entry`;
-`--split-only` skips the every-entry build. Figures as in `embedder_default.py`, plus the build's wall time. The
+`faqtune train` makes, per build seed in `--seeds`, and on every entry (`faqtune index`) unless `--no-every-entry`
+(`--seeds ""`: the every-entry build only). Figures as in `embedder_default.py`, plus the build's wall time. The
 variants alternate within each seed, so the machine's load falls on all of them alike. Figures go under
 faqs.<name> of benchmarks/results/<date>-embedder-tuning-speed.json.
 """
@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import OFFTOPIC_SETS, add_to_result, heldout_parser, machine_line, read_sets
-from embedder_default import figures
+from common import add_to_result, heldout_parser, machine_line, read_sets
+from embedder_default import figures, off_topic_sets, train_split_ids
 
-from faqtune import data as data_mod
 from faqtune import embedder_tuning
 from faqtune.config import load_config
 from faqtune.grounding import build_index
@@ -39,11 +38,9 @@ def main() -> int:
     p.add_argument("--no-every-entry", action="store_true")
     args = p.parse_args()
     entries, pool, held_in = read_sets(args)
-    off_topic = {p.stem: [q.strip() for q in p.read_text().splitlines() if q.strip()] for p in OFFTOPIC_SETS}
+    off_topic = off_topic_sets()
     cfg = load_config(None, {"grounding.embedder_epochs": 1})
-    train, _ = data_mod.split(entries, cfg.data.eval_fraction, cfg.data.seed)
-    position = {id(e): i for i, e in enumerate(entries)}
-    train_ids = [position[id(e)] for e in train]
+    train_ids = train_split_ids(entries, cfg)
     builds = [(f"train-split-seed{s}", int(s), train_ids) for s in args.seeds.split(",") if s]
     if not args.no_every_entry:
         builds.append(("every-entry", 0, None))
