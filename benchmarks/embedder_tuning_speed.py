@@ -27,8 +27,8 @@ from faqtune.config import load_config
 from faqtune.grounding import build_index
 from faqtune.models import cpu_bf16_is_fast
 
-VARIANTS = {"fp32": (True, "never", False), "fixed-answers": (False, "never", False), "bf16": (True, "auto", False),
-            "bf16-fixed-answers": (False, "auto", False), "bf16-joint": (True, "auto", True)}
+VARIANTS = {"fp32": (True, "never"), "fixed-answers": (False, "never"), "bf16": (True, "auto"),
+            "bf16-fixed-answers": (False, "auto")}
 
 
 def main() -> int:
@@ -48,7 +48,7 @@ def main() -> int:
            "entries": len(entries), "train_split": len(train_ids), "builds": {}}
     for build, seed, tune_on in builds:
         for variant in args.variants.split(","):
-            embedder_tuning.ANSWER_GRADIENTS, embedder_tuning.BF16, embedder_tuning.JOINT_TARGET = VARIANTS[variant]
+            embedder_tuning.ANSWER_GRADIENTS, embedder_tuning.BF16 = VARIANTS[variant]
             t0 = time.perf_counter()
             index = build_index(Path(tempfile.mkdtemp()) / "index", entries, cfg, seed=seed, tune_on=tune_on)
             row = {"build_seconds": round(time.perf_counter() - t0, 1)} | figures(index, held_in, pool, off_topic)

@@ -17,7 +17,7 @@ import torch
 
 from faqtune.data import FaqEntry
 from faqtune.models import cpu_bf16_is_fast
-from faqtune.retrieval import embedder_path, entry_text
+from faqtune.retrieval import embedder_path
 
 BATCH = 32  # forms per batch; the in-batch negatives are the other entries of the batch
 SCALE = 20.0  # cosine similarities x SCALE are the logits (sentence-transformers' MultipleNegativesRankingLoss)
@@ -28,8 +28,6 @@ ANSWER_GRADIENTS = True  # False: the answers' vectors as fixed targets at each 
 # shared-FAQ rephrasings at every seed: benchmarks/README.md, `embedder_tuning_speed.py`)
 BF16 = "auto"  # bf16 autocast where this CPU runs bf16 fast (models.cpu_bf16_is_fast; the weights stay fp32):
 # the same held-out figures as fp32 in every build measured, builds 1.6x faster; "never": fp32 everywhere
-JOINT_TARGET = False  # True: forms also pulled to the question and answer embedded as one text (the index's joint
-# vector, `retrieval.entry_text`)
 
 
 def batches_one_form_per_entry(anchors: list[tuple[str, int]], size: int) -> list[list[tuple[str, int]]]:
@@ -80,11 +78,9 @@ def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, i
                 forms = encode([f for f, _ in batch])
                 questions = encode([entries[i].question for i in ids])
                 with torch.set_grad_enabled(ANSWER_GRADIENTS):
-                    targets = [questions, encode([entries[i].answer for i in ids])]
-                    if JOINT_TARGET:
-                        targets.append(encode([entry_text(entries[i]) for i in ids]))
+                    answers = encode([entries[i].answer for i in ids])
             target = torch.arange(len(batch))
-            loss = sum(torch.nn.functional.cross_entropy(SCALE * forms @ t.T, target) for t in targets)
+            loss = sum(torch.nn.functional.cross_entropy(SCALE * forms @ t.T, target) for t in (questions, answers))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
