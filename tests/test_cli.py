@@ -118,3 +118,12 @@ def test_a_bad_choice_is_checked_once_by_its_stage_before_anything_loads(argv, m
     argv = [str(tmp_path / a) if a in ("RUN", "OUT", "OUT.gguf") else a for a in argv]  # no run exists
     assert main(argv) == 2
     assert message in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("threshold", ["nan", "inf", "x"])
+def test_a_forgetting_threshold_that_is_not_a_finite_number_is_refused(threshold, capsys):
+    """nan never flagged: the --fail-on-forgetting gate could not fail."""
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "runs/none", "--forgetting-threshold", threshold])
+    assert exc.value.code == 2
+    assert f"--forgetting-threshold: must be a finite number, got '{threshold}'" in capsys.readouterr().err

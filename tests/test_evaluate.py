@@ -115,6 +115,12 @@ def test_questions_paired_by_id_and_by_order(tmp_path):
                                              {"role": "assistant", "content": "Chat answer."}]}) + "\n")
     es = build_eval_set(run, cfg, chat)
     assert (es.questions, es.references) == (["Where is it?"], ["Chat answer."])
+    csv_ids = tmp_path / "ids.csv"  # every CSV value is text: its ids are strings of digits
+    csv_ids.write_text("id,question\n2,forgot pasword\n 0 ,send stuff back?\n")
+    assert build_eval_set(run, cfg, csv_ids).references == [POOL[2], POOL[0]]
+    csv_ids.write_text("id,question\nx,forgot pasword\n")
+    with pytest.raises(DataError, match=r"ids.csv line 2: field 'id': must be an FAQ index in \[0, 3\), got 'x'"):
+        build_eval_set(run, cfg, csv_ids)
 
 
 def test_pairing_with_a_runs_faq_that_is_gone_is_refused(tmp_path):

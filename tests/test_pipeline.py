@@ -96,6 +96,23 @@ def test_resume_continues_from_last_checkpoint(trained_run, capsys):
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
 
 
+def test_resume_with_other_settings_is_refused_and_the_run_kept(trained_run, tmp_path, capsys):
+    """Another lora.r crashed while loading the checkpoint after config.yaml had been rewritten (the run could
+    not be resumed again); another --data rewrote the run's splits and index under the old adapter."""
+    import shutil
+
+    run = tmp_path / "kept"
+    shutil.copytree(trained_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = tmp_path / "other.csv"
+    other.write_text("question,answer\nWhy?,Because.\n")
+    for flags, named in ((["--lora.r", "2"], "`lora.r`"), (["--data", str(other)], "`data.path`")):
+        assert main(["train", "--output", str(run), "--resume", "--train.max_steps", "3", *flags]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "new --output" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_existing_run_is_not_overwritten(trained_run, capsys):
     before = (trained_run / "adapter" / "adapter_model.safetensors").read_bytes()
     assert main(["train", "--output", str(trained_run), "--base", "unused"]) == 2

@@ -6,12 +6,13 @@ once faqtune has *sealed* it: every file fsynced, then `faqtune-manifest.json` (
 file) written to a temporary name, fsynced and renamed into place, last. A folder without a manifest, or
 whose files no longer match it, is partial or corrupt: it is named, set aside and the previous checkpoint
 used. Older checkpoints are rotated away only after the new one is sealed, so one good checkpoint always
-exists on disk.
+exists on disk. A resume keeps the settings the checkpoint was trained with (`check_resume_settings`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import json
@@ -27,7 +28,8 @@ from pathlib import Path
 
 # torch is imported where a tensor is touched, inside the Trainer's calls: this module is also imported without
 # training (checkpoint checks, resume, the fast tests), and torch costs seconds to import.
-from faqtune.errors import CheckpointError, TrainingStopped
+from faqtune.config import FaqtuneConfig, load_config
+from faqtune.errors import CheckpointError, FaqtuneError, TrainingStopped
 
 MANIFEST = "faqtune-manifest.json"
 PREFIX = "checkpoint-"
@@ -416,3 +418,30 @@ def interrupted_message(stop: GracefulStop, state, checkpoints_dir: Path) -> str
     where = f"checkpoint saved to {usable}" if usable else "no checkpoint could be written"
     return (f"{signal.Signals(stop.received).name}: training stopped after step {state.global_step} of "
             f"{state.max_steps}; {where}. Resume with: faqtune train --output {checkpoints_dir.parent} --resume")
+
+
+RESUMABLE = {"output_dir", "trust_remote_code", "train.epochs", "train.max_steps", "train.num_threads", "train.logging_steps",
+             "train.eval_steps", "train.save_steps", "train.save_total_limit"}  # what `--resume` may change
+
+
+def check_resume_settings(cfg: FaqtuneConfig, saved_path: Path) -> None:
+    """Refuse to resume with settings the checkpoint was not trained with (another `lora.r` cannot load; another
+    `data.path` rewrote the run's splits and index over a run trained on the old ones): only `RESUMABLE` may
+    change. Checked before anything of the run is written."""
+    if not saved_path.exists():
+        return
+    saved = load_config(saved_path)
+    now = copy.deepcopy(cfg)
+    now.make_paths_absolute()
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+    before, after = flat(saved.to_dict()), flat(now.to_dict())
+    changed = [f"`{k}` ({before.get(k)!r} -> {after.get(k)!r})" for k in sorted(set(before) | set(after))
+               if k not in RESUMABLE and before.get(k) != after.get(k)]
+    if changed:
+        raise FaqtuneError(f"--resume continues {saved_path.parent} with its own settings, but these differ from "
+                           f"{saved_path}: {', '.join(changed)}; only {', '.join(sorted(RESUMABLE - {'output_dir'}))} "
+                           "may change. Train into a new --output to change the others.")

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 
 from faqtune.errors import ConfigError, FaqtuneError
+from faqtune.validation import finite_arg, positive_int_arg
 
 # Generation options shared by ask, chat and demo: (flag, config key, type)
 GEN_FLAGS = [
@@ -115,16 +116,6 @@ def _run_config(run_dir: str, args: argparse.Namespace):
     from faqtune.loading import open_run
 
     return open_run(run_dir, _gen_overrides(args), getattr(args, "trust_remote_code", False)).cfg
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _check_text(text: str, what: str) -> str:
@@ -396,10 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-base", action="store_true", help="also evaluate the untuned base, side by side")
     p.add_argument("--out", help="report folder [default: RUN_DIR/eval]")
     p.add_argument("--offtopic", help="off-topic questions, one a line [default: the bundled set]")
-    p.add_argument("--forgetting-threshold", type=float, default=0.2,
+    p.add_argument("--forgetting-threshold", type=finite_arg, default=0.2,
                    help="flag forgetting when general-text perplexity rises more than this share [default: 0.2]")
     p.add_argument("--fail-on-forgetting", action="store_true", help="exit 1 when forgetting is flagged")
-    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N questions (quick checks)")
+    p.add_argument("--limit", type=positive_int_arg, help="evaluate only the first N questions (quick checks)")
     p.add_argument("--no-grounding", action="store_true", help="evaluate without retrieved FAQ entries")
     p.add_argument("--conversations", help="JSONL of {\"turns\": [question, follow-up], \"id\": FAQ index of the "
                                            "follow-up's answer}: reports follow-up accuracy")
@@ -416,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-weights", metavar="{auto,dequantized,original}", default="auto",
                    help="merge into the NF4-dequantized weights the adapter was trained on, or the base's original "
                         "weights; auto measures both and keeps the more faithful [default: auto]")
-    p.add_argument("--limit", type=_positive_int, help="measure on the first N held-out answers only")
+    p.add_argument("--limit", type=positive_int_arg, help="measure on the first N held-out answers only")
     p.add_argument("--no-check", action="store_true", help="skip the fidelity measurement (auto: dequantized)")
 
     p = parsers["push"]

@@ -78,6 +78,11 @@ def _gone_faq(cfg, faq: str | Path | None) -> Path | None:
     return None if faq or path.exists() else path
 
 
+def faq_index(value):
+    """An `id` as written: an int in JSON, a string of digits in CSV (every CSV value is text); else as it is."""
+    return int(value) if isinstance(value, str) and value.strip().isdecimal() else value
+
+
 def _pairable(gone: Path | None, file: Path, record: str | None, how: str) -> None:
     """Questions of `file` pair with the FAQ by `how` (id, order): refused when the run's FAQ file is `gone`."""
     if gone is not None:
@@ -134,7 +139,7 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
         if akey is not None:
             refs.append(data_mod.text_field(obj[akey], str(path), record, akey))
         elif "id" in obj:
-            idx = obj["id"]
+            idx = faq_index(obj["id"])
             _pairable(gone, path, record, "id")
             if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
                 raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}",
@@ -361,7 +366,7 @@ def read_conversations(path: str | Path, faq_entries: list[data_mod.FaqEntry]) -
         t = obj.get("turns")
         if not isinstance(t, list) or len(t) < 2 or not all(isinstance(x, str) and x.strip() for x in t):
             raise DataError(str(path), "must be a list of two or more non-empty questions", record, "turns")
-        idx = obj.get("id")
+        idx = faq_index(obj.get("id"))
         if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
             raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}", record, "id")
         turns.append([x.strip() for x in t])

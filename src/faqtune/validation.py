@@ -7,7 +7,9 @@ value was set (the YAML file or `override`), and raises them together in one :cl
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import math
 import re
 import reprlib
 from typing import Any
@@ -174,3 +176,26 @@ def parse_mix(spec: str) -> tuple[str, float]:
     if not path or not 0 < value < 1:
         raise ValueError(f"`data.mix` entries must be FILE[:SHARE] with 0 < SHARE < 1, got {show(spec)}")
     return path, value
+
+
+def positive_int_arg(text: str) -> int:
+    """A command-line whole number >= 1 (argparse `type`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def finite_arg(text: str) -> float:
+    """A command-line finite number (argparse `type`): nan compares false with everything (a forgetting threshold of
+    nan never flagged, so --fail-on-forgetting could not fail)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
