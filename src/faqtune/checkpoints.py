@@ -420,8 +420,8 @@ def interrupted_message(stop: GracefulStop, state, checkpoints_dir: Path) -> str
             f"{state.max_steps}; {where}. Resume with: faqtune train --output {checkpoints_dir.parent} --resume")
 
 
-RESUMABLE = {"output_dir", "trust_remote_code", "train.epochs", "train.max_steps", "train.num_threads", "train.logging_steps",
-             "train.eval_steps", "train.save_steps", "train.save_total_limit"}  # what `--resume` may change
+RESUMABLE = {"output_dir", "trust_remote_code", "train.epochs", "train.max_steps", "train.num_threads",
+             "train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit"}  # --resume may change
 
 
 def check_resume_settings(cfg: FaqtuneConfig, saved_path: Path) -> None:
