@@ -371,3 +371,20 @@ def test_serve_takes_remote_code_only_from_its_command_line(tmp_path, remote_cod
     with pytest.raises(Exception, match="remote code ran"):
         load_served_models([str(run)], trust_remote_code=True)
     assert marker.exists()
+
+
+def test_resume_check_reads_an_old_run_as_the_resume_does(tmp_path):
+    """A run saved before `grounding.embedder_epochs` existed resumes with 0 (run.SAVED_BEFORE): comparing it
+    with a plain load_config (default 1) refused every resume of such a run."""
+    from faqtune.checkpoints import check_resume_settings
+    from faqtune.config import load_config
+    from faqtune.errors import FaqtuneError
+    from faqtune.run import load_saved_settings
+
+    path = tmp_path / "config.yaml"
+    load_config(None, {"output_dir": str(tmp_path)}).save(path)
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if "embedder_epochs" not in line and "joint_weight" not in line))
+    check_resume_settings(load_saved_settings(path, {"train.max_steps": 9}), path)
+    with pytest.raises(FaqtuneError, match=r"`lora.r` \(64 -> 8\)"):
+        check_resume_settings(load_saved_settings(path, {"lora.r": 8}), path)

@@ -28,8 +28,9 @@ from pathlib import Path
 
 # torch is imported where a tensor is touched, inside the Trainer's calls: this module is also imported without
 # training (checkpoint checks, resume, the fast tests), and torch costs seconds to import.
-from faqtune.config import FaqtuneConfig, load_config
+from faqtune.config import FaqtuneConfig
 from faqtune.errors import CheckpointError, FaqtuneError, TrainingStopped
+from faqtune.run import load_saved_settings
 
 MANIFEST = "faqtune-manifest.json"
 PREFIX = "checkpoint-"
@@ -430,7 +431,9 @@ def check_resume_settings(cfg: FaqtuneConfig, saved_path: Path) -> None:
     change. Checked before anything of the run is written."""
     if not saved_path.exists():
         return
-    saved = load_config(saved_path)
+    # read as the resume read it (run.load_saved_settings: a run saved before a setting existed keeps its old
+    # behaviour); trust_remote_code is resumable, so True only spares the file's warning a second time
+    saved = load_saved_settings(saved_path, trust_remote_code=True)
     now = copy.deepcopy(cfg)
     now.make_paths_absolute()
 

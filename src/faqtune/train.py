@@ -271,9 +271,8 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     if not torch.cuda.is_available():
         bound_heap()  # CPU: the heap stays bounded over a long run (memory.py)
     last = checkpoints.resume_point(run.checkpoints_dir, _say) if resume else None
-    if last is not None:
-        checkpoints.check_resume_settings(cfg, run.config_path)
     if last is not None:  # the steps after the checkpoint are trained (and logged) again
+        checkpoints.check_resume_settings(cfg, run.config_path)
         checkpoints.forget_after(run.metrics_path, checkpoints.checkpoint_step(last))
     data_path = cfg.data.path or str(data_mod.bundled_faq_path())
     faq = data_mod.load_faq(data_path, cfg.data.format, cfg.data.question_field, cfg.data.answer_field)
