@@ -121,6 +121,10 @@ def test_questions_paired_by_id_and_by_order(tmp_path):
     csv_ids.write_text("id,question\nx,forgot pasword\n")
     with pytest.raises(DataError, match=r"ids.csv line 2: field 'id': must be an FAQ index in \[0, 3\), got 'x'"):
         build_eval_set(run, cfg, csv_ids)
+    mixed = tmp_path / "mixed.jsonl"  # by order, its second question paired with entry 1, a guess
+    mixed.write_text('{"id": 2, "question": "forgot pasword"}\n{"question": "send stuff back?"}\n')
+    with pytest.raises(DataError, match=r"mixed.jsonl line 2: has no 'id' or 'answer' field, but line 1 pairs"):
+        build_eval_set(run, cfg, mixed)
 
 
 def test_pairing_with_a_runs_faq_that_is_gone_is_refused(tmp_path):

@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import thing_rows
+from conftest import thing_rows, write_faq
 
 from faqtune import data as data_mod
 from faqtune.config import load_config
@@ -512,6 +512,28 @@ def test_index_refuses_to_replace_a_folder_that_is_no_index(tmp_path, small_faq)
     with pytest.raises(FaqtuneError, match="not an FAQ index folder"):
         build_index(tmp_path, data_mod.load_faq(small_faq).entries, load_config(None))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("epochs", ["0", "1"])  # loaded to encode; loaded to be tuned first (a traceback)
+def test_an_embedder_folder_that_is_no_model_is_one_line(tmp_path, small_faq, capsys, epochs):
+    from faqtune.cli import main
+
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "notes.txt").write_text("mine")
+    argv = ["index", str(small_faq), "--out", str(tmp_path / "index"), "--embedder", str(tmp_path / "notmodel")]
+    assert main([*argv, "--embedder-epochs", epochs]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"cannot load the embedding model '{tmp_path / 'notmodel'}'" in err
+
+
+def test_index_says_the_duplicates_it_dropped_as_train_does(tmp_path, capsys):
+    from faqtune.cli import main
+
+    rows = thing_rows(4)
+    faq = write_faq(tmp_path / "faq.json", [*rows, rows[0], {**rows[1], "answer": "Another answer."}])
+    assert main(["index", str(faq), "--out", str(tmp_path / "index"), "--embedder-epochs", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "dropped 1 exact duplicate record(s)" in err and "1 question(s) asked again with another answer" in err
 
 
 def test_eval_reports_retrieval_ceiling_differences_and_follow_ups(grounded_run, tmp_path):

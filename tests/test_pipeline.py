@@ -83,6 +83,44 @@ def test_chat_reads_piped_stdin(trained_run, capsys, monkeypatch):
     assert "you>" not in out
 
 
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["ask", "RUN", "How do I do thing number 1?", "--merged", "none"],
+                                     ["ask", "RUN", "How do I do thing number 1?", "--merged", "fp32"],
+                                     ["merge", "RUN", "OUT"]])
+def test_an_adapter_config_whose_rank_does_not_fit_its_weights_is_one_line(trained_run, tmp_path, capsys, command):
+    """PEFT's size-mismatch RuntimeError reached the user as a traceback listing every tensor."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    config["r"] *= 2
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    argv = [str(run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert str(run / "adapter") in line and "do not fit its adapter_config.json" in line and "size mismatch" in line
+
+
+def test_a_question_longer_than_the_context_is_refused_and_chat_goes_on(trained_run, capsys, monkeypatch):
+    """The tiny Llama's context is 512 tokens: ask and chat answered a longer prompt with no word (serve says
+    400); now ask refuses it in one line and chat skips that line, answers the next, and exits 1."""
+    long = "How do I do thing number 3? " * 120
+    assert main(["ask", str(trained_run), long, "--max-new-tokens", "4"]) == 2
+    assert "longer than the model's context of 512 tokens" in _one_error_line(capsys)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long}\nHow do I do thing number 1?\n"))
+    assert main(["chat", str(trained_run), "--max-new-tokens", "4"]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and "stdin line 1: the prompt is" in err and "skipped" in err
+
+
 def test_resume_continues_from_last_checkpoint(trained_run, capsys):
     import shutil
 

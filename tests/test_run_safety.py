@@ -335,6 +335,13 @@ def test_an_ask_argument_that_is_not_utf8(tmp_path, capsys):
     assert "the question is not valid UTF-8" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("question", ["", "  \n"])
+def test_an_empty_question_is_refused(tmp_path, capsys, question):
+    """It was answered with the decline message, exit 0."""
+    assert main(["ask", str(tmp_path), question]) == 2
+    assert _one_line_error(capsys) == "error: the question is empty"
+
+
 @pytest.mark.parametrize("limit", ["-100", "-1", "0"])
 def test_eval_limit_below_one_is_refused_at_parsing(tmp_path, capsys, limit):
     with pytest.raises(SystemExit) as e:

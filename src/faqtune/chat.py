@@ -5,18 +5,20 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from faqtune.errors import FaqtuneError
+from faqtune.errors import FaqtuneError, PromptTooLong
 from faqtune.grounding import cite, offer
 
 HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
 
 
 def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int = 4) -> int:
-    """Read questions line by line and print answers; the last `max_turns` exchanges are kept as context."""
+    """Read questions line by line and print answers; the last `max_turns` exchanges are kept as context.
+    A line that is not UTF-8, or too long for the model's context, is skipped with an error naming it, and the
+    chat goes on; the exit code is then 1."""
     history: list[tuple[str, str]] = []
     if interactive:
         print(f"faqtune chat. {HELP}", file=sys.stderr)
-    n = 0
+    n, skipped = 0, 0
     while True:
         if interactive:
             stdout.write("you> ")
@@ -25,6 +27,11 @@ def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int =
         line = _read_line(stdin, n)
         if not line:
             break
+        if _undecodable(line):
+            print(f"error: stdin line {n}: not valid UTF-8 text, skipped; check the terminal's or the file's "
+                  "encoding", file=sys.stderr)
+            skipped += 1
+            continue
         question = line.strip()
         if not question:
             continue
@@ -38,23 +45,35 @@ def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int =
         if question == "/help":
             print(HELP, file=sys.stderr)
             continue
-        reply = bot.ask(question, history[-max_turns:])[0]
+        try:
+            reply = bot.ask(question, history[-max_turns:])[0]
+        except PromptTooLong as e:
+            print(f"error: stdin line {n}: {e}; skipped", file=sys.stderr)
+            skipped += 1
+            continue
         answer = reply.text
         print(("bot> " if interactive else "") + answer, file=stdout, flush=True)
         for line in (cite(reply), offer(reply)) if interactive else ():
             if line:
                 print(line, file=sys.stderr)
         history.append((question, answer))
-    return 0
+    return 1 if skipped else 0
 
 
 def _read_line(stdin: TextIO, n: int) -> str:
-    """One line of input; bytes that are not UTF-8 are one error naming the line (a C locale reads them as
-    surrogate escapes, a UTF-8 one raises)."""
+    """One line of input. Bytes that are not UTF-8 come back as surrogate escapes where stdin decodes with
+    `surrogateescape` (`faqtune chat` sets it, as does a C locale); a strict stream raises on them, and cannot
+    be read on after that, so that is one error naming the line."""
     try:
-        line = stdin.readline()
-        line.encode("utf-8")
-    except (UnicodeDecodeError, UnicodeEncodeError):
+        return stdin.readline()
+    except UnicodeDecodeError:
         raise FaqtuneError(f"stdin line {n}: not valid UTF-8 text; check the terminal's or the file's encoding") \
             from None
-    return line
+
+
+def _undecodable(line: str) -> bool:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

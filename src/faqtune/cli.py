@@ -26,6 +26,7 @@ GEN_FLAGS = [
     ("--repetition-penalty", "repetition_penalty", float),
     ("--num-return-sequences", "num_return_sequences", int),
     ("--merged", "merged", str),
+    ("--prompt-lookup", "prompt_lookup", int),
 ]
 TRAIN_SHORTCUTS = {"data": "data.path", "base": "base_model", "output": "output_dir"}
 
@@ -186,6 +187,8 @@ def cmd_ask(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.grounding import cite, offer
 
     question = _check_text(args.question, "the question")
+    if not question.strip():  # it was answered with the decline, exit 0
+        raise FaqtuneError("the question is empty")
     bot = _answerer(args.run_dir, args, base_only=args.base_only)
     answers = bot.ask(question)
     print("\n\n".join(a.text for a in answers))
@@ -209,6 +212,8 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     # a run's index is rebuilt with the run's grounding settings (its embedder, its tuning, a fixed threshold)
     cfg = run.load_config(overrides) if inside_run else load_config(None, overrides)
     faq = load_faq(args.faq)
+    for note in faq.notes:  # duplicates dropped, questions asked twice: as train says them
+        print(note, file=sys.stderr)
     with run_lock(run.root) if inside_run else contextlib.nullcontext():
         index = build_index(args.out, faq.entries, cfg)
     tuned = index.meta["embedder"] != index.embedder  # stored in the index, tuned on this FAQ's questions

@@ -17,7 +17,7 @@ import torch
 
 from faqtune.data import FaqEntry
 from faqtune.models import cpu_bf16_is_fast
-from faqtune.retrieval import embedder_path
+from faqtune.retrieval import open_embedder
 
 BATCH = 32  # forms per batch; the in-batch negatives are the other entries of the batch
 SCALE = 20.0  # cosine similarities x SCALE are the logits (sentence-transformers' MultipleNegativesRankingLoss)
@@ -51,11 +51,9 @@ def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, i
                   epochs: int, mix: float, seed: int = 0) -> Path:
     """Tune embedder `name` (an alias, id or folder) for `epochs` on `anchors` ((form, index into `entries`)),
     mix it with the original by `mix`, and save it as a sentence-transformers folder `out_dir` (returned)."""
-    from sentence_transformers import SentenceTransformer
-
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = SentenceTransformer(embedder_path(name), device="cpu", trust_remote_code=False)
+    model = open_embedder(name)  # its own copy: the tuning changes its weights
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
 

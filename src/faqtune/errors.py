@@ -35,6 +35,10 @@ class ModelError(FaqtuneError):
     """A base model or adapter that cannot be found or loaded."""
 
 
+class PromptTooLong(FaqtuneError):
+    """A prompt (the question with its system prompt, FAQ entries and history) longer than the model's context."""
+
+
 class CheckpointError(FaqtuneError):
     """A checkpoint or adapter that cannot be written or read (disk full, corrupt); names the path."""
 

@@ -120,6 +120,7 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
         raise DataError(str(path), "holds no questions")
     gone = _gone_faq(cfg, faq)  # checked once, refused at the first question that pairs by id or order
     qs, refs = [], []
+    paired: dict[str, str] = {}  # "id" / "order" -> the first record paired so
     for i, (record, obj) in enumerate(records):
         if not isinstance(obj, dict):
             raise DataError(str(path), f"must be an object, got {type(obj).__name__}", record)
@@ -145,12 +146,17 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
                 raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}",
                                 record, "id")
             refs.append(faq_entries[idx].answer)
+            paired.setdefault("id", record)
         else:
             _pairable(gone, path, record, "order")
+            paired.setdefault("order", record)
             if i >= len(faq_entries):
                 raise DataError(str(path), f"has more questions than the FAQ has entries ({len(faq_entries)}) "
                                            "to pair by order; add an 'id' or 'answer' field", record)
             refs.append(faq_entries[i].answer)
+        if len(paired) == 2:  # by order, a record's place counts the records with an id too: a guess
+            raise DataError(str(path), f"has no 'id' or 'answer' field, but {paired['id']} pairs with the FAQ by "
+                                       "id; give every question an id (or an answer)", paired["order"])
     pool = list(dict.fromkeys(pool + refs))
     return EvalSet(qs, refs, pool, str(path))
 

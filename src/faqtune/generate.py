@@ -10,6 +10,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from faqtune.config import GenerationConfig
+from faqtune.errors import PromptTooLong
 from faqtune.prompting import TEMPLATE_MARKERS, build_messages, encode_prompt
 
 
@@ -107,10 +108,17 @@ class Answerer:
         `stopping(width)` makes a StoppingCriteria for the batch, given its prompt width."""
         prompts = [encode_prompt(self.tokenizer, msgs) for msgs in conversations]
         width = max(len(p) for p in prompts)
+        context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        if context and width >= context:  # positions past the context: the model would answer noise, or fail
+            raise PromptTooLong(f"the prompt is {width} tokens (the question with its system prompt, FAQ entries "
+                                f"and history), longer than the model's context of {context} tokens: "
+                                "shorten the question")
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         kwargs = self._generate_kwargs(gen)
+        if context:  # the answer ends where the context does
+            kwargs["max_new_tokens"] = min(gen.max_new_tokens, context - width)
         if len(prompts) == 1 and gen.temperature == 0 and gen.num_return_sequences == 1 and gen.prompt_lookup:
             kwargs["prompt_lookup_num_tokens"] = gen.prompt_lookup  # greedy output unchanged; fewer forwards
         if stopping is not None:

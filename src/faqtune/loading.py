@@ -124,9 +124,11 @@ def load_adapters(base: str, cfg: FaqtuneConfig, adapters: dict[str, Path]):
         from peft import PeftModel
 
         (first, folder), *rest = adapters.items()
-        model = PeftModel.from_pretrained(model, str(safe_adapter_dir(folder)), adapter_name=first)
+        with merge.adapter_fits(folder):
+            model = PeftModel.from_pretrained(model, str(safe_adapter_dir(folder)), adapter_name=first)
         for name, folder in rest:
-            model.load_adapter(str(safe_adapter_dir(folder)), adapter_name=name)
+            with merge.adapter_fits(folder):
+                model.load_adapter(str(safe_adapter_dir(folder)), adapter_name=name)
     model.eval()
     model.config.use_cache = True
     return model

@@ -10,9 +10,13 @@ below both, so that `models.load_for_inference` can merge in memory without impo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from faqtune.errors import ModelError
 
 MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -30,6 +34,22 @@ def dequantize(quantized) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextmanager
+def adapter_fits(adapter_dir: str | Path) -> Iterator[None]:
+    """PEFT loading the adapter in `adapter_dir` onto a base: weights whose shapes do not fit (a rank `r` in
+    adapter_config.json other than the weights', or another base) are one line naming the folder and the first
+    mismatch, not torch's list of every tensor."""
+    try:
+        yield
+    except RuntimeError as e:
+        mismatches = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
+        if not mismatches:
+            raise
+        raise ModelError(f"{adapter_dir}: the adapter's weights do not fit its adapter_config.json and base model "
+                         f"({len(mismatches)} tensor(s); first: {mismatches[0].rstrip('.')}); was adapter_config.json edited, "
+                         "or the adapter trained on another base?") from None
+
+
 def merge_into(model, adapter_dir: str | Path, dtype: str, weights: dict[str, torch.Tensor] | None = None):
     """`model` (full precision, fp32) with `weights` copied over its own (the dequantized ones, or None to keep
     the checkpoint's), the adapter in `adapter_dir` merged in fp32, then every parameter cast to `dtype`.
@@ -41,7 +61,9 @@ def merge_into(model, adapter_dir: str | Path, dtype: str, weights: dict[str, to
         with torch.no_grad():
             for key, value in weights.items():
                 state[key].copy_(value)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with adapter_fits(adapter_dir):
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model = model.merge_and_unload()
     with torch.no_grad():  # parameters only: buffers such as rope's inv_freq stay fp32, as from_pretrained keeps them
         for param in model.parameters():
             param.data = param.data.to(MERGE_DTYPES[dtype])

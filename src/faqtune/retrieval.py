@@ -73,16 +73,22 @@ def embedder_path(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
-@lru_cache(maxsize=4)
-def load_embedder(name: str):
-    """A sentence-transformers model on CPU (it is small; the GPU is left to the LLM)."""
+def open_embedder(name: str):
+    """A sentence-transformers model on CPU (it is small; the GPU is left to the LLM), loaded anew: a missing
+    model (OSError) or a folder that is not one (ValueError: no model_type, broken JSON) is one line naming it."""
     from sentence_transformers import SentenceTransformer
 
     path = embedder_path(name)
     try:
         return SentenceTransformer(path, device="cpu", trust_remote_code=False)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the embedding model {name!r}: {str(e).splitlines()[0]}") from e
+
+
+@lru_cache(maxsize=4)
+def load_embedder(name: str):
+    """`open_embedder(name)`, shared by the callers that only encode with it."""
+    return open_embedder(name)
 
 
 def embed(name: str, texts: list[str], batch_size: int = 64) -> list[list[float]]:
