@@ -189,10 +189,14 @@ def test_alpaca_input_follows_the_instruction(tmp_path):
     recs = [{"instruction": "Translate to French.", "input": "hello", "output": "bonjour"},
             {"instruction": "Say hi.", "input": "", "output": "hi"},
             {"instruction": "Say bye.", "input": " \u200b", "output": "bye"},  # blank: no input, as before
-            {"instruction": "Count.", "input": ["1", "2"], "output": "1, 2"}]  # not text: ignored, as before
+            {"instruction": "Say it.", "input": None, "output": "it"}]  # null: no input
     data = load_faq(_write(tmp_path, "faq.jsonl", _jsonl(*recs)))
     assert _pairs(data) == [("Translate to French.\n\nhello", "bonjour"), ("Say hi.", "hi"), ("Say bye.", "bye"),
-                            ("Count.", "1, 2")]
+                            ("Say it.", "it")]
+    for value in (5, ["1", "2"]):  # was dropped: six records with inputs 1..6 trained as one question
+        bad = {"instruction": "Double it.", "input": value, "output": "10"}
+        with pytest.raises(DataError, match=r"faq.jsonl line 1: field 'input': must be text, got"):
+            load_faq(_write(tmp_path, "faq.jsonl", _jsonl(bad)))
 
 
 def test_several_lists_of_records_are_refused(tmp_path):

@@ -118,6 +118,8 @@ def test_questions_paired_by_id_and_by_order(tmp_path):
     csv_ids = tmp_path / "ids.csv"  # every CSV value is text: its ids are strings of digits
     csv_ids.write_text("id,question\n2,forgot pasword\n 0 ,send stuff back?\n")
     assert build_eval_set(run, cfg, csv_ids).references == [POOL[2], POOL[0]]
+    csv_ids.write_text("Question,ID\nforgot pasword,2\nsend stuff back?,0\n")  # paired by order before
+    assert build_eval_set(run, cfg, csv_ids).references == [POOL[2], POOL[0]]
     csv_ids.write_text("id,question\nx,forgot pasword\n")
     with pytest.raises(DataError, match=r"ids.csv line 2: field 'id': must be an FAQ index in \[0, 3\), got 'x'"):
         build_eval_set(run, cfg, csv_ids)
@@ -125,6 +127,21 @@ def test_questions_paired_by_id_and_by_order(tmp_path):
     mixed.write_text('{"id": 2, "question": "forgot pasword"}\n{"question": "send stuff back?"}\n')
     with pytest.raises(DataError, match=r"mixed.jsonl line 2: has no 'id' or 'answer' field, but line 1 pairs"):
         build_eval_set(run, cfg, mixed)
+
+
+def test_offtopic_records_are_read_by_their_question_field(tmp_path):
+    """A JSONL or CSV off-topic file was read line by line: the JSON objects and the CSV header were questions."""
+    from faqtune.evaluate import read_offtopic
+
+    (tmp_path / "off.jsonl").write_text('{"question": "What is the capital of France?"}\n{"Question": "Who won?"}\n')
+    (tmp_path / "off.csv").write_text("question,topic\nWhat is the capital of France?,geo\n")
+    (tmp_path / "off.txt").write_text("What is the capital of France?\n\n{not json}\n")
+    assert read_offtopic(tmp_path / "off.jsonl") == ["What is the capital of France?", "Who won?"]
+    assert read_offtopic(tmp_path / "off.csv") == ["What is the capital of France?"]
+    assert read_offtopic(tmp_path / "off.txt") == ["What is the capital of France?", "{not json}"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: field 'question': missing"):
+        read_offtopic(tmp_path / "bad.jsonl")
 
 
 def test_pairing_with_a_runs_faq_that_is_gone_is_refused(tmp_path):

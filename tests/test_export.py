@@ -180,6 +180,38 @@ def test_push_merged_and_errors(tiny_run, merged, tmp_path, capsys, monkeypatch)
     assert "OWNER/NAME" in capsys.readouterr().err
 
 
+def test_push_merged_never_uploads_a_stale_or_unfinished_merge(tiny_run, tmp_path, capsys):
+    """`push --merged` took RUN/merged as it was: merged before a `train --resume`, or left by an interrupted
+    merge (weights, no report)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from faqtune.errors import FaqtuneError
+    from faqtune.ship.hub import push
+    from faqtune.ship.merged import REPORT_NAME, adapter_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["merge", str(run), str(run / "merged"), "--dtype", "fp32", "--no-check"]) == 0
+    assert not list(tmp_path.glob("run/.merged.merging-*"))  # built beside it, renamed into place
+    weights = run / "adapter" / "adapter_model.safetensors"  # trained on since: another adapter
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, str(weights))
+    user_copy = tmp_path / "mine"
+    shutil.copytree(run / "merged", user_copy)
+    with pytest.raises(FaqtuneError, match="was merged from another adapter"):
+        push(run, "acme/x", merged=True, api=FakeHubApi(tmp_path / "hub1"), merged_dir=user_copy)
+    push(run, "acme/x", merged=True, api=FakeHubApi(tmp_path / "hub2"))
+    err = capsys.readouterr().err
+    assert "was merged from another adapter" in err and "merging again" in err
+    up = json.loads((tmp_path / "hub2" / "acme" / "x" / REPORT_NAME).read_text())
+    assert up["adapter_sha256"] == adapter_fingerprint(run / "adapter")
+    (run / "merged" / REPORT_NAME).unlink()  # what an interrupted merge left before
+    push(run, "acme/x", merged=True, api=FakeHubApi(tmp_path / "hub3"))
+    assert f"holds no readable {REPORT_NAME}" in capsys.readouterr().err
+    assert (run / "merged" / REPORT_NAME).exists()
+
+
 # ---- GGUF -------------------------------------------------------------------------------------------
 
 def test_rope_permutation_is_what_the_transformers_loader_reverses():

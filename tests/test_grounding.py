@@ -536,6 +536,24 @@ def test_index_says_the_duplicates_it_dropped_as_train_does(tmp_path, capsys):
     assert "dropped 1 exact duplicate record(s)" in err and "1 question(s) asked again with another answer" in err
 
 
+def test_a_runs_index_is_rebuilt_from_its_csv_with_its_column_mapping(tmp_path, capsys):
+    """`faqtune index` read the run's own CSV without the run's --data.question_field/answer_field: 'missing'."""
+    from faqtune.cli import main
+    from faqtune.config import FaqtuneConfig
+
+    faq = tmp_path / "custom.csv"
+    faq.write_text("Q,A\n" + "".join(f"{r['question']},{r['answer']}\n" for r in thing_rows(4)))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = FaqtuneConfig(output_dir=str(run))
+    cfg.data.path, cfg.data.question_field, cfg.data.answer_field = str(faq), "Q", "A"
+    cfg.save(run / "config.yaml")
+    assert main(["index", str(faq), "--out", str(run / "index"), "--embedder-epochs", "0"]) == 0
+    assert "indexed 4 entries" in capsys.readouterr().out
+    assert main(["index", str(faq), "--out", str(tmp_path / "alone"), "--embedder-epochs", "0"]) == 2  # no run
+    assert "field 'question': missing" in capsys.readouterr().err
+
+
 def test_eval_reports_retrieval_ceiling_differences_and_follow_ups(grounded_run, tmp_path):
     from faqtune.cli import main
 

@@ -252,6 +252,20 @@ def test_a_child_that_dies_is_an_error_not_a_hang():
 
 
 @pytest.mark.pipeline
+def test_ctrl_c_ends_the_child_in_silence(capfd):
+    """Ctrl-C while training built its index in the child printed the child's traceback ("Process
+    SpawnProcess-1: Traceback ...") before the parent's "interrupted"."""
+    import signal
+
+    try:
+        with pytest.raises(FaqtuneError, match="died"):  # the parent, interrupted too, says "interrupted"
+            memory.in_fresh_process(signal.raise_signal, signal.SIGINT)
+    except KeyboardInterrupt:
+        pytest.fail("the child's KeyboardInterrupt reached the parent")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.pipeline
 def test_a_script_without_a_main_guard_gets_the_reason(tmp_path):
     import subprocess
     import sys

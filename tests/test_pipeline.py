@@ -111,14 +111,49 @@ def test_an_adapter_config_whose_rank_does_not_fit_its_weights_is_one_line(train
 
 def test_a_question_longer_than_the_context_is_refused_and_chat_goes_on(trained_run, capsys, monkeypatch):
     """The tiny Llama's context is 512 tokens: ask and chat answered a longer prompt with no word (serve says
-    400); now ask refuses it in one line and chat skips that line, answers the next, and exits 1."""
+    400); now ask refuses it in one line and chat skips that line, answers the next, and exits 1. Grounded, the
+    top entry is answered as it is (the next test)."""
     long = "How do I do thing number 3? " * 120
-    assert main(["ask", str(trained_run), long, "--max-new-tokens", "4"]) == 2
+    assert main(["ask", str(trained_run), long, "--max-new-tokens", "4", "--no-grounding"]) == 2
     assert "longer than the model's context of 512 tokens" in _one_error_line(capsys)
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{long}\nHow do I do thing number 1?\n"))
-    assert main(["chat", str(trained_run), "--max-new-tokens", "4"]) == 1
+    assert main(["chat", str(trained_run), "--max-new-tokens", "4", "--no-grounding"]) == 1
     out, err = capsys.readouterr()
     assert out.count("\n") == 1 and "stdin line 1: the prompt is" in err and "skipped" in err
+
+
+def test_a_grounded_prompt_too_long_to_read_answers_the_top_entry_as_it_is(tiny_runs, tmp_path, capsys):
+    """An FAQ entry of 3,000 words made every question it was retrieved for fail with "shorten the question",
+    and `faqtune eval` die at the first; now the entry is answered verbatim and cited, without generating."""
+    from conftest import thing_rows, write_faq
+
+    terms = "The full terms: " + " ".join(f"clause {i} applies." for i in range(1000))
+    rows = [*thing_rows(6), {"question": "What are the full terms?", "answer": terms}]
+    run = tiny_runs(*FAST, faq=write_faq(tmp_path / "faq.json", rows), name="long-entry")
+    assert main(["ask", str(run), "What are the full terms?"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == terms and 'FAQ entry #6 "What are the full terms?"' in err
+    assert main(["ask", str(run), "How do I do thing number 2?", "--max-new-tokens", "4"]) == 0  # short: generated
+
+
+def test_resume_after_the_faq_was_edited_is_refused_and_the_run_kept(tiny_runs, tmp_path, capsys):
+    """An edited FAQ reshuffled the split on --resume, silently: entries trained on moved into the held-out half."""
+    from conftest import thing_rows, write_faq
+
+    faq = write_faq(tmp_path / "faq.json", thing_rows(10))
+    run = tiny_runs(*FAST, faq=faq, name="edited-faq")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    write_faq(faq, thing_rows(12))
+    assert main(["train", "--output", str(run), "--resume", "--train.max_steps", "3"]) == 2
+    assert "has changed since this run was trained" in _one_error_line(capsys)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_runs_adapter_folder_is_read_as_its_run(trained_run, capsys):
+    """`ask RUN/adapter` answered without retrieval and without the run's settings, with no word."""
+    assert main(["ask", str(trained_run / "adapter"), "How do I do thing number 1?", "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"is the adapter of the run {trained_run}" in err and "source: " in err
 
 
 def test_resume_continues_from_last_checkpoint(trained_run, capsys):

@@ -222,6 +222,20 @@ def test_an_output_that_cannot_be_a_directory_fails_first(tmp_path, a_file, caps
     assert ("is a file, expected a directory" if where == "file" else f"{a_file} is a file") in line
 
 
+@pytest.mark.parametrize("argv", [["merge", "RUN", "RUN/adapter/merged"], ["export-gguf", "RUN", "RUN/tb/x.gguf"],
+                                  ["index", "FAQ", "--out", "RUN/checkpoints/index"]])
+def test_an_output_inside_a_folder_a_run_replaces_is_refused(tmp_path, small_faq, capsys, argv):
+    """A merge into RUN/adapter/merged was deleted by the next `train --resume`, with no word."""
+    run = _fake_run(tmp_path / "run")
+    (run / "data").mkdir()
+    (run / "data" / "train.jsonl").write_text("")
+    argv = [a.replace("RUN", str(run)).replace("FAQ", str(small_faq)) for a in argv]
+    assert main(argv) == 2
+    assert "which faqtune replaces whole" in _one_line_error(capsys)
+    assert main(["index", str(small_faq), "--out", str(tmp_path / "mine" / "data" / "index"), "--embedder-epochs",
+                 "0"]) == 0  # a folder named data that is not a run's
+
+
 def test_export_gguf_output_that_is_a_directory(tmp_path, capsys):
     run = _fake_run(tmp_path / "run")
     out = tmp_path / "out.gguf"
@@ -351,7 +365,7 @@ def test_eval_limit_below_one_is_refused_at_parsing(tmp_path, capsys, limit):
 
 
 def test_a_fresh_train_clears_the_logs_of_an_attempt_without_checkpoints(tmp_path):
-    from faqtune.train import _prepare_run_dir
+    from faqtune.checkpoints import prepare_run_dir
 
     run = RunDir(tmp_path / "run")
     for resume in (True, False):
@@ -359,8 +373,26 @@ def test_a_fresh_train_clears_the_logs_of_an_attempt_without_checkpoints(tmp_pat
         run.metrics_path.write_text('{"step": 1, "loss": 2.0}\n')
         run.tb_dir.mkdir(exist_ok=True)
         (run.tb_dir / "events.out").write_text("x")
-        _prepare_run_dir(FaqtuneConfig(output_dir=str(run.root)), run, resume=resume)
+        prepare_run_dir(FaqtuneConfig(output_dir=str(run.root)), run, resume=resume)
         assert run.metrics_path.exists() is resume and run.tb_dir.exists() is resume
+
+
+def test_training_into_a_folder_of_the_users_own_is_refused_and_nothing_touched(tmp_path, tiny_base, capsys):
+    """`--output .` in a project folder with data/train.jsonl (the FAQ trained on) cut that FAQ down to the
+    training split, replaced data/eval.jsonl and emptied tb/, exit 0."""
+    from conftest import thing_rows
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "tb").mkdir()
+    faq = tmp_path / "data" / "train.jsonl"
+    faq.write_text("".join(json.dumps(r) + "\n" for r in thing_rows(20)))
+    (tmp_path / "data" / "eval.jsonl").write_text('{"question": "mine?", "answer": "Mine."}\n')
+    (tmp_path / "tb" / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = ["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(tmp_path), "--embedder-epochs", "0"]
+    assert main(argv) == 2
+    assert "is not empty and holds no faqtune run" in _one_line_error(capsys)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_serve_takes_remote_code_only_from_its_command_line(tmp_path, remote_code_base, tiny_base, capsys):

@@ -12,11 +12,12 @@ import yaml
 from transformers import TrainerCallback
 
 from faqtune import models
+from faqtune.checkpoints import prepare_run_dir
 from faqtune.config import load_config
 from faqtune.errors import ConfigError
 from faqtune.prompting import encode_conversation
 from faqtune.run import RunDir
-from faqtune.train import FaqTrainer, _prepare_run_dir, mix_entries, resolve_optimizer
+from faqtune.train import FaqTrainer, mix_entries, resolve_optimizer
 
 pytestmark = pytest.mark.pipeline  # the training stage: torch, transformers' Trainer, TRL on every test
 
@@ -314,7 +315,7 @@ def test_the_faq_path_is_saved_absolute(tmp_path, monkeypatch):
     """`eval` pairs question ids with the run's FAQ file and `--resume` reads it again, from any folder."""
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, {"data.path": "faq.json", "output_dir": "run", "data.mix": "general:0.2,more.jsonl"})
-    _prepare_run_dir(cfg, RunDir("run"), resume=False)
+    prepare_run_dir(cfg, RunDir("run"), resume=False)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["path"] == str(tmp_path / "faq.json")
     assert saved["data"]["mix"] == ["general:0.2", f"{tmp_path / 'more.jsonl'}:0.1"]

@@ -29,8 +29,9 @@ from pathlib import Path
 # torch is imported where a tensor is touched, inside the Trainer's calls: this module is also imported without
 # training (checkpoint checks, resume, the fast tests), and torch costs seconds to import.
 from faqtune.config import FaqtuneConfig
+from faqtune.data import FaqEntry, load_faq
 from faqtune.errors import CheckpointError, FaqtuneError, TrainingStopped
-from faqtune.run import load_saved_settings
+from faqtune.run import LOCK_NAME, RunDir, load_saved_settings
 
 MANIFEST = "faqtune-manifest.json"
 PREFIX = "checkpoint-"
@@ -448,3 +449,38 @@ def check_resume_settings(cfg: FaqtuneConfig, saved_path: Path) -> None:
         raise FaqtuneError(f"--resume continues {saved_path.parent} with its own settings, but these differ from "
                            f"{saved_path}: {', '.join(changed)}; only {', '.join(sorted(RESUMABLE - {'output_dir'}))} "
                            "may change. Train into a new --output to change the others.")
+
+
+def check_resume_split(run: RunDir, data_path: str, train_entries: list[FaqEntry],
+                       eval_entries: list[FaqEntry]) -> None:
+    """A resume trains on the split its checkpoint was trained on: an FAQ edited since reshuffles it (entries
+    trained on would move into the held-out half), so that is refused before anything is written."""
+    for path, entries in ((run.train_split, train_entries), (run.eval_split, eval_entries)):
+        if not path.exists():  # no split saved to compare with
+            continue
+        saved = load_faq(path).entries if path.stat().st_size else []
+        if [e.messages for e in saved] != [e.messages for e in entries]:
+            raise FaqtuneError(f"{data_path} has changed since this run was trained (its split in {path} no longer "
+                               "matches): resuming would train on another split; train the edited FAQ into a new "
+                               "--output")
+
+
+def prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
+    """The run directory made ready to train in, its settings saved: refused when it holds a finished run (no
+    `resume`) or files that are not a run's; a fresh start clears the logs of an attempt that died early."""
+    theirs = [p for p in run.root.iterdir() if p.name != LOCK_NAME] if run.root.is_dir() else []
+    if theirs and not resume:
+        if run.has_adapter() or last_checkpoint(run.checkpoints_dir) is not None:
+            raise FaqtuneError(
+                f"{run.root} already holds a run; pass --resume to continue it or choose another --output"
+            )
+        if not run.config_path.exists():  # not an attempt that died before its first checkpoint: someone's folder
+            raise FaqtuneError(f"{run.root} is not empty and holds no faqtune run (e.g. {sorted(theirs)[0].name}): "
+                               "training writes data/, tb/, adapter/ and more there and would replace files of "
+                               "yours; choose a new or empty --output")
+    run.root.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh start: logs of an earlier attempt that died before its first checkpoint would mix in
+        run.metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(run.tb_dir, ignore_errors=True)
+    cfg.make_paths_absolute()  # `eval` (ids pair with the FAQ file) and `--resume` may run from elsewhere
+    cfg.save(run.config_path)

@@ -200,7 +200,7 @@ def cmd_ask(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.config import load_config
-    from faqtune.data import load_faq
+    from faqtune.data import load_faq, load_faq_of_run
     from faqtune.grounding import build_index
     from faqtune.run import RunDir, check_output, run_lock
 
@@ -211,7 +211,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     inside_run = run.config_path.exists()  # RUN/index of a run: no training may write it meanwhile
     # a run's index is rebuilt with the run's grounding settings (its embedder, its tuning, a fixed threshold)
     cfg = run.load_config(overrides) if inside_run else load_config(None, overrides)
-    faq = load_faq(args.faq)
+    faq = load_faq_of_run(args.faq, cfg.data) if inside_run else load_faq(args.faq)
     for note in faq.notes:  # duplicates dropped, questions asked twice: as train says them
         print(note, file=sys.stderr)
     with run_lock(run.root) if inside_run else contextlib.nullcontext():
@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "[default: the run's FAQ]")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the untuned base, side by side")
     p.add_argument("--out", help="report folder [default: RUN_DIR/eval]")
-    p.add_argument("--offtopic", help="off-topic questions, one a line [default: the bundled set]")
+    p.add_argument("--offtopic", help="off-topic questions: one a line, or JSON/JSONL/CSV records with a question field "
+                   "[default: the bundled set]")
     p.add_argument("--forgetting-threshold", type=finite_arg, default=0.2,
                    help="flag forgetting when general-text perplexity rises more than this share [default: 0.2]")
     p.add_argument("--fail-on-forgetting", action="store_true", help="exit 1 when forgetting is flagged")

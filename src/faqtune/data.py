@@ -185,6 +185,8 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
     a = text_field(obj[akey], file, record, akey)
     context = pick_key(keys, None, ("input",)) if qkey.lower() == "instruction" and not question_field else None
     extra = obj[context] if context is not None else None
+    if extra is not None and not isinstance(extra, str):  # a number or list was dropped: six records, one question
+        raise DataError(file, f"must be text, got {type(extra).__name__}", record, context)
     if isinstance(extra, str) and extra.translate(ZERO_WIDTH).strip():  # Alpaca: the input follows the instruction
         q = f"{q}\n\n{text_field(extra, file, record, context)}"
     return FaqEntry((("user", q), ("assistant", a)), record)
@@ -384,6 +386,16 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
         data.notes.append(f"{path}: {asked} question(s) asked again with another answer, all kept (e.g. "
                           f"{first.question[:60]!r}, {first.record} and {again.record}); merge or remove one")
     return data
+
+
+def load_faq_of_run(path: str | Path, data_cfg) -> FaqData:
+    """`path` read as a run read its FAQ (`data_cfg`: its data.format and field mapping) when it is that FAQ's
+    file (data.path), so a run trained on a CSV with mapped columns can be indexed and evaluated again; any
+    other file with its format detected."""
+    ours = data_cfg.path and Path(path).resolve() == Path(data_cfg.path).resolve()
+    if not ours:
+        return load_faq(path)
+    return load_faq(path, data_cfg.format, data_cfg.question_field, data_cfg.answer_field)
 
 
 def split(entries: list[FaqEntry], eval_fraction: float, seed: int) -> tuple[list[FaqEntry], list[FaqEntry]]:

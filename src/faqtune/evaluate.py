@@ -19,7 +19,7 @@ import torch
 
 from faqtune import data as data_mod
 from faqtune.data import packaged
-from faqtune.errors import DataError, FaqtuneError
+from faqtune.errors import DataError, FaqtuneError, PromptTooLong, one_line
 from faqtune.generate import Answer, Answerer
 from faqtune.grounding import is_decline, retrieval_only, retrieve_turns
 from faqtune.loss import answer_token_loss
@@ -106,7 +106,7 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
     A questions file may carry its own answers (any FAQ format), or only questions, paired with `faq`
     (default: the run's FAQ) by an `id` field (0-based index into the FAQ) or by order.
     """
-    faq_entries = data_mod.load_faq(faq).entries if faq else _faq_for_run(run, cfg)
+    faq_entries = data_mod.load_faq_of_run(faq, cfg.data).entries if faq else _faq_for_run(run, cfg)
     pool = [e.answer for e in faq_entries]
     if questions is None:
         if not run.eval_split.exists() or not run.eval_split.stat().st_size:
@@ -139,12 +139,12 @@ def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: s
         qs.append(data_mod.text_field(obj[qkey], str(path), record, qkey))
         if akey is not None:
             refs.append(data_mod.text_field(obj[akey], str(path), record, akey))
-        elif "id" in obj:
-            idx = faq_index(obj["id"])
+        elif (ikey := data_mod.pick_key(list(obj), None, ("id",))) is not None:  # matched as the others are: ID
+            idx = faq_index(obj[ikey])
             _pairable(gone, path, record, "id")
             if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
                 raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}",
-                                record, "id")
+                                record, ikey)
             refs.append(faq_entries[idx].answer)
             paired.setdefault("id", record)
         else:
@@ -172,13 +172,16 @@ def _percentile(values: list[float], q: float) -> float:
 
 def answer_all(bot: Answerer, questions: list[str]) -> tuple[list[Answer], list[float]]:
     """One question at a time, so each latency is what a user waits for one answer (after one warm-up)."""
-    if questions:
-        bot.ask(questions[0])  # first call pays one-off costs (kernel selection, caches)
     answers, seconds = [], []
-    for q in questions:
+    for i, q in enumerate(questions[:1] + questions):  # the first twice: its first call pays one-off costs
         start = time.perf_counter()
-        answers.append(bot.ask(q)[0])
-        seconds.append(time.perf_counter() - start)
+        try:
+            answer = bot.ask(q)[0]
+        except PromptTooLong as e:  # which one, of hundreds
+            raise PromptTooLong(f"question {max(i, 1)} ({one_line(q[:50])}...): {e}") from None
+        if i:
+            answers.append(answer)
+            seconds.append(time.perf_counter() - start)
     return answers, seconds
 
 
@@ -248,12 +251,26 @@ def _general_instructions() -> tuple[list[str], list[str]]:
     return [r["question"] for r in rows], [r["answer"] for r in rows]
 
 
+RECORD_SUFFIXES = (".json", ".jsonl", ".csv")  # off-topic files read as records; any other, one question a line
+
+
 def read_offtopic(path: str | Path | None) -> list[str]:
+    """Off-topic questions: one a line, or the question field of each record of a JSON/JSONL/CSV file (its
+    lines were taken whole: a JSON object or a CSV header counted as a question)."""
     path = Path(path) if path else packaged("offtopic_questions.txt")
-    lines = [q.strip() for q in data_mod.read_text(path).splitlines() if q.strip()]
-    if not lines:
+    if path.suffix.lower() not in RECORD_SUFFIXES:
+        questions = [q.strip() for q in data_mod.read_text(path).splitlines() if q.strip()]
+    else:
+        questions = []
+        for record, obj in _read_question_records(path):
+            qkey = data_mod.pick_key(list(obj), None, data_mod.QUESTION_KEYS) if isinstance(obj, dict) else None
+            if qkey is None:
+                raise DataError(str(path), "missing (an off-topic file holds questions: records with a question "
+                                           "field, or one question a line in a .txt file)", record, "question")
+            questions.append(data_mod.text_field(obj[qkey], str(path), record, qkey))
+    if not questions:
         raise DataError(str(path), "holds no questions")
-    return lines
+    return questions
 
 
 @dataclass
@@ -385,7 +402,8 @@ def read_conversations(path: str | Path, faq_entries: list[data_mod.FaqEntry]) -
 def load_conversations(run: RunDir, cfg, path: str | Path, faq: str | Path | None = None):
     """`read_conversations` against `faq` (default: the run's FAQ, as `build_eval_set` pairs questions)."""
     _pairable(_gone_faq(cfg, faq), Path(path), None, "id")
-    return read_conversations(path, data_mod.load_faq(faq).entries if faq else _faq_for_run(run, cfg))
+    return read_conversations(path, data_mod.load_faq_of_run(faq, cfg.data).entries if faq else
+                              _faq_for_run(run, cfg))
 
 
 def answer_conversation(bot: Answerer, turns: list[str]) -> Answer:

@@ -19,10 +19,12 @@ from faqtune.data import FaqEntry, packaged
 from faqtune.embedder_tuning import tune_embedder
 from faqtune.generate import Answer, Answerer
 from faqtune.metrics import rouge_l
+from faqtune.prompting import encode_prompt
 from faqtune.reader import NONE, check_choice, choice_target, pick, score_choices
 from faqtune.retrieval import FaqIndex, Hit, IndexError_, building_dir, calibrate_threshold, swap_into_place
 from faqtune.run import RunDir
 
+MIN_ANSWER_TOKENS = 32  # a grounded prompt leaving less room in the context is answered with its top entry verbatim
 RELATED_MARGIN = 0.05  # related entries score within this of the top one (benchmarks/README.md, "Related questions")
 INSTRUCTION = "Answer the customer's question from the FAQ entries above. If none of them answers it, say so."
 DECLINE = re.compile(
@@ -314,13 +316,13 @@ class GroundedAnswerer(Answerer):
 
     def unanswered(self, context) -> Answer:
         """Said without generating (`context` = (picked, near)): the entry the choice step picked (`picked` =
-        (choice, hit)), verbatim and cited, else the decline (no FAQ entry is similar enough, or the choice step
+        (choice, hit); choice None: the top entry of a prompt too long to read), verbatim and cited, else the decline (no FAQ entry is similar enough, or the choice step
         picked none); with the related entries of `near`."""
         picked, near = context
         if picked is not None:
             choice, hit = picked
-            return Answer(hit.answer, True, 0, 0, hit.answer, {**hit.citation(), "choice": choice, "verbatim": True},
-                          related=self.related(near, hit))
+            source = {**hit.citation(), **({"choice": choice} if choice is not None else {}), "verbatim": True}
+            return Answer(hit.answer, True, 0, 0, hit.answer, source, related=self.related(near, hit))
         msg = self.grounding.decline_message
         return Answer(msg, True, 0, 0, msg, None, True, self.related(near, None))
 
@@ -347,8 +349,18 @@ class GroundedAnswerer(Answerer):
                 out.append((None, (None, near)))
                 continue
             shown = hits[:self.grounding.top_k]
-            out.append((grounded_conversation(conv, shown, self.grounding.history), (shown, near)))
+            grounded = grounded_conversation(conv, shown, self.grounding.history)
+            if self.too_long(grounded):  # long entries: answered with the top one as it is, not refused
+                out.append((None, ((None, shown[0]), near)))
+                continue
+            out.append((grounded, (shown, near)))
         return self.choose(out) if self.grounding.choice else out
+
+    def too_long(self, conversation: list[dict[str, str]]) -> bool:
+        """The prompt leaves the model's context fewer than MIN_ANSWER_TOKENS (or max_new_tokens) to answer in."""
+        context = int(getattr(getattr(self.model, "config", None), "max_position_embeddings", 0) or 0)
+        room = min(self.gen.max_new_tokens, MIN_ANSWER_TOKENS)
+        return bool(context) and len(encode_prompt(self.tokenizer, conversation)) > context - room
 
     def choose(self, prepared: list[tuple]) -> list[tuple]:
         """`grounding.choice`: the scored choice step instead of generating (see reader.py); the choice's

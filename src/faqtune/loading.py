@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ def open_run(ident: str | Path, overrides: dict[str, Any] | None = None, trust_r
     (+ `overrides`; `trust_remote_code` from the caller only, never from the files), base, adapter, tokenizer.
     Loads no weights."""
     root = Path(fetch_adapter(str(ident)))
+    if is_adapter_folder(root) and RunDir(root.parent).adapter_dir == root and RunDir(root.parent).config_path.exists():
+        print(f"note: {root} is the adapter of the run {root.parent}: reading the run (its settings, its FAQ "
+              "index)", file=sys.stderr)  # alone, it answered without retrieval and the run's settings
+        root = root.parent
     if is_adapter_folder(root):  # a pushed adapter (or its Hub download): settings from its faqtune.yaml
         cfg = cfg or adapter_folder_config(root, overrides, trust_remote_code)
         tokenizer_dir = root if (root / "tokenizer_config.json").exists() else root / "tokenizer"

@@ -15,7 +15,9 @@ import ctypes
 import ctypes.util
 import functools
 import multiprocessing
+import os
 import pickle
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -145,6 +147,13 @@ def release_freed_memory() -> bool:
     return True
 
 
+def _quiet_on_interrupt() -> None:
+    """The child leaves at once and in silence on Ctrl-C: the terminal sends SIGINT to the parent too, which says
+    "interrupted"; the child's own KeyboardInterrupt printed a traceback (it comes mostly while the child still
+    imports the work's modules, outside any handler of ours)."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
 def _call_in_child(fn: Callable, args: tuple, threads: int) -> tuple[bool, Any]:
     """The child's side of `in_fresh_process`: (True, result), or (False, the FaqtuneError) for a user's mistake.
     An error whose class cannot be rebuilt from its pickle (DataError takes several arguments) travels as a
@@ -166,7 +175,8 @@ def in_fresh_process(fn: Callable, *args: Any) -> Any:
     process's heap. `fn`, its arguments and its result must pickle. Where no child can be started (no working
     semaphores in some sandboxes), it runs here instead."""
     try:
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_quiet_on_interrupt)
     except (OSError, ImportError, NotImplementedError):
         return fn(*args)
     with pool:

@@ -94,12 +94,32 @@ def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = No
 
 # ---- output paths -----------------------------------------------------------------------------------
 
+MANAGED = ("adapter", "checkpoints", "tokenizer", "data", "tb", "index")  # folders a run's commands replace whole
+
+
+def _outside_managed(path: Path, what: str) -> None:
+    """Refuse a path inside a folder a run's commands replace whole (RUN/adapter/merged was deleted by the next
+    `train --resume`; a merge into RUN/checkpoints/checkpoint-99 was renamed .partial)."""
+    parts = path.resolve().parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] in MANAGED and _is_run(RunDir(Path(*parts[:i]))):
+            raise FaqtuneError(f"{what} {path}: inside {Path(*parts[:i + 1])}, which faqtune replaces whole "
+                               "(training, indexing); choose a path outside it")
+
+
+def _is_run(run: RunDir) -> bool:
+    """A training run (its settings, and its split, checkpoints or adapter): not any folder with a config.yaml."""
+    return run.config_path.is_file() and any(p.exists() for p in (run.train_split, run.checkpoints_dir,
+                                                                  run.adapter_dir))
+
+
 def check_output(path: str | Path, kind: str = "dir", what: str = "output") -> Path:
     """Fail early, in one line naming the path, when `path` cannot be written: checked before any expensive
     work. `kind` "dir": an existing directory or one that can be created; "file": a file (not a directory)
     in such a directory."""
     path = Path(path)
     try:
+        _outside_managed(path, what)
         exists = path.exists()
         if kind == "file":
             if path.is_dir():

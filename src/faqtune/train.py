@@ -247,20 +247,6 @@ def _training_args(cfg: FaqtuneConfig, run: RunDir, has_eval: bool, activations:
     )
 
 
-def _prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
-    if run.root.exists() and any(run.root.iterdir()) and not resume:
-        if run.has_adapter() or checkpoints.last_checkpoint(run.checkpoints_dir) is not None:
-            raise FaqtuneError(
-                f"{run.root} already holds a run; pass --resume to continue it or choose another --output"
-            )
-    run.root.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a fresh start: logs of an earlier attempt that died before its first checkpoint would mix in
-        run.metrics_path.unlink(missing_ok=True)
-        shutil.rmtree(run.tb_dir, ignore_errors=True)
-    cfg.make_paths_absolute()  # `eval` (ids pair with the FAQ file) and `--resume` may run from elsewhere
-    cfg.save(run.config_path)
-
-
 def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCallback, ...] = ()) -> dict[str, Any]:
     """Fine-tune per `cfg`; returns the summary written to the run directory.
 
@@ -279,8 +265,10 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     for note in faq.notes:
         _say(note)
     train_entries, eval_entries = data_mod.split(faq.entries, cfg.data.eval_fraction, cfg.data.seed)
+    if last is not None:  # before anything is written
+        checkpoints.check_resume_split(run, data_path, train_entries, eval_entries)
     mixed = mix_entries(cfg, len(train_entries))
-    _prepare_run_dir(cfg, run, resume)
+    checkpoints.prepare_run_dir(cfg, run, resume)
     data_mod.write_jsonl(train_entries, run.train_split)
     data_mod.write_jsonl(eval_entries, run.eval_split)
     if mixed:

@@ -18,7 +18,7 @@ from faqtune.errors import FaqtuneError, ModelError
 from faqtune.models import EMBEDDED_HUB_IDS
 from faqtune.report import EvalReport
 from faqtune.run import RunDir
-from faqtune.ship.merged import REPORT_NAME, merge_run
+from faqtune.ship.merged import REPORT_NAME, merge_run, stale_merge
 
 
 def _hub_base(cfg) -> str:
@@ -205,6 +205,13 @@ def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool 
         merge_report = None
         if merged:
             folder = Path(merged_dir) if merged_dir else run.merged_dir
+            stale = stale_merge(run, folder) if (folder / "config.json").exists() else None
+            if stale and folder != run.merged_dir:  # the user's folder: not ours to replace
+                raise FaqtuneError(f"{folder} {stale}: merge again into a new folder (faqtune merge {run.root} "
+                                   "OUT_DIR) and push that")
+            if stale:
+                print(f"push: {folder} {stale}; merging again", file=sys.stderr)
+                shutil.rmtree(folder)
             if not (folder / "config.json").exists():
                 print(f"push: no merged model in {folder}; merging it now (faqtune merge {run.root} {folder})",
                       file=sys.stderr)

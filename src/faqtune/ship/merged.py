@@ -12,7 +12,10 @@ hub.py pushes the adapter or the merged model with a model card; gguf.py writes 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,26 +118,67 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
     """Merge, measure against the 4-bit model as trained, save to out_dir; returns the fidelity report.
 
     `trust_remote_code`: the command line's --trust-remote-code (the run's own settings cannot enable it)."""
-    from transformers import AutoModelForCausalLM
-
     if dtype not in MERGE_DTYPES:
         raise FaqtuneError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     if base_weights not in BASE_WEIGHTS:
         raise FaqtuneError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
     opened = open_run(run_dir, trust_remote_code=trust_remote_code)
-    run, cfg = RunDir(opened.root), opened.cfg
     if not opened.has_adapter():
         raise ModelError(f"{opened.adapter_dir}: no adapter_config.json (did training finish?)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FaqtuneError(f"{out} exists and is not empty; choose another OUT_DIR or remove it")
+    # built beside OUT_DIR and renamed into place with its report: an interrupted merge leaves no OUT_DIR that
+    # `push --merged` would take for a finished one
+    building = out.parent / f".{out.name}.merging-{os.getpid()}"
+    try:
+        report = _merge_into_folder(opened, building, dtype, base_weights, limit, check)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return report
+
+
+def adapter_fingerprint(adapter_dir: str | Path) -> str:
+    """sha256 of an adapter's config and weights: a merge records it, `push --merged` compares it."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(Path(adapter_dir) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def stale_merge(run: RunDir, folder: Path) -> str | None:
+    """Why the merged model in `folder` is not the run's adapter as it is now, or None: no report (a merge that
+    did not finish, or not faqtune's), or one made from another adapter (trained since). A report written
+    before the fingerprint was recorded is taken as it is."""
+    try:
+        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"holds no readable {REPORT_NAME} (a merge that did not finish?)"
+    saved = report.get("adapter_sha256") if isinstance(report, dict) else None
+    if saved is not None and saved != adapter_fingerprint(run.adapter_dir):
+        return f"was merged from another adapter than {run.adapter_dir} holds now (trained since?)"
+    return None
+
+
+def _merge_into_folder(opened, out: Path, dtype: str, base_weights: str, limit: int, check: bool) -> dict[str, Any]:
+    """`merge_run`'s work, written into `out`: the merge (each candidate measured unless not `check`), the
+    saved model measured as loaded from `out`, and the report."""
+    from transformers import AutoModelForCausalLM
+
+    run, cfg = RunDir(opened.root), opened.cfg
     quantized = cfg.quantization.mode != "none"
     candidates = (["dequantized", "original"] if quantized and base_weights == "auto"
                   else ["original"] if not quantized else
                   ["dequantized" if base_weights == "auto" else base_weights])
     tokenizer = opened.tokenizer()
     report: dict[str, Any] = {"run_dir": str(run.root), "dtype": dtype, "base_model": cfg.base_model,
-                              "quantization": cfg.quantization.mode}
+                              "quantization": cfg.quantization.mode,
+                              "adapter_sha256": adapter_fingerprint(opened.adapter_dir)}
     if not check:
         if len(candidates) > 1:
             candidates = ["dequantized"]
