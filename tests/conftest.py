@@ -85,6 +85,15 @@ def thing_rows(n: int = 10, answer: str = "Thing {i} is done on page {i}.") -> l
     return [{"question": f"How do I do thing number {i}?", "answer": answer.format(i=i)} for i in range(n)]
 
 
+def one_error_line(capsys) -> str:
+    """The one `error: ...` line a command printed on stderr, with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def write_faq(path: Path, rows: list[dict[str, str]]) -> Path:
     """`rows` as an FAQ file in the guide's JSON shape."""
     path.write_text(json.dumps({"questions": rows}), encoding="utf-8")

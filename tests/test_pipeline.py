@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+from conftest import one_error_line, thing_rows, write_faq
 
 from faqtune.cli import main
 
@@ -83,14 +84,6 @@ def test_chat_reads_piped_stdin(trained_run, capsys, monkeypatch):
     assert "you>" not in out
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("command", [["ask", "RUN", "How do I do thing number 1?", "--merged", "none"],
                                      ["ask", "RUN", "How do I do thing number 1?", "--merged", "fp32"],
                                      ["merge", "RUN", "OUT"]])
@@ -105,7 +98,7 @@ def test_an_adapter_config_whose_rank_does_not_fit_its_weights_is_one_line(train
     (run / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     argv = [str(run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in command]
     assert main(argv) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(run / "adapter") in line and "do not fit its adapter_config.json" in line and "size mismatch" in line
 
 
@@ -115,7 +108,7 @@ def test_a_question_longer_than_the_context_is_refused_and_chat_goes_on(trained_
     top entry is answered as it is (the next test)."""
     long = "How do I do thing number 3? " * 120
     assert main(["ask", str(trained_run), long, "--max-new-tokens", "4", "--no-grounding"]) == 2
-    assert "longer than the model's context of 512 tokens" in _one_error_line(capsys)
+    assert "longer than the model's context of 512 tokens" in one_error_line(capsys)
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{long}\nHow do I do thing number 1?\n"))
     assert main(["chat", str(trained_run), "--max-new-tokens", "4", "--no-grounding"]) == 1
     out, err = capsys.readouterr()
@@ -125,8 +118,6 @@ def test_a_question_longer_than_the_context_is_refused_and_chat_goes_on(trained_
 def test_a_grounded_prompt_too_long_to_read_answers_the_top_entry_as_it_is(tiny_runs, tmp_path, capsys):
     """An FAQ entry of 3,000 words made every question it was retrieved for fail with "shorten the question",
     and `faqtune eval` die at the first; now the entry is answered verbatim and cited, without generating."""
-    from conftest import thing_rows, write_faq
-
     terms = "The full terms: " + " ".join(f"clause {i} applies." for i in range(1000))
     rows = [*thing_rows(6), {"question": "What are the full terms?", "answer": terms}]
     run = tiny_runs(*FAST, faq=write_faq(tmp_path / "faq.json", rows), name="long-entry")
@@ -138,14 +129,12 @@ def test_a_grounded_prompt_too_long_to_read_answers_the_top_entry_as_it_is(tiny_
 
 def test_resume_after_the_faq_was_edited_is_refused_and_the_run_kept(tiny_runs, tmp_path, capsys):
     """An edited FAQ reshuffled the split on --resume, silently: entries trained on moved into the held-out half."""
-    from conftest import thing_rows, write_faq
-
     faq = write_faq(tmp_path / "faq.json", thing_rows(10))
     run = tiny_runs(*FAST, faq=faq, name="edited-faq")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     write_faq(faq, thing_rows(12))
     assert main(["train", "--output", str(run), "--resume", "--train.max_steps", "3"]) == 2
-    assert "has changed since this run was trained" in _one_error_line(capsys)
+    assert "has changed since this run was trained" in one_error_line(capsys)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

@@ -13,19 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_error_line, thing_rows
 
 from faqtune.cli import main
 from faqtune.config import FaqtuneConfig
 from faqtune.errors import FaqtuneError, ModelError
 from faqtune.run import RunDir
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _fake_run(root: Path, **settings) -> Path:
@@ -140,7 +133,7 @@ def test_a_second_train_into_a_locked_run_is_refused(tmp_path, capsys):
     try:
         (run / ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
         assert main(["train", "--output", str(run), "--data", str(tmp_path / "no-such.json")]) == 2
-        line = _one_line_error(capsys)
+        line = one_error_line(capsys)
         assert f"in use by process {holder.pid}" in line and str(run) in line
         assert (run / ".lock").exists()  # still the other writer's
     finally:
@@ -154,7 +147,7 @@ def test_index_into_a_run_that_is_training_is_refused(tmp_path, small_faq, capsy
     try:
         (run / ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
         assert main(["index", str(small_faq), "--out", str(run / "index")]) == 2
-        assert f"in use by process {holder.pid}" in _one_line_error(capsys)
+        assert f"in use by process {holder.pid}" in one_error_line(capsys)
         assert not (run / "index").exists()
     finally:
         holder.kill()
@@ -217,7 +210,7 @@ def test_an_output_that_cannot_be_a_directory_fails_first(tmp_path, a_file, caps
     run = _fake_run(tmp_path / "run")
     out = a_file if where == "file" else a_file / "sub"
     assert main(argv(run, out)) == 2
-    line = _one_line_error(capsys)
+    line = one_error_line(capsys)
     assert str(out) in line
     assert ("is a file, expected a directory" if where == "file" else f"{a_file} is a file") in line
 
@@ -231,7 +224,7 @@ def test_an_output_inside_a_folder_a_run_replaces_is_refused(tmp_path, small_faq
     (run / "data" / "train.jsonl").write_text("")
     argv = [a.replace("RUN", str(run)).replace("FAQ", str(small_faq)) for a in argv]
     assert main(argv) == 2
-    assert "which faqtune replaces whole" in _one_line_error(capsys)
+    assert "which faqtune replaces whole" in one_error_line(capsys)
     assert main(["index", str(small_faq), "--out", str(tmp_path / "mine" / "data" / "index"), "--embedder-epochs",
                  "0"]) == 0  # a folder named data that is not a run's
 
@@ -241,7 +234,7 @@ def test_export_gguf_output_that_is_a_directory(tmp_path, capsys):
     out = tmp_path / "out.gguf"
     out.mkdir()
     assert main(["export-gguf", str(run), str(out)]) == 2
-    assert "is a directory, expected a file path" in _one_line_error(capsys)
+    assert "is a directory, expected a file path" in one_error_line(capsys)
 
 
 def test_export_gguf_keeps_a_users_modelfile(tmp_path, capsys):
@@ -250,7 +243,7 @@ def test_export_gguf_keeps_a_users_modelfile(tmp_path, capsys):
     modelfile = tmp_path / "out" / "Modelfile"
     modelfile.write_text("FROM ./mine.gguf\nPARAMETER temperature 0.2\n")
     assert main(["export-gguf", str(run), str(tmp_path / "out" / "bot.gguf")]) == 2
-    assert f"{modelfile}: already there; pass --force to replace it" in _one_line_error(capsys)
+    assert f"{modelfile}: already there; pass --force to replace it" in one_error_line(capsys)
     assert modelfile.read_text() == "FROM ./mine.gguf\nPARAMETER temperature 0.2\n"
     assert not (tmp_path / "out" / "bot.gguf").exists()
 
@@ -316,7 +309,7 @@ def test_an_empty_run_config_is_refused(tmp_path, capsys, command, text):
     (run / "config.yaml").write_text(text)
     argv = [str(run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in command]
     assert main(argv) == 2
-    assert f"{run / 'config.yaml'}: no settings (damaged?)" in _one_line_error(capsys)
+    assert f"{run / 'config.yaml'}: no settings (damaged?)" in one_error_line(capsys)
 
 
 def test_a_bad_tokenizer_is_one_line(tmp_path, tiny_base, capsys):
@@ -325,7 +318,7 @@ def test_a_bad_tokenizer_is_one_line(tmp_path, tiny_base, capsys):
     shutil.copy(tiny_base / "tokenizer_config.json", run / "tokenizer")
     (run / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": {')
     assert main(["ask", str(run), "hi?"]) == 2
-    assert f"{run / 'tokenizer'}: damaged or unreadable tokenizer" in _one_line_error(capsys)
+    assert f"{run / 'tokenizer'}: damaged or unreadable tokenizer" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("meta", [{"embedder": "all-MiniLM-L6-v2", "threshold": 0.5}, {"threshold": 0.5}],
@@ -346,14 +339,14 @@ def test_a_damaged_index_is_one_line(tmp_path, meta):
 def test_an_ask_argument_that_is_not_utf8(tmp_path, capsys):
     question = b"caf\xe9?".decode("utf-8", "surrogateescape")  # what Python makes of such an argv
     assert main(["ask", str(tmp_path), question]) == 2
-    assert "the question is not valid UTF-8" in _one_line_error(capsys)
+    assert "the question is not valid UTF-8" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("question", ["", "  \n"])
 def test_an_empty_question_is_refused(tmp_path, capsys, question):
     """It was answered with the decline message, exit 0."""
     assert main(["ask", str(tmp_path), question]) == 2
-    assert _one_line_error(capsys) == "error: the question is empty"
+    assert one_error_line(capsys) == "error: the question is empty"
 
 
 @pytest.mark.parametrize("limit", ["-100", "-1", "0"])
@@ -380,8 +373,6 @@ def test_a_fresh_train_clears_the_logs_of_an_attempt_without_checkpoints(tmp_pat
 def test_training_into_a_folder_of_the_users_own_is_refused_and_nothing_touched(tmp_path, tiny_base, capsys):
     """`--output .` in a project folder with data/train.jsonl (the FAQ trained on) cut that FAQ down to the
     training split, replaced data/eval.jsonl and emptied tb/, exit 0."""
-    from conftest import thing_rows
-
     (tmp_path / "data").mkdir()
     (tmp_path / "tb").mkdir()
     faq = tmp_path / "data" / "train.jsonl"
@@ -391,7 +382,7 @@ def test_training_into_a_folder_of_the_users_own_is_refused_and_nothing_touched(
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     argv = ["train", "--base", str(tiny_base), "--data", str(faq), "--output", str(tmp_path), "--embedder-epochs", "0"]
     assert main(argv) == 2
-    assert "is not empty and holds no faqtune run" in _one_line_error(capsys)
+    assert "is not empty and holds no faqtune run" in one_error_line(capsys)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from faqtune.errors import FaqtuneError, PromptTooLong
+from faqtune.errors import FaqtuneError, PromptTooLong, is_utf8
 from faqtune.grounding import cite, offer
 
 HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
@@ -27,7 +27,7 @@ def repl(bot, stdin: TextIO, stdout: TextIO, interactive: bool, max_turns: int =
         line = _read_line(stdin, n)
         if not line:
             break
-        if _undecodable(line):
+        if not is_utf8(line):
             print(f"error: stdin line {n}: not valid UTF-8 text, skipped; check the terminal's or the file's "
                   "encoding", file=sys.stderr)
             skipped += 1
@@ -70,10 +70,3 @@ def _read_line(stdin: TextIO, n: int) -> str:
         raise FaqtuneError(f"stdin line {n}: not valid UTF-8 text; check the terminal's or the file's encoding") \
             from None
 
-
-def _undecodable(line: str) -> bool:
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False

@@ -26,6 +26,16 @@ class DataError(FaqtuneError):
         super().__init__(one_line(f"{where}: {what}{message}"))
 
 
+def is_utf8(text: str) -> bool:
+    """False for text holding a lone surrogate (undecodable bytes read with `surrogateescape`, "\\ud800" in JSON):
+    no UTF-8 can carry it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def one_line(text: str) -> str:
     """Escape line breaks and other unprintable characters (user data can hold any), so a message stays one line."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

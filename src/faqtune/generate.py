@@ -54,6 +54,8 @@ class Answerer:
         self.model, self.tokenizer, self.gen, self.system_prompt = model, tokenizer, gen, system_prompt
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # the model's context in tokens (0: not known); a prompt must fit in it, and the answer ends where it does
+        self.context = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0)
 
     def _generate_kwargs(self, gen: GenerationConfig) -> dict:
         kwargs = {
@@ -108,7 +110,7 @@ class Answerer:
         `stopping(width)` makes a StoppingCriteria for the batch, given its prompt width."""
         prompts = [encode_prompt(self.tokenizer, msgs) for msgs in conversations]
         width = max(len(p) for p in prompts)
-        context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        context = self.context
         if context and width >= context:  # positions past the context: the model would answer noise, or fail
             raise PromptTooLong(f"the prompt is {width} tokens (the question with its system prompt, FAQ entries "
                                 f"and history), longer than the model's context of {context} tokens: "

@@ -358,9 +358,8 @@ class GroundedAnswerer(Answerer):
 
     def too_long(self, conversation: list[dict[str, str]]) -> bool:
         """The prompt leaves the model's context fewer than MIN_ANSWER_TOKENS (or max_new_tokens) to answer in."""
-        context = int(getattr(getattr(self.model, "config", None), "max_position_embeddings", 0) or 0)
         room = min(self.gen.max_new_tokens, MIN_ANSWER_TOKENS)
-        return bool(context) and len(encode_prompt(self.tokenizer, conversation)) > context - room
+        return bool(self.context) and len(encode_prompt(self.tokenizer, conversation)) > self.context - room
 
     def choose(self, prepared: list[tuple]) -> list[tuple]:
         """`grounding.choice`: the scored choice step instead of generating (see reader.py); the choice's

@@ -37,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from faqtune.errors import FaqtuneError
+from faqtune.errors import FaqtuneError, is_utf8
 from faqtune.prompting import encode_prompt, with_system
 from faqtune.serve.engine import BatchWorker, ServedModels, load_served_models
 from faqtune.serve.http import (
@@ -111,22 +111,13 @@ def _messages(req: ChatRequest, limits: ServeLimits) -> list[dict[str, str]]:
         if m.content is None:
             raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
         text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        if not _is_unicode(text):
+        if not is_utf8(text):
             raise APIError(400, f"messages[{i}].content is not valid Unicode (a lone surrogate?)",
                            param=f"messages[{i}].content")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     if not any(m["role"] == "user" for m in out):  # a FAQ bot answers a user's question (and retrieves for it)
         raise APIError(400, "`messages` must include a user message (the question to answer)", param="messages")
     return out
-
-
-def _is_unicode(text: str) -> bool:
-    """False for text holding a lone surrogate ("\\ud800" in JSON decodes to one; no UTF-8 can carry it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 GREEDY_BELOW = 1e-5  # a temperature this small samples like greedy, and divides logits into overflow
@@ -145,7 +136,7 @@ def _settings(req: ChatRequest, default_tokens: int, limits: ServeLimits, entry)
         (not 0 < top_p <= 1, "top_p", f"`top_p` must be in (0, 1], got {top_p}"),
         (not 1 <= req.n <= limits.max_n, "n", f"`n` must be between 1 and {limits.max_n}, got {req.n}"),
         (len(stop) > 4 or not all(stop), "stop", "`stop` takes up to 4 non-empty strings"),
-        (not all(map(_is_unicode, stop)), "stop", "`stop` is not valid Unicode (a lone surrogate?)"),
+        (not all(map(is_utf8, stop)), "stop", "`stop` is not valid Unicode (a lone surrogate?)"),
         (max_tokens is not None and max_tokens < 1, "max_tokens", f"`max_tokens` must be >= 1, got {max_tokens}"),
         (max_tokens is not None and max_tokens > limits.max_tokens_cap, "max_tokens",
          f"`max_tokens` is {max_tokens}, above this server's cap of {limits.max_tokens_cap}"),
