@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,42 @@ def test_a_forgetting_threshold_that_is_not_a_finite_number_is_refused(threshold
         main(["eval", "runs/none", "--forgetting-threshold", threshold])
     assert exc.value.code == 2
     assert f"--forgetting-threshold: must be a finite number, got '{threshold}'" in capsys.readouterr().err
+
+
+@pytest.mark.pipeline  # three `faqtune` processes, each importing torch
+@pytest.mark.parametrize("argv", [
+    ["ask", "someone/no-such-adapter", "hi?"],
+    ["index", "FAQ", "--out", "OUT", "--embedder", "someone/no-such-embedder", "--embedder-epochs", "0"],
+    ["train", "--base", "someone/no-such-model", "--data", "FAQ", "--output", "OUT"],
+], ids=["adapter", "embedder", "base"])
+def test_a_hub_id_on_a_machine_that_cannot_reach_the_hub_is_one_line_at_once(argv, tmp_path, small_faq):
+    """No HF_HUB_OFFLINE set, the Hub's address refuses: one probe, then the local cache only. Without it,
+    huggingface_hub retried each file for 45-80 s, printing a 'Retrying' line each time."""
+    argv = [str(small_faq) if a == "FAQ" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "faqtune", *argv], capture_output=True, text=True, env=env,
+                         timeout=120)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the Hub cannot be reached" in errors[0], out.stderr
+    assert "Retrying" not in out.stderr and "Traceback" not in out.stderr
+    assert elapsed < 40, elapsed
+
+
+def test_a_hub_id_in_the_local_cache_loads_while_the_hub_cannot_be_reached(tmp_path):
+    """The other half of the probe: offline, a model already in the Hugging Face cache is read from it."""
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    code = ("from transformers import AutoConfig\nfrom faqtune.models import from_pretrained_or_explain\n"
+            "print(from_pretrained_or_explain(AutoConfig, 'someone/cached').hidden_size)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["64"], out.stderr
+    assert "Retrying" not in out.stderr

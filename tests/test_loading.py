@@ -117,7 +117,7 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line(spec, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read once when imported: its constant too (no network retries)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelError, match="neither a local run or adapter folder nor a Hub repo") as e:
+    with pytest.raises(ModelError, match="not in the Hugging Face cache, and the Hub cannot be reached") as e:
         open_run(spec)
     assert "\n" not in str(e.value)
 

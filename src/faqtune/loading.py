@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from faqtune import merge
+from faqtune import hub, merge
 from faqtune.config import FaqtuneConfig
 from faqtune.errors import ModelError
 from faqtune.models import (
@@ -29,13 +29,16 @@ from faqtune.run import RunDir, is_adapter_folder, load_saved_settings, named_da
 
 def fetch_adapter(ident: str) -> str:
     """A run directory or adapter folder as is; a Hub repo id (OWNER/NAME) downloaded first (snapshot)."""
-    if Path(ident).expanduser().exists() or ident.startswith((".", "/", "~")) or ident.count("/") != 1:
+    if hub.is_local(ident) or ident.count("/") != 1:
         return ident
+    offline = hub.cache_only(ident)
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(ident)
+        return snapshot_download(ident, local_files_only=offline)
     except Exception as e:  # offline, no such repo, gated: one sentence
+        if offline:
+            raise ModelError(f"{hub.unreachable_hint(ident)}; name a local run or adapter folder") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"'{ident}' is neither a local run or adapter folder nor a Hub repo that could be "
                          f"downloaded ({first})") from None

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from faqtune import hub
 from faqtune.config import FaqtuneConfig, LoraConfig, QuantizationConfig
 from faqtune.data import write_json
 from faqtune.errors import ConfigError, ModelError
@@ -342,7 +343,11 @@ def build_lora_config(lora: LoraConfig):
 
 
 def from_pretrained_or_explain(loader: Any, ident: str, **kwargs: Any) -> Any:
-    """Call a transformers loader, turning 'not found / offline / unsafe' into one clear sentence."""
+    """Call a transformers loader, turning 'not found / offline / unsafe' into one clear sentence. A Hub id while
+    the Hub cannot be reached is read from the local cache only (`hub.cache_only`)."""
+    offline = hub.cache_only(ident)
+    if offline:
+        kwargs["local_files_only"] = True
     try:
         return loader.from_pretrained(ident, **kwargs)
     except ValueError as e:
@@ -356,6 +361,9 @@ def from_pretrained_or_explain(loader: Any, ident: str, **kwargs: Any) -> Any:
                 raise ModelError(f"{ident} holds no .safetensors weights; faqtune does not load pickled weights "
                                  "(pytorch_model.bin can run code when loaded): convert them to safetensors") from None
             raise ModelError(f"could not load {ident}: {str(e).splitlines()[0]}") from None
+        if offline:
+            raise ModelError(f"{hub.unreachable_hint(ident)}: use the embedded default "
+                             "'smollm2-135m' or a local model folder") from None
         raise ModelError(
             f"could not load '{ident}' from the Hugging Face Hub (offline, or no such model): "
             "use the embedded default 'smollm2-135m' or a local model folder"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faqtune import hub
 from faqtune.data import FaqEntry, write_json
 from faqtune.errors import FaqtuneError, ModelError, one_line
 from faqtune.run import named_damage
@@ -79,9 +80,12 @@ def open_embedder(name: str):
     from sentence_transformers import SentenceTransformer
 
     path = embedder_path(name)
+    offline = hub.cache_only(path)
     try:
-        return SentenceTransformer(path, device="cpu", trust_remote_code=False)
+        return SentenceTransformer(path, device="cpu", trust_remote_code=False, local_files_only=offline)
     except (OSError, ValueError) as e:
+        if offline:
+            raise ModelError(f"the embedding model {hub.unreachable_hint(name)}") from e
         raise ModelError(f"cannot load the embedding model {name!r}: {str(e).splitlines()[0]}") from e
 
 
