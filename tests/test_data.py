@@ -430,3 +430,19 @@ def test_an_unclosed_csv_quote_names_the_line_it_opened(tmp_path):
 def test_a_quoted_multiline_last_record_is_fine(tmp_path):
     path = _write(tmp_path, "faq.csv", 'question,answer\na?,"one\ntwo ""quoted"""\n')
     assert _pairs(load_faq(path)) == [("a?", 'one\ntwo "quoted"')]
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("faq.json", '[{"question": "q?", "answer": "a", "answer": "b"}]', "record 0: field 'answer'"),
+    ("faq.json", '{"questions": [{"question": "q?", "answer": "a"}], "questions": []}', ": field 'questions'"),
+    ("faq.jsonl", '{"question": "q?", "answer": "a"}\n{"Question": "x?", "question": "y?", "answer": "b"}\n',
+     "line 2: field 'question'"),
+    ("faq.jsonl", '{"messages": [{"role": "user", "content": "q?", "content": "r?"}, '
+                  '{"role": "assistant", "content": "a"}]}\n', "line 1: field 'messages[0].content'"),
+], ids=["record", "top-level-list", "case-variant", "message"])
+def test_a_key_given_twice_in_a_json_object_is_refused(tmp_path, name, text, where):
+    """json.loads keeps the last of a repeated key: a record's first answer (or a whole list) was lost unannounced."""
+    path = _write(tmp_path, name, text)
+    with pytest.raises(DataError) as e:
+        load_faq(path)
+    assert str(e.value).startswith(f"{path}{'' if where.startswith(':') else ' '}{where}: is given more than once")

@@ -127,6 +127,10 @@ def test_questions_paired_by_id_and_by_order(tmp_path):
     mixed.write_text('{"id": 2, "question": "forgot pasword"}\n{"question": "send stuff back?"}\n')
     with pytest.raises(DataError, match=r"mixed.jsonl line 2: has no 'id' or 'answer' field, but line 1 pairs"):
         build_eval_set(run, cfg, mixed)
+    twice = tmp_path / "twice.jsonl"  # json.loads kept the last id: paired with entry 0, silently
+    twice.write_text('{"id": 2, "question": "forgot pasword", "id": 0}\n')
+    with pytest.raises(DataError, match=r"twice.jsonl line 1: field 'id': is given more than once"):
+        build_eval_set(run, cfg, twice)
 
 
 def test_offtopic_records_are_read_by_their_question_field(tmp_path):
@@ -268,7 +272,9 @@ def test_fail_on_forgetting_exit_code(tiny_run, tmp_path, capsys):
 @pytest.mark.parametrize("line,field", [('{"turns": ["only one"], "id": 0}', "turns"),
                                         ('{"turns": ["a", ""], "id": 0}', "turns"),
                                         ('{"turns": ["a", "b"], "id": 99}', "id"),
-                                        ('{"turns": ["a", "b"]}', "id")])
+                                        ('{"turns": ["a", "b"]}', "id"),
+                                        ('{"turns": ["a", "b"], "id": 0, "ID": 2}', "ID"),
+                                        ('{"Turns": ["a", "b"], "turns": ["c", "d"], "id": 0}', "turns")])
 def test_conversation_files_name_the_line_and_field(tmp_path, line, field):
     from faqtune.data import FaqEntry
     from faqtune.evaluate import read_conversations
@@ -278,8 +284,8 @@ def test_conversation_files_name_the_line_and_field(tmp_path, line, field):
     faq = [FaqEntry((("user", f"q{i}"), ("assistant", f"a{i}")), f"record {i}") for i in range(3)]
     with pytest.raises(DataError, match=f"convs.jsonl line 2: field '{field}'"):
         read_conversations(path, faq)
-    path.write_text('{"turns": ["q", "and then?"], "id": 1}\n')
-    assert read_conversations(path, faq) == ([["q", "and then?"]], ["a1"])
+    path.write_text('{"turns": ["q", "and then?"], "id": 1}\n{"Turns": ["r", "and now?"], "ID": 2}\n')
+    assert read_conversations(path, faq) == ([["q", "and then?"], ["r", "and now?"]], ["a1", "a2"])
 
 
 @pytest.mark.parametrize("line,fragment", [('{"turns": ' + "[" * 100_000, "nested too deeply"),

@@ -144,6 +144,7 @@ def _messages_entry(value: Any, file: str, record: str) -> FaqEntry:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise DataError(file, "must be an object with 'role' and 'content'", record, where)
+        refuse_repeated_keys(m, file, record, where + ".")
         role = m.get("role")
         if role not in ROLES:
             raise DataError(file, f"unknown role {role!r} (expected one of {', '.join(ROLES)})", record, where + ".role")
@@ -163,6 +164,7 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
     """One record (a dict) -> FaqEntry, or a DataError naming file, record and field."""
     if not isinstance(obj, dict):
         raise DataError(file, f"must be an object with question and answer, got {type(obj).__name__}", record)
+    refuse_repeated_keys(obj, file, record)
     keys = list(obj.keys())
     mkey = pick_key(keys, "messages", ())
     if mkey and not question_field:
@@ -192,10 +194,36 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
     return FaqEntry((("user", q), ("assistant", a)), record)
 
 
+class JsonObject(dict):
+    """A JSON object that remembers the keys it was given more than once, matched as fields are (case-insensitively):
+    json keeps the last silently, and `pick_key` would read one of "Question" and "question"."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> JsonObject:
+    obj = JsonObject(pairs)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key.lower().strip() in seen:
+            obj.repeated += (key,)
+        seen.add(key.lower().strip())
+    return obj
+
+
+def refuse_repeated_keys(obj: Any, file: str, record: str | None, where: str = "") -> None:
+    """A DataError for a key given twice in one JSON object: reading the last would lose the others unannounced."""
+    repeated = getattr(obj, "repeated", ())
+    if repeated:
+        raise DataError(file, "is given more than once in one object (JSON keeps only the last; the others "
+                              "would be lost): keep one", record, f"{where}{repeated[0]}")
+
+
 def parse_json(text: str, file: str, record: str | None = None) -> Any:
-    """json.loads with every failure as a DataError (syntax, nesting too deep, numbers too long)."""
+    """json.loads with every failure as a DataError (syntax, nesting too deep, numbers too long); objects are
+    `JsonObject`s, so a key given twice can be refused where the record is known (`refuse_repeated_keys`)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as e:
         raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", record or f"line {e.lineno}") from None
     except RecursionError:
@@ -207,6 +235,7 @@ def parse_json(text: str, file: str, record: str | None = None) -> Any:
 def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
     doc = parse_json(text, file)
     if isinstance(doc, dict):
+        refuse_repeated_keys(doc, file, None)
         lists = {k: v for k, v in doc.items() if isinstance(v, list)}
         key = pick_key(list(lists), None, ("questions", "data", "faq", "faqs", "items", "records"))
         if key is None:
@@ -312,7 +341,8 @@ def strip_controls(obj: Any) -> tuple[Any, int]:
         cleaned, n = CONTROLS.subn("", obj)
         return cleaned, n
     if isinstance(obj, dict):
-        out, total = {}, 0
+        out, total = JsonObject(), 0
+        out.repeated = getattr(obj, "repeated", ())  # refused where the record is known (`parse_record`)
         for k, v in obj.items():
             out[k], n = strip_controls(v)
             total += n

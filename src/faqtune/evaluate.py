@@ -96,8 +96,10 @@ def _read_question_records(path: Path) -> list[tuple[str, dict]]:
     text = data_mod.read_text(path)
     if path.suffix.lower() == ".txt":
         return [(f"line {i}", {"question": q.strip()}) for i, q in enumerate(text.splitlines(), 1) if q.strip()]
-    fmt = data_mod.detect_format(path, text)
-    return list(data_mod.READERS[fmt](text, str(path)))
+    records = list(data_mod.READERS[data_mod.detect_format(path, text)](text, str(path)))
+    for record, obj in records:
+        data_mod.refuse_repeated_keys(obj, str(path), record)
+    return records
 
 
 def build_eval_set(run: RunDir, cfg, questions: str | Path | None = None, faq: str | Path | None = None) -> EvalSet:
@@ -391,12 +393,15 @@ def read_conversations(path: str | Path, faq_entries: list[data_mod.FaqEntry]) -
         obj = data_mod.parse_json(line, str(path), record)
         if not isinstance(obj, dict):
             raise DataError(str(path), f"must be an object, got {type(obj).__name__}", record)
-        t = obj.get("turns")
+        data_mod.refuse_repeated_keys(obj, str(path), record)
+        tkey = data_mod.pick_key(list(obj), None, ("turns",)) or "turns"  # matched as an FAQ's fields are: Turns, ID
+        ikey = data_mod.pick_key(list(obj), None, ("id",)) or "id"
+        t = obj.get(tkey)
         if not isinstance(t, list) or len(t) < 2 or not all(isinstance(x, str) and x.strip() for x in t):
-            raise DataError(str(path), "must be a list of two or more non-empty questions", record, "turns")
-        idx = faq_index(obj.get("id"))
+            raise DataError(str(path), "must be a list of two or more non-empty questions", record, tkey)
+        idx = faq_index(obj.get(ikey))
         if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(faq_entries):
-            raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}", record, "id")
+            raise DataError(str(path), f"must be an FAQ index in [0, {len(faq_entries)}), got {idx!r}", record, ikey)
         turns.append([x.strip() for x in t])
         refs.append(faq_entries[idx].answer)
     if not turns:
