@@ -418,3 +418,19 @@ def test_resume_check_reads_an_old_run_as_the_resume_does(tmp_path):
     check_resume_settings(load_saved_settings(path, {"train.max_steps": 9}), path)
     with pytest.raises(FaqtuneError, match=r"`lora.r` \(64 -> 8\)"):
         check_resume_settings(load_saved_settings(path, {"lora.r": 8}), path)
+
+
+def test_a_killed_builds_hidden_folder_is_removed_by_the_next_and_a_live_ones_kept(tmp_path):
+    """`merge` and `index` build beside their output; SIGKILLed, the folder stayed (the merge's holds a model)."""
+    from faqtune.run import sibling_to_build
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".merged.merging-{dead.pid}"
+    live = tmp_path / f".merged.merging-{os.getppid()}"
+    other = tmp_path / f".index.merging-{dead.pid}"
+    for folder in (killed, live, other):
+        (folder / "weights").mkdir(parents=True)
+    fresh = sibling_to_build(tmp_path / "merged", "merging")
+    assert fresh == tmp_path / f".merged.merging-{os.getpid()}" and not fresh.exists()
+    assert not killed.exists() and live.exists() and other.exists()

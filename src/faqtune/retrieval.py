@@ -21,7 +21,7 @@ import numpy as np
 from faqtune import hub
 from faqtune.data import FaqEntry, write_json
 from faqtune.errors import FaqtuneError, ModelError, one_line
-from faqtune.run import named_damage
+from faqtune.run import named_damage, sibling_to_build
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("LANCEDB_LOG", "error")  # lance's Rust logger warns on every new table otherwise
@@ -293,21 +293,13 @@ def _read_meta(path: Path) -> dict:
 def building_dir(dest: str | Path) -> Path:
     """A fresh sibling folder to build `dest` in (same file system, so it can be renamed into place);
     folders left by builds that were killed are removed."""
-    import shutil
-
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / META).exists()
                                                  and not (dest / f"{TABLE}.lance").exists())):
         raise IndexError_(f"{dest} exists and is not an FAQ index folder; the index replaces its --out folder "
                           "whole, so choose a new or an index folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.building-*"):
-        pid = stale.name.rsplit("-", 1)[1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = dest.parent / f".{dest.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+    return sibling_to_build(dest, "building")
 
 
 def swap_into_place(new: Path, dest: Path) -> None:
@@ -337,16 +329,6 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _vector_column(vecs):

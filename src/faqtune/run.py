@@ -164,6 +164,20 @@ def named_damage(path: str | Path, what: str = "file", fix: str = "") -> Iterato
                                   + (f"; {fix}" if fix else ""))) from e
 
 
+def sibling_to_build(dest: Path, tag: str) -> Path:
+    """A fresh hidden folder beside `dest` (same file system, so it can be renamed into place when whole), named
+    for this process; those of the same `tag` left by killed processes (SIGKILL, power loss) are removed."""
+    import shutil
+
+    for stale in dest.parent.glob(f".{dest.name}.{tag}-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    fresh = dest.parent / f".{dest.name}.{tag}-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    return fresh
+
+
 # ---- the run lock -----------------------------------------------------------------------------------
 
 def _alive(pid: int) -> bool:

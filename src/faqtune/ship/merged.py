@@ -37,7 +37,7 @@ from faqtune.merge import MERGE_DTYPES, save_merged
 from faqtune.metrics import answer_accuracy
 from faqtune.models import load_tokenizer
 from faqtune.prompting import encode_conversation, with_system
-from faqtune.run import RunDir
+from faqtune.run import RunDir, sibling_to_build
 
 BASE_WEIGHTS = ("auto", "dequantized", "original")
 REPORT_NAME = "merge_report.json"
@@ -130,7 +130,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
         raise FaqtuneError(f"{out} exists and is not empty; choose another OUT_DIR or remove it")
     # built beside OUT_DIR and renamed into place with its report: an interrupted merge leaves no OUT_DIR that
     # `push --merged` would take for a finished one
-    building = out.parent / f".{out.name}.merging-{os.getpid()}"
+    building = sibling_to_build(out, "merging")
     try:
         report = _merge_into_folder(opened, building, dtype, base_weights, limit, check)
         if out.exists():
