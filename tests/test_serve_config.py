@@ -131,3 +131,13 @@ def test_serve_config_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve-config", "--help"])
     assert e.value.code == 0 and "--engine" in capsys.readouterr().out
+
+
+def test_the_served_context_is_the_bases_and_2048_where_its_config_does_not_say():
+    from types import SimpleNamespace
+
+    from faqtune.serve.jobs import context_length
+
+    assert context_length(SimpleNamespace(max_position_embeddings=8192)) == 8192
+    assert context_length(SimpleNamespace(max_position_embeddings=None)) == 2048
+    assert context_length(SimpleNamespace()) == 2048

@@ -40,6 +40,7 @@ from faqtune.serve.jobs import (
     WorkerStopped,
     build_answerer,
     check_runs,
+    context_length,
     finish_choice,
     replaced_declines,
     send_safe,
@@ -101,7 +102,7 @@ def load_served_models(specs: list[str], trust_remote_code: bool = False) -> Ser
     model = load_adapters(base, first_cfg, {f"run{i}": run.adapter_dir for i, (_, run, _) in enumerate(runs)})
     for name, run, _ in runs:
         log.info("adapter %s loaded from %s", name, run.root)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    context = context_length(model.config)
 
     entries: dict[str, ServedModel] = {}
     for i, (name, run, cfg) in enumerate(runs):

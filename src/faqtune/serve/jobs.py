@@ -48,6 +48,15 @@ def parse_run_specs(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+DEFAULT_CONTEXT = 2048  # tokens, for a base whose config does not say its context
+
+
+def context_length(config: Any) -> int:
+    """The base's context in tokens (its config's max_position_embeddings), for the limits both backends set and
+    the engines `serve-config` launches."""
+    return int(getattr(config, "max_position_embeddings", 0) or DEFAULT_CONTEXT)
+
+
 def base_display_name(base_model: str) -> str:
     """The name the bare base is served under: an alias or hub id as written, a folder by its name."""
     return Path(base_model).name if Path(base_model).expanduser().exists() else base_model

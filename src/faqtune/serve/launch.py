@@ -22,7 +22,7 @@ from transformers import AutoConfig
 from faqtune.errors import ModelError
 from faqtune.models import embedded_gguf
 from faqtune.run import named_damage
-from faqtune.serve.jobs import base_display_name, check_runs
+from faqtune.serve.jobs import base_display_name, check_runs, context_length
 from faqtune.ship.gguf import check_llama
 
 ENGINES = ("vllm", "llamacpp")
@@ -99,7 +99,7 @@ def build_recipe(specs: list[str], engine: str, trust_remote_code: bool = False)
         raise ModelError(f"cannot serve these runs with {engine}:\n" + "\n".join(f"  - {p}" for p in problems))
     q = runs[0][2].quantization
     quantization = "none" if q.mode == "none" else f"{q.mode} {q.quant_type}" if q.mode == "4bit" else q.mode
-    context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    context = context_length(config)
     return Recipe(base, base_display_name(runs[0][2].base_model), runs[0][2].base_model, served, context,
                   quantization)
 

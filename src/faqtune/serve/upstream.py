@@ -81,7 +81,7 @@ def load_upstream_models(specs: list[str], trust_remote_code: bool = False):
     first_cfg = runs[0][2]
     base_name = jobs.served_base_name(runs)
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    context = jobs.context_length(config)
     entries: dict[str, ServedModel] = {}
     for name, run, cfg in runs:
         tokenizer = run.tokenizer()
