@@ -273,6 +273,17 @@ def test_scheduler_and_optimizer_names_are_checked_at_load(tmp_path):
     assert (cfg.train.lr_scheduler, cfg.train.optimizer) == ("linear", "adamw_torch")
 
 
+@pytest.mark.parametrize("key,name,why", [("train.lr_scheduler", "cosine_with_min_lr", "min_lr"),
+                                          ("train.optimizer", "galore_adamw", "galore")])
+def test_a_known_name_that_cannot_run_here_is_refused_at_load(key, name, why):
+    """transformers knows these names, but the first training step failed after the base had loaded (a scheduler
+    needing an argument faqtune does not pass, an optimizer whose package is not installed)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides={key: name})
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(f"override: `{key}` must be one that can run here (")
+    assert why in e.value.problems[0].lower()
+
+
 @pytest.mark.parametrize("key", ["base_model", "output_dir", "grounding.embedder"])
 def test_a_blank_model_or_folder_is_refused(key):
     """`--base "  "` was looked up on the Hub; an empty embedder name fell back to the default silently."""

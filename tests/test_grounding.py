@@ -540,6 +540,7 @@ def test_a_runs_index_is_rebuilt_from_its_csv_with_its_column_mapping(tmp_path, 
     """`faqtune index` read the run's own CSV without the run's --data.question_field/answer_field: 'missing'."""
     from faqtune.cli import main
     from faqtune.config import FaqtuneConfig
+    from faqtune.run import RUN_HEADER
 
     faq = tmp_path / "custom.csv"
     faq.write_text("Q,A\n" + "".join(f"{r['question']},{r['answer']}\n" for r in thing_rows(4)))
@@ -547,11 +548,25 @@ def test_a_runs_index_is_rebuilt_from_its_csv_with_its_column_mapping(tmp_path, 
     run.mkdir()
     cfg = FaqtuneConfig(output_dir=str(run))
     cfg.data.path, cfg.data.question_field, cfg.data.answer_field = str(faq), "Q", "A"
-    cfg.save(run / "config.yaml")
+    cfg.save(run / "config.yaml", RUN_HEADER)
     assert main(["index", str(faq), "--out", str(run / "index"), "--embedder-epochs", "0"]) == 0
     assert "indexed 4 entries" in capsys.readouterr().out
+    edited = tmp_path / "edited.csv"  # an edited copy is read with the run's mapping too
+    edited.write_text(faq.read_text() + "Can I pay by cheque?,No.\n")
+    assert main(["index", str(edited), "--out", str(run / "index"), "--embedder-epochs", "0"]) == 0
+    assert "indexed 5 entries" in capsys.readouterr().out
     assert main(["index", str(faq), "--out", str(tmp_path / "alone"), "--embedder-epochs", "0"]) == 2  # no run
     assert "field 'question': missing" in capsys.readouterr().err
+
+
+def test_an_index_beside_a_config_yaml_of_the_users_own_is_no_runs_index(tmp_path, small_faq, capsys):
+    """A project folder's own config.yaml was read as a run's settings: `faqtune index FAQ --out project/index`
+    failed on its unknown keys."""
+    from faqtune.cli import main
+
+    (tmp_path / "config.yaml").write_text("services:\n  web: {image: nginx}\n")
+    assert main(["index", str(small_faq), "--out", str(tmp_path / "index"), "--embedder-epochs", "0"]) == 0
+    assert "indexed" in capsys.readouterr().out
 
 
 def test_eval_reports_retrieval_ceiling_differences_and_follow_ups(grounded_run, tmp_path):

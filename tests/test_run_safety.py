@@ -18,7 +18,7 @@ from conftest import one_error_line, thing_rows
 from faqtune.cli import main
 from faqtune.config import FaqtuneConfig
 from faqtune.errors import FaqtuneError, ModelError
-from faqtune.run import RunDir
+from faqtune.run import RUN_HEADER, RunDir
 
 
 def _fake_run(root: Path, **settings) -> Path:
@@ -29,7 +29,7 @@ def _fake_run(root: Path, **settings) -> Path:
         setattr(cfg, key, value)
     cfg.grounding.mode = "none"
     cfg.quantization.compute_dtype = "fp32"
-    cfg.save(root / "config.yaml")
+    cfg.save(root / "config.yaml", RUN_HEADER)
     return root
 
 
@@ -216,7 +216,8 @@ def test_an_output_that_cannot_be_a_directory_fails_first(tmp_path, a_file, caps
 
 
 @pytest.mark.parametrize("argv", [["merge", "RUN", "RUN/adapter/merged"], ["export-gguf", "RUN", "RUN/tb/x.gguf"],
-                                  ["index", "FAQ", "--out", "RUN/checkpoints/index"]])
+                                  ["index", "FAQ", "--out", "RUN/checkpoints/index"], ["eval", "RUN", "--out", "RUN/index"],
+                                  ["index", "FAQ", "--out", "RUN/data"]])
 def test_an_output_inside_a_folder_a_run_replaces_is_refused(tmp_path, small_faq, capsys, argv):
     """A merge into RUN/adapter/merged was deleted by the next `train --resume`, with no word."""
     run = _fake_run(tmp_path / "run")
@@ -384,6 +385,39 @@ def test_training_into_a_folder_of_the_users_own_is_refused_and_nothing_touched(
     assert main(argv) == 2
     assert "is not empty and holds no faqtune run" in one_error_line(capsys)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("base", ["tiny", "missing"])
+def test_a_config_yaml_of_the_users_own_is_no_run_to_train_over(tmp_path, tiny_base, small_faq, capsys, base):
+    """A project folder with its own config.yaml was taken for an attempt that died early: train rewrote that
+    config.yaml with the run's settings. A base that cannot be loaded wrote the run's settings even into an
+    empty folder before failing."""
+    theirs = tmp_path / "project"
+    theirs.mkdir()
+    (theirs / "config.yaml").write_text("services:\n  web: {image: nginx}\n")
+    fresh = tmp_path / "fresh"
+    base = tiny_base if base == "tiny" else tmp_path / "no-such-base"
+    for out in (theirs, fresh):
+        argv = ["train", "--base", str(base), "--data", str(small_faq), "--output", str(out), "--embedder-epochs", "0"]
+        if out == fresh and base == tiny_base:
+            continue
+        assert main(argv) == 2
+        assert ("holds no faqtune run" if base == tiny_base else "does not exist") in one_error_line(capsys)
+    assert (theirs / "config.yaml").read_text() == "services:\n  web: {image: nginx}\n"
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.yaml"] and not fresh.exists()
+
+
+@pytest.mark.parametrize("modules", ["nonexistent_proj", "q_proj,nonexistent_proj"])
+def test_a_target_module_the_base_lacks_is_a_config_problem_naming_its_layers(tmp_path, tiny_base, small_faq, capsys, modules):
+    """None matching was PEFT's traceback after the base had loaded; a typo beside a right name trained an
+    adapter without it, silently."""
+    argv = ["train", "--base", str(tiny_base), "--data", str(small_faq), "--output", str(tmp_path / "run"),
+            "--embedder-epochs", "0", "--lora.target_modules", modules]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "`lora.target_modules`: this base has no module named 'nonexistent_proj' " \
+        "(its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)" in err
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_serve_takes_remote_code_only_from_its_command_line(tmp_path, remote_code_base, tiny_base, capsys):

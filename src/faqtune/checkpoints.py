@@ -31,7 +31,7 @@ from pathlib import Path
 from faqtune.config import FaqtuneConfig
 from faqtune.data import FaqEntry, load_faq
 from faqtune.errors import CheckpointError, FaqtuneError, TrainingStopped
-from faqtune.run import LOCK_NAME, RunDir, load_saved_settings
+from faqtune.run import LOCK_NAME, RUN_HEADER, RunDir, holds_run, load_saved_settings
 
 MANIFEST = "faqtune-manifest.json"
 PREFIX = "checkpoint-"
@@ -474,7 +474,7 @@ def prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
             raise FaqtuneError(
                 f"{run.root} already holds a run; pass --resume to continue it or choose another --output"
             )
-        if not run.config_path.exists():  # not an attempt that died before its first checkpoint: someone's folder
+        if not holds_run(run):  # not an attempt that died before its first checkpoint: someone's folder
             raise FaqtuneError(f"{run.root} is not empty and holds no faqtune run (e.g. {sorted(theirs)[0].name}): "
                                "training writes data/, tb/, adapter/ and more there and would replace files of "
                                "yours; choose a new or empty --output")
@@ -483,4 +483,4 @@ def prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
         run.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(run.tb_dir, ignore_errors=True)
     cfg.make_paths_absolute()  # `eval` (ids pair with the FAQ file) and `--resume` may run from elsewhere
-    cfg.save(run.config_path)
+    cfg.save(run.config_path, RUN_HEADER)

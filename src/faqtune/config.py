@@ -193,8 +193,8 @@ class FaqtuneConfig:
         mix = [parse_mix(spec) for spec in self.data.mix]
         self.data.mix = [f"{p if p == 'general' else Path(p).resolve()}:{share}" for p, share in mix]
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+    def save(self, path: str | Path, header: str = "") -> None:
+        Path(path).write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
 def field_help() -> dict[str, tuple[Any, str]]:

@@ -419,13 +419,11 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
 
 
 def load_faq_of_run(path: str | Path, data_cfg) -> FaqData:
-    """`path` read as a run read its FAQ (`data_cfg`: its data.format and field mapping) when it is that FAQ's
-    file (data.path), so a run trained on a CSV with mapped columns can be indexed and evaluated again; any
-    other file with its format detected."""
+    """`path` read as a run reads an FAQ (`data_cfg`: its field mapping, and its data.format for its own file),
+    so a run trained on a CSV with mapped columns can be indexed and evaluated again, from an edited copy too;
+    the format of any other file is detected."""
     ours = data_cfg.path and Path(path).resolve() == Path(data_cfg.path).resolve()
-    if not ours:
-        return load_faq(path)
-    return load_faq(path, data_cfg.format, data_cfg.question_field, data_cfg.answer_field)
+    return load_faq(path, data_cfg.format if ours else "auto", data_cfg.question_field, data_cfg.answer_field)
 
 
 def split(entries: list[FaqEntry], eval_fraction: float, seed: int) -> tuple[list[FaqEntry], list[FaqEntry]]:

@@ -453,7 +453,23 @@ def attach_lora(model, cfg: FaqtuneConfig):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             cast_frozen_unquantized(model, resolve_norm_dtype(cfg.quantization))
         keep_4bit_layers_trainable(model)
+    check_target_modules(model, cfg.lora.target_modules)
     return get_peft_model(model, build_lora_config(cfg.lora))
+
+
+def check_target_modules(model, target_modules: list[str] | str) -> None:
+    """Each name in `lora.target_modules` names modules of this base, as PEFT matches them (the name, or a dotted
+    suffix of it): with none matching PEFT raised a traceback, and a typo beside a right name was adapted away
+    silently. A string ('all-linear', a regex) is PEFT's to match."""
+    if isinstance(target_modules, str):
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__
+                         and n.rsplit(".", 1)[-1] != "lm_head"})
+        raise ConfigError([f"`lora.target_modules`: this base has no module named {', '.join(map(repr, missing))} "
+                           f"(its linear layers: {', '.join(linear)})"])
 
 
 def trainable_report(model) -> str:

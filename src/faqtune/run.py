@@ -97,11 +97,14 @@ def load_saved_settings(path: Path | None, overrides: dict[str, Any] | None = No
 MANAGED = ("adapter", "checkpoints", "tokenizer", "data", "tb", "index")  # folders a run's commands replace whole
 
 
-def _outside_managed(path: Path, what: str) -> None:
-    """Refuse a path inside a folder a run's commands replace whole (RUN/adapter/merged was deleted by the next
-    `train --resume`; a merge into RUN/checkpoints/checkpoint-99 was renamed .partial)."""
+def _outside_managed(path: Path, what: str, replaces: str = "") -> None:
+    """Refuse a path inside, or being, a folder a run's commands replace whole (RUN/adapter/merged was deleted by
+    the next `train --resume`; a merge into RUN/checkpoints/checkpoint-99 was renamed .partial; `eval --out
+    RUN/index` by the next `index`); `replaces`: the one such folder this command writes itself (index's)."""
     parts = path.resolve().parts
-    for i in range(1, len(parts) - 1):
+    for i in range(1, len(parts)):
+        if i == len(parts) - 1 and parts[i] == replaces:
+            continue
         if parts[i] in MANAGED and _is_run(RunDir(Path(*parts[:i]))):
             raise FaqtuneError(f"{what} {path}: inside {Path(*parts[:i + 1])}, which faqtune replaces whole "
                                "(training, indexing); choose a path outside it")
@@ -113,13 +116,28 @@ def _is_run(run: RunDir) -> bool:
                                                                   run.adapter_dir))
 
 
-def check_output(path: str | Path, kind: str = "dir", what: str = "output") -> Path:
+RUN_HEADER = "# faqtune run settings, written by `faqtune train`; every command on this run reads them\n"
+
+
+def holds_run(run: RunDir) -> bool:
+    """`run.root` holds a run, finished or not: its config.yaml was written by `train` (RUN_HEADER), or, saved
+    before that header, the run's layout is there. A config.yaml of the user's own is not a run's."""
+    try:
+        with open(run.config_path, encoding="utf-8", errors="replace") as f:
+            if f.read(len(RUN_HEADER)) == RUN_HEADER:
+                return True
+    except OSError:  # none, or unreadable
+        return False
+    return _is_run(run)
+
+
+def check_output(path: str | Path, kind: str = "dir", what: str = "output", replaces: str = "") -> Path:
     """Fail early, in one line naming the path, when `path` cannot be written: checked before any expensive
     work. `kind` "dir": an existing directory or one that can be created; "file": a file (not a directory)
-    in such a directory."""
+    in such a directory. `replaces`: the run's folder this command may write (index: "index")."""
     path = Path(path)
     try:
-        _outside_managed(path, what)
+        _outside_managed(path, what, replaces)
         exists = path.exists()
         if kind == "file":
             if path.is_dir():

@@ -268,15 +268,14 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     if last is not None:  # before anything is written
         checkpoints.check_resume_split(run, data_path, train_entries, eval_entries)
     mixed = mix_entries(cfg, len(train_entries))
+    base = resolve_base(cfg.base_model)  # a base that cannot be loaded is refused before anything is written
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     checkpoints.prepare_run_dir(cfg, run, resume)
     data_mod.write_jsonl(train_entries, run.train_split)
     data_mod.write_jsonl(eval_entries, run.eval_split)
     if mixed:
         data_mod.write_jsonl(mixed, run.mix_split)
         _say(f"data: mixing in {len(mixed)} general example(s) from {', '.join(cfg.data.mix)}")
-
-    base = resolve_base(cfg.base_model)
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer):
         _say("the tokenizer has no chat template: using the guide's '<human>: / <assistant>:' format")
     setup_started = time.time()

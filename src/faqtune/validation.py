@@ -104,6 +104,9 @@ def validate(cfg: Any, sources: dict[str, str] | None = None) -> None:
         close = difflib.get_close_matches(str(value).lower(), names, n=3, cutoff=0.5)
         need(value in names, key, f"one of transformers' {len(names)} names" + (
             f" (closest: {', '.join(close)})" if close else f" ({', '.join(sorted(names)[:6])}, ...)"), value)
+        if value in names:
+            why = _cannot_run(key, value)
+            need(why is None, key, f"one that can run here ({why})", value)
     need(t.logging_steps >= 1, "train.logging_steps", ">= 1", t.logging_steps)
     need(t.eval_steps >= 0, "train.eval_steps", ">= 0", t.eval_steps)
     if t.keep_best and (t.eval_steps == 0 or t.save_steps % max(1, t.eval_steps) or cfg.data.eval_fraction == 0):
@@ -165,6 +168,28 @@ def _transformers_names(train: Any) -> dict[str, set[str]]:
 
         out["train.optimizer"] = {o.value for o in OptimizerNames}
     return out
+
+
+def _cannot_run(key: str, name: str) -> str | None:
+    """Why transformers would fail at the first step with this scheduler or optimizer name, or None: a scheduler
+    that needs arguments faqtune does not pass (min_lr, num_decay_steps), an optimizer whose package is missing.
+    Built once on a one-parameter stand-in, as the trainer would."""
+    import torch
+
+    try:
+        if key == "train.lr_scheduler":
+            from transformers.optimization import get_scheduler
+
+            get_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), num_warmup_steps=1,
+                          num_training_steps=2)
+        else:
+            from transformers import Trainer, TrainingArguments
+
+            args = TrainingArguments(output_dir="unused", optim=name, use_cpu=True, report_to="none")
+            Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(1, 1))
+    except (ImportError, ValueError, TypeError, RuntimeError) as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return None
 
 
 def parse_mix(spec: str) -> tuple[str, float]:
