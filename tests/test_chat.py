@@ -63,3 +63,17 @@ def test_a_strict_stdin_that_is_not_utf8_is_one_error_naming_the_line():
     stdin = io.TextIOWrapper(io.BytesIO(b"a\ncaf\xe9?\n"), encoding="utf-8", errors="strict")
     with pytest.raises(FaqtuneError, match="not valid UTF-8"):
         repl(EchoBot(), stdin, io.StringIO(), interactive=False)
+
+
+def test_chat_refuses_several_answers_a_turn_before_loading(tmp_path, capsys):
+    """`chat --num-return-sequences 3` generated three answers a turn and showed the first, with no word."""
+    from conftest import one_error_line
+
+    from faqtune.cli import main
+    from faqtune.config import FaqtuneConfig
+    from faqtune.run import RUN_HEADER
+
+    FaqtuneConfig(output_dir=str(tmp_path), base_model=str(tmp_path / "no-base")).save(tmp_path / "config.yaml",
+                                                                                       RUN_HEADER)
+    assert main(["chat", str(tmp_path), "--num-return-sequences", "3", "--temperature", "0.7"]) == 2
+    assert one_error_line(capsys) == "error: chat answers once a turn: --num-return-sequences is for `faqtune ask`"

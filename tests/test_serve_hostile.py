@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from test_serve import request
 from test_serve_decoding import copy_model
 
+from faqtune.errors import FaqtuneError
+
 EXAMPLES = int(os.environ.get("FAQTUNE_HOSTILE_EXAMPLES", "150"))  # more, and random, when set (exploring)
 RSS_GROWTH_MB = 250  # hypothesis, tokenizers and the embedder's caches included
 
@@ -184,3 +186,17 @@ def test_hostile_requests_never_get_a_500(hostile_server):
     status, _, health = request(url, "GET", "/healthz", key=None)
     assert status == 200 and health["alive"] and health["errors"] == 0, health
     assert len(seen) >= 3, seen
+
+
+def test_a_port_another_server_holds_is_one_clear_error():
+    """The first server's socket was bound but not listening until uvicorn started (after the model had
+    loaded), so a second `serve` on that port bound it too and failed later, in a traceback."""
+    from faqtune.serve.http import bind_socket
+
+    first = bind_socket("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(FaqtuneError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            bind_socket("127.0.0.1", port).close()
+    finally:
+        first.close()

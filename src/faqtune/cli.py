@@ -202,13 +202,13 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.config import load_config
     from faqtune.data import load_faq, load_faq_of_run
     from faqtune.grounding import build_index
-    from faqtune.run import RunDir, check_output, run_lock
+    from faqtune.run import RunDir, check_output, holds_run, run_lock
 
-    check_output(args.out, "dir", "--out")
+    check_output(args.out, "dir", "--out", replaces="index")
     options = ("embedder", "embedder_epochs", "threshold", "question_weight", "joint_weight")
     overrides = {f"grounding.{k}": getattr(args, k) for k in options if getattr(args, k) is not None}
     run = RunDir(os.path.dirname(os.path.abspath(args.out)))
-    inside_run = run.config_path.exists()  # RUN/index of a run: no training may write it meanwhile
+    inside_run = holds_run(run)  # RUN/index of a run: no training may write it meanwhile
     # a run's index is rebuilt with the run's grounding settings (its embedder, its tuning, a fixed threshold)
     cfg = run.load_config(overrides) if inside_run else load_config(None, overrides)
     faq = load_faq_of_run(args.faq, cfg.data) if inside_run else load_faq(args.faq)
@@ -226,6 +226,8 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.chat import repl
 
+    if (args.gen_num_return_sequences or 1) > 1:  # it was ignored: chat shows one answer a turn
+        raise FaqtuneError("chat answers once a turn: --num-return-sequences is for `faqtune ask`")
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach repl as surrogates: it names their line
         sys.stdin.reconfigure(errors="surrogateescape")
     bot = _answerer(args.run_dir, args, base_only=args.base_only)

@@ -279,6 +279,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # here, not in uvicorn: a port another server holds is this one line, not a traceback
     except OSError as e:
         raise FaqtuneError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
