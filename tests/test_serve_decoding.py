@@ -150,3 +150,18 @@ def test_a_replaced_decline_streams_the_replacement(declining_server, n):
     assert status == 200 and [c["message"]["content"] for c in whole["choices"]] == [SENTENCE] * n
     assert whole["choices"][0]["faqtune_citation"]["verbatim"] is True and whole["usage"]["completion_tokens"] > 0
     assert streamed(declining_server, body) == dict.fromkeys(range(n), SENTENCE)
+
+
+def test_an_entry_said_verbatim_keeps_to_max_tokens(declining_server, tiny_tokenizer):
+    """The replacement went out whole whatever `max_tokens` asked for, finish "stop", counted as the decline
+    it replaced."""
+    body = {"model": "grounded", "messages": [{"role": "user", "content": "When can I return it?"}], "n": 2,
+            "max_tokens": 4}
+    status, _, whole = request(declining_server, body=body, key=None)
+    first4 = tiny_tokenizer.decode(tiny_tokenizer(SENTENCE, add_special_tokens=False)["input_ids"][:4])
+    assert status == 200 and [c["message"]["content"] for c in whole["choices"]] == [first4] * 2
+    assert [c["finish_reason"] for c in whole["choices"]] == ["length"] * 2 and whole["usage"]["completion_tokens"] == 8
+    assert streamed(declining_server, body) == dict.fromkeys(range(2), first4)
+    whole = request(declining_server, body={**body, "max_tokens": 400}, key=None)[2]
+    assert whole["choices"][0]["finish_reason"] == "stop" and whole["choices"][0]["message"]["content"] == SENTENCE
+    assert whole["usage"]["completion_tokens"] == 2 * len(tiny_tokenizer(SENTENCE, add_special_tokens=False)["input_ids"])

@@ -379,16 +379,17 @@ class GroundedAnswerer(Answerer):
         """Cite the entry the answer came from (`context` = (the entries shown, near)): the shown entry its
         text overlaps most; offer the related entries of `near` other than it.
 
-        A model decline of a question retrieval found in scope (above the threshold) is answered with the
-        top entry verbatim when `grounding.fallback` is on (measured: a small model declines rephrased
-        questions it cannot match to an entry far more often than retrieval misses them)."""
+        A model decline (or its start, cut by max_new_tokens) of a question retrieval found in scope is
+        answered with the top entry verbatim when `grounding.fallback` is on (measured: a small model declines
+        rephrased questions it cannot match to an entry far more often than retrieval misses them)."""
 
         hits, near = context
         overlap = [rouge_l(answer.text, h.answer) for h in hits]
         best = max(range(len(hits)), key=overlap.__getitem__)
-        declined = opens_with_decline(answer.text, self.grounding.decline_message) or (
-            overlap[best] < 0.3 and (is_decline(answer.text) or
-                                     rouge_l(answer.text, self.grounding.decline_message) >= 0.5))
+        decline = self.grounding.decline_message
+        cut_decline = not answer.stopped and " ".join(decline.split()).startswith(" ".join(answer.text.split()))
+        declined = cut_decline or opens_with_decline(answer.text, decline) or (
+            overlap[best] < 0.3 and (is_decline(answer.text) or rouge_l(answer.text, decline) >= 0.5))
         if declined and self.grounding.fallback:
             top = hits[0]
             return replace(answer, text=top.answer, source={**top.citation(), "overlap": 1.0, "verbatim": True},

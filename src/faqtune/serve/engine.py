@@ -318,6 +318,6 @@ class BatchWorker:
             if job.cancelled.is_set():
                 continue
             job_rows = rows.get(i)
-            choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s.stop,
-                                     job_rows[k if n_gen > 1 else 0] if job_rows else None) for k in range(s.n)]
+            choices = [finish_choice(answers[k if n_gen > 1 else 0], k, s, job_rows[k if n_gen > 1 else 0]
+                                     if job_rows else None, entry.answerer.tokenizer) for k in range(s.n)]
             self._answer(job, Result(choices, answers[0].prompt_tokens if job_rows else 0))

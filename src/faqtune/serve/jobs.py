@@ -235,12 +235,19 @@ def replaced_declines(answerer) -> Callable[[str], bool] | None:
     return may_become_decline
 
 
-def finish_choice(answer: Answer, index: int, stops: tuple[str, ...], row: Row | None) -> Choice:
-    """An Answer -> an API choice: cut at the first stop string; finish "stop" on EOS or a stop string."""
-    text, hit = answer.text, bool(row and row.stop_hit)
-    cuts = [i for i in (text.find(s) for s in stops) if i != -1]
+def finish_choice(answer: Answer, index: int, s: GenSettings, row: Row | None, tokenizer) -> Choice:
+    """An Answer -> an API choice: cut at the first stop string; finish "stop" on EOS or a stop string. An FAQ
+    entry said verbatim (grounding's fallback, choice step, too-long prompt) is cut at the request's max_tokens,
+    finish "length", as generated text is, and counted by its tokens: it went out whole, counted as the
+    generated decline it replaced (or as 0). The decline message is said whole, as a fixed message."""
+    text, hit, stopped, tokens = answer.text, bool(row and row.stop_hit), answer.stopped, answer.new_tokens
+    if answer.source and answer.source.get("verbatim"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stopped, tokens = len(ids) <= s.max_new_tokens, min(len(ids), s.max_new_tokens)
+        text = text if stopped else tokenizer.decode(ids[:tokens], skip_special_tokens=True)
+    cuts = [i for i in (text.find(stop) for stop in s.stop) if i != -1]
     if cuts:
         text, hit = text[:min(cuts)], True
-    finish = "stop" if answer.stopped or hit else "length"
+    finish = "stop" if stopped or hit else "length"
     streamed = row.sent if row else ""
-    return Choice(index, text, finish, answer.new_tokens, streamed, answer.source, answer.declined, answer.related)
+    return Choice(index, text, finish, tokens, streamed, answer.source, answer.declined, answer.related)

@@ -291,7 +291,8 @@ class UpstreamWorker:
         conv, ctx, prompt, prompt_tokens = await asyncio.to_thread(self._prepare, job.model, job.messages)
         if conv is None:  # declined (or answered verbatim) without calling the engine
             answer = entry.answerer.unanswered(ctx)
-            return self._done(job, Result([jobs.finish_choice(answer, k, s.stop, None) for k in range(s.n)], 0))
+            tokenizer = entry.answerer.tokenizer
+            return self._done(job, Result([jobs.finish_choice(answer, k, s, None, tokenizer) for k in range(s.n)], 0))
         n_gen = s.n if s.temperature > 0 else 1  # greedy: one answer, replicated
         per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
         rows = [Row(job, choices, sent=job.sent.get(choices[0], "")) for choices in per_row]
@@ -303,8 +304,8 @@ class UpstreamWorker:
             raw, tokens, stopped = got.texts[k], counts[k], got.finish[k] == "stop"
             answer = Answer(clean(raw), stopped, tokens + stopped, prompt_tokens, raw)
             answers.append(entry.answerer.finish(answer, ctx))
-        choices = [jobs.finish_choice(answers[k if n_gen > 1 else 0], k, s.stop, rows[k if n_gen > 1 else 0])
-                   for k in range(s.n)]
+        choices = [jobs.finish_choice(answers[k if n_gen > 1 else 0], k, s, rows[k if n_gen > 1 else 0],
+                                      entry.answerer.tokenizer) for k in range(s.n)]
         self._done(job, Result(choices, prompt_tokens))
 
     def _count(self, tokenizer, texts: list[str]) -> list[int]:
