@@ -215,6 +215,15 @@ def test_an_output_that_cannot_be_a_directory_fails_first(tmp_path, a_file, caps
     assert ("is a file, expected a directory" if where == "file" else f"{a_file} is a file") in line
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("argv", [["merge", "RUN", "/proc/faqtune-merged"], ["export-gguf", "RUN", "/proc/x.gguf"]])
+def test_an_output_where_nothing_can_be_written_fails_first_even_for_root(tmp_path, capsys, argv):
+    """os.access says root may write in /proc (and read-only mounts): the merge failed after its work."""
+    run = _fake_run(tmp_path / "run")
+    assert main([str(run) if a == "RUN" else a for a in argv]) == 2
+    assert one_error_line(capsys).endswith("/proc is not writable" if argv[0] == "merge" else "is not writable")
+
+
 @pytest.mark.parametrize("argv", [["merge", "RUN", "RUN/adapter/merged"], ["export-gguf", "RUN", "RUN/tb/x.gguf"],
                                   ["index", "FAQ", "--out", "RUN/checkpoints/index"], ["eval", "RUN", "--out", "RUN/index"],
                                   ["index", "FAQ", "--out", "RUN/data"]])

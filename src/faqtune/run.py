@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def check_output(path: str | Path, kind: str = "dir", what: str = "output", repl
         if exists and not path.is_dir():
             raise FaqtuneError(f"{what} {path}: is a file, expected a directory")
         if exists:
-            if not os.access(path, os.W_OK | os.X_OK):
+            if not _writable(path):
                 raise FaqtuneError(f"{what} {path}: the directory is not writable")
             return path
         ancestor = path.parent
@@ -157,13 +158,25 @@ def check_output(path: str | Path, kind: str = "dir", what: str = "output", repl
             ancestor = ancestor.parent
         if not ancestor.is_dir():
             raise FaqtuneError(f"{what} {path}: cannot be created, {ancestor} is a file")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
+        if not _writable(ancestor):
             raise FaqtuneError(f"{what} {path}: cannot be created, {ancestor} is not writable")
     except ValueError:  # e.g. a NUL byte in the path
         raise FaqtuneError(one_line(f"{what} {path}: not a valid path")) from None
     except OSError as e:  # e.g. a name too long
         raise FaqtuneError(one_line(f"{what} {path}: {e.strerror or e}")) from None
     return path
+
+
+def _writable(folder: Path) -> bool:
+    """A folder can be written in: tried (a folder made and removed), as os.access says yes to root on
+    read-only mounts and /proc, where a merge failed after its work."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".faqtune-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 # ---- damaged run files ------------------------------------------------------------------------------
