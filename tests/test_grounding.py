@@ -298,7 +298,7 @@ def test_ask_cites_the_entry_on_stderr_and_declines_offtopic(grounded_run, capsy
     assert "source" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["index.json gone", "table data gone"])
+@pytest.mark.parametrize("damage", ["index.json gone", "table data gone", "tuned embedder cut"])
 def test_a_grounded_run_whose_index_is_damaged_refuses_to_answer(grounded_run, tmp_path, capsys, damage):
     """Without its index a grounded run would answer from the tuned model alone, unannounced; a table whose
     files are gone failed inside LanceDB with a traceback."""
@@ -311,10 +311,14 @@ def test_a_grounded_run_whose_index_is_damaged_refuses_to_answer(grounded_run, t
     if damage == "index.json gone":
         (run / "index" / "index.json").unlink()
         expected = f"{run / 'index'}: no FAQ index (index.json), but this run answers from one"
-    else:
+    elif damage == "table data gone":
         for f in (run / "index").glob("*.lance/data/*"):
             f.unlink()
         expected = f"{run / 'index'}: damaged or unreadable FAQ index ("
+    else:  # a traceback at the first question: the embedder loads lazily
+        [weights] = (run / "index").glob("*/model.safetensors")
+        weights.write_bytes(weights.read_bytes()[:1000])
+        expected = f"cannot load the embedding model '{weights.parent}': Error while deserializing header"
     assert main(["ask", str(run), "How do I do thing number 3?", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert expected in err and "faqtune index" in err and "Traceback" not in err

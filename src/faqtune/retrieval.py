@@ -76,14 +76,16 @@ def embedder_path(name: str) -> str:
 
 def open_embedder(name: str):
     """A sentence-transformers model on CPU (it is small; the GPU is left to the LLM), loaded anew: a missing
-    model (OSError) or a folder that is not one (ValueError: no model_type, broken JSON) is one line naming it."""
+    model (OSError) or a folder that is not one (ValueError: no model_type, broken JSON), or whose weights are
+    damaged (SafetensorError, RuntimeError: a cut file, e.g. an index's tuned embedder), is one line naming it."""
+    from safetensors import SafetensorError
     from sentence_transformers import SentenceTransformer
 
     path = embedder_path(name)
     offline = hub.cache_only(path)
     try:
         return SentenceTransformer(path, device="cpu", trust_remote_code=False, local_files_only=offline)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         if offline:
             raise ModelError(f"the embedding model {hub.unreachable_hint(name)}") from e
         raise ModelError(f"cannot load the embedding model {name!r}: {str(e).splitlines()[0]}") from e
@@ -238,7 +240,12 @@ class FaqIndex:
         embedder tuned on its FAQ, and `serve` holds many runs, more than `load_embedder`'s cache keeps (which
         shares the shipped one between indexes)."""
         if self._model is None:
-            self._model = load_embedder(self.embedder)
+            try:
+                self._model = load_embedder(self.embedder)
+            except ModelError as e:  # the index's own (tuned) embedder is rebuilt with it
+                if not self.meta["embedder"].startswith("./"):
+                    raise
+                raise ModelError(f"{e}; rebuild the index with `faqtune index FAQ --out {self.root}`") from e
         return self._model
 
     def _score(self, vec, row: dict) -> float:
