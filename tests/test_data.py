@@ -199,6 +199,36 @@ def test_alpaca_input_follows_the_instruction(tmp_path):
             load_faq(_write(tmp_path, "faq.jsonl", _jsonl(bad)))
 
 
+def test_a_column_without_a_name_that_holds_text_is_refused(tmp_path):
+    """The rest of an answer after an unquoted comma, or a column whose header was left blank, was dropped."""
+    path = _write(tmp_path, "faq.csv", "question,answer,\nq1,a1,\nq2,a2, and more\n")
+    with pytest.raises(DataError, match=r"faq.csv line 3: column 3 holds 'and more' but has no name in the header"):
+        load_faq(path)
+    assert len(load_faq(_write(tmp_path, "ok.csv", "question,answer,\nq1,a1,\nq2,a2, \n"))) == 2  # trailing commas
+
+
+def test_an_instruction_mapped_by_name_keeps_its_input(tmp_path):
+    """--data.question_field instruction dropped the Alpaca input silently (it was read only when detected)."""
+    path = _write(tmp_path, "faq.jsonl", _jsonl({"instruction": "Translate to French.", "input": "hello",
+                                                 "output": "bonjour"}))
+    assert _pairs(load_faq(path, question_field="instruction")) == [("Translate to French.\n\nhello", "bonjour")]
+
+
+@pytest.mark.parametrize("record,kind,fields", [
+    ({"question": "q", "answer": "a", "response": "r"}, "answer", "answer, response; answer"),
+    ({"question": "q", "Query": "qq", "answer": "a"}, "question", "question, Query; question")])
+def test_two_fields_that_could_each_be_the_one_are_refused(tmp_path, record, kind, fields):
+    """One was read and the other dropped unannounced; a mapping picks one, and an empty twin is no rival."""
+    path = _write(tmp_path, "faq.csv", ",".join(record) + "\n" + ",".join(record.values()) + "\n")
+    with pytest.raises(DataError, match=rf"faq.csv line 2: holds 2 {kind} fields \({fields} would be read, the rest "
+                                        rf"lost\): set data.{kind}_field to the one to read"):
+        load_faq(path)
+    other = [k for k in record if k not in ("question", "answer")][0]
+    assert _pairs(load_faq(path, **{f"{kind}_field": other}))[0] == (record.get("Query", "q"), record.get("response", "a"))
+    empty = _write(tmp_path, "empty.jsonl", _jsonl({**record, other: " "}))
+    assert _pairs(load_faq(empty)) == [("q", "a")]
+
+
 def test_several_lists_of_records_are_refused(tmp_path):
     """Reading one of them dropped the others unannounced."""
     doc = {"questions": [QA], "faq": [QA2], "tags": ["shipping"]}
