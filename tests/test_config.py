@@ -462,3 +462,16 @@ def test_a_run_saved_before_embedder_tuning_was_the_default_keeps_the_shipped_em
     path.write_text(yaml.safe_dump(saved))
     assert load_saved_settings(path).grounding.embedder_epochs == 0
     assert load_saved_settings(path, {"grounding.embedder_epochs": 2}).grounding.embedder_epochs == 2
+
+
+@pytest.mark.parametrize("line,key,got", [("grounding:\n  decline_message: No\n", "grounding.decline_message", "False"),
+                                          ("data:\n  question_field: 0755\n", "data.question_field", "493"),
+                                          ("base_model: 1.50\n", "base_model", "1.5")])
+def test_text_settings_that_yaml_read_as_booleans_or_numbers_are_refused(tmp_path, line, key, got):
+    """They were turned back into text silently, changed: No -> 'false', 0755 -> '493', 1.50 -> '1.5'."""
+    path = tmp_path / "c.yaml"
+    path.write_text(line + "train:\n  gradient_checkpointing: false\n", encoding="utf-8")  # a choice: still read
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.problems == [f"{path}: `{key}` must be text, got {got}: YAML reads an unquoted yes/no/on/off or "
+                                "number as such (yes is true, 0755 is 493, 1.50 is 1.5); quote it"]

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from faqtune.errors import ConfigError
-from faqtune.validation import normalise, parse_mix, show, validate
+from faqtune.validation import CHOICES, normalise, parse_mix, show, validate
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -294,8 +294,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if hint is str:
         if value is None:
             raise ValueError(f"`{key}` must be set (got an empty value)")
-        if isinstance(value, bool):
+        if isinstance(value, bool) and "true" in CHOICES.get(key, ()):  # gradient_checkpointing: true
             return "true" if value else "false"
+        if isinstance(value, (bool, int, float)):  # YAML's reading of an unquoted yes, 0755 or 1.50: str() of it
+            raise ValueError(f"`{key}` must be text, got {show(value)}: YAML reads an unquoted yes/no/on/off or "
+                             "number as such (yes is true, 0755 is 493, 1.50 is 1.5); quote it")
         if isinstance(value, (dict, list)):
             raise ValueError(f"`{key}` must be a string, got {show(value)}")
         return str(value)
