@@ -231,6 +231,18 @@ def test_host_header_is_checked_on_loopback(app_server, host, ok):
         assert_openai_error(status, body, 400, "invalid_host")
 
 
+@pytest.mark.parametrize("size,status", [(15_000, 200), (17_000, 431), (60_000, 431)])
+def test_a_request_head_is_bounded_as_documented(app_server, size, status):
+    """h11 bounds a head only while it is incomplete in its buffer: one that came in one read (60 KB here)
+    was answered, past the documented 16 KiB."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Junk: " + b"a" * size + b"\r\n\r\n"
+    answer = raw(app_server, head)
+    assert int(answer.split(b" ", 2)[1]) == status, answer[:200]
+    if status == 431:
+        assert_openai_error(status, json.loads(answer.partition(b"\r\n\r\n")[2]), 431,
+                            "request_header_fields_too_large")
+
+
 def test_allowed_hosts_default_by_bound_address():
     from faqtune.serve.http import allowed_hosts_for
 

@@ -372,7 +372,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
             return Response(status_code=499)  # nobody is listening; logged as such
         return JSONResponse(completion_body(rid, now, name, result))
 
-    return Gate(app, api_key, limits.max_body_bytes, allowed_hosts, limits.body_timeout)
+    return Gate(app, api_key, limits.max_body_bytes, allowed_hosts, limits.body_timeout, limits.max_head_bytes)
 
 
 class PromptCounter:

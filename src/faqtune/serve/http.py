@@ -129,8 +129,9 @@ class Gate:
     request; a last net so no trace reaches a client."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: Iterable[str] | None = None,
-                 body_timeout: float = 30.0):
+                 body_timeout: float = 30.0, max_head_bytes: int = 16_384):
         self.app, self.max_body_bytes, self.body_timeout = app, max_body_bytes, body_timeout
+        self.max_head_bytes = max_head_bytes
         self.api_key = api_key.encode() if api_key else None
         self.allowed_hosts = None if allowed_hosts is None else frozenset(allowed_hosts)
 
@@ -147,7 +148,7 @@ class Gate:
             await send(message)
 
         try:
-            refusal = self._check_host(scope) or self._check_key(scope)
+            refusal = self._check_head(scope) or self._check_host(scope) or self._check_key(scope)
             if refusal is None:
                 receive, refusal = await self._read_body(scope, receive)
             await (refusal or self.app)(scope, receive, send_logged)
@@ -159,6 +160,16 @@ class Gate:
             log.info("%s %s %s %.3fs model=%s", scope["method"], printable(scope["path"]),
                      status[0] if status else 499, time.perf_counter() - start,
                      printable(str(state.get("faqtune_model", "-")), 80))
+
+    def _check_head(self, scope) -> JSONResponse | None:
+        """A request head over max_head_bytes (431): h11 bounds only a head still incomplete in its buffer, so
+        one that arrived in a single read (up to 64 KiB, more on a fast link) passed whole."""
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
+        if size <= self.max_head_bytes:
+            return None
+        return error_response(431, f"the request head is {size} bytes, over this server's limit of "
+                                   f"{self.max_head_bytes}", code="request_header_fields_too_large")
 
     def _check_host(self, scope) -> JSONResponse | None:
         if self.allowed_hosts is None:
@@ -225,10 +236,11 @@ class Gate:
 class RequestHeadTimeout(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request head (slowloris).
 
-    uvicorn bounds a head's size (h11_max_incomplete_event_size) and the idle time after a response
-    (timeout_keep_alive, which stops at the next request's first byte), but not the time a client takes to
-    send a head, nor the time before the first byte on a new connection. This closes the connection when a
-    head is not complete `header_timeout` seconds after connecting or after the previous response.
+    uvicorn bounds a head's size while it is incomplete (h11_max_incomplete_event_size; `Gate` checks a whole
+    one) and the idle time after a response (timeout_keep_alive, which stops at the next request's first byte),
+    but not the time a client takes to send a head, nor the time before the first byte on a new connection.
+    This closes the connection when a head is not complete `header_timeout` seconds after connecting or after
+    the previous response.
     """
 
     def __init__(self, config, *args, **kwargs):
