@@ -110,8 +110,13 @@ def wait_idle(url: str, seconds: float = 20) -> dict:
 # --- the OpenAI client -------------------------------------------------------------------------------------
 
 def test_models_lists_adapters_and_base(client, tiny_base):
+    from openai import NotFoundError
+
     ids = [m.id for m in client.models.list()]
     assert ids == ["alpha", "second", tiny_base.name]
+    assert client.models.retrieve("second").id == "second"  # it was a 404 for every name
+    with pytest.raises(NotFoundError, match="the model 'nope' does not exist; served: alpha, second"):
+        client.models.retrieve("nope")
 
 
 def test_chat_completion(client):

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   OpenAI's request and response (stream: true -> server-sent events)
     GET  /v1/models             every served adapter by name, and the bare base
+    GET  /v1/models/NAME        one of them
     GET  /                      a small chat page (static HTML + JS shipped in the package)
     GET  /healthz               liveness, queue and worker figures
 
@@ -325,11 +326,20 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, api_key:
         return JSONResponse({"status": "ok" if snap["alive"] else "down", **snap},
                             status_code=200 if snap["alive"] else 503)
 
+    def model_card(name: str) -> dict:
+        parent = None if models.entries[name].adapter is None else _base_name(models)
+        return {"id": name, "object": "model", "created": created, "owned_by": "faqtune", "parent": parent}
+
     @app.get("/v1/models")
     async def list_models():
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "faqtune",
-                 "parent": None if e.adapter is None else _base_name(models)} for name, e in models.entries.items()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name) for name in models.entries]}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str):  # client.models.retrieve(NAME)
+        if name not in models.entries:
+            raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(models.names)}",
+                           param="model", code="model_not_found")
+        return model_card(name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
