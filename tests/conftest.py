@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,15 @@ def one_error_line(capsys) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def assert_shared_as_umask(folder: Path, weights: str) -> None:
+    """The weights file and its folder have the modes the umask gives any file and folder (its JSON files')."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.suffix in (".json", ".safetensors")}
+    assert modes[weights] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
 
 
 def write_faq(path: Path, rows: list[dict[str, str]]) -> Path:

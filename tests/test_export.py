@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import assert_shared_as_umask
 
 from faqtune.cli import main
 
@@ -37,6 +38,7 @@ def test_merge_writes_a_standalone_model(merged, tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
+    assert_shared_as_umask(merged, "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(merged)  # plain transformers, no PEFT
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     tok = AutoTokenizer.from_pretrained(merged)

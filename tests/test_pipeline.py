@@ -6,7 +6,7 @@ import io
 import json
 
 import pytest
-from conftest import one_error_line, thing_rows, write_faq
+from conftest import assert_shared_as_umask, one_error_line, thing_rows, write_faq
 
 from faqtune.cli import main
 
@@ -17,6 +17,14 @@ FAST = ["--train.max_steps", "2", "--train.save_steps", "1", "--train.gradient_a
 @pytest.fixture(scope="module")
 def trained_run(tiny_runs):
     return tiny_runs(*FAST)
+
+
+def test_weights_written_are_readable_as_the_umask_says(trained_run):
+    """safetensors writes 0600 (safetensors/safetensors#782): a server running as another user could read the
+    adapter's config but not its weights, nor the index's tuned embedder."""
+    assert_shared_as_umask(trained_run / "adapter", "adapter_model.safetensors")
+    [embedder] = (trained_run / "index").glob("*/model.safetensors")
+    assert_shared_as_umask(embedder.parent, "model.safetensors")
 
 
 def test_run_directory_contents(trained_run):

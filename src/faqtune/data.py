@@ -184,10 +184,10 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
         raise DataError(file, f"missing ({expected}; found: {', '.join(map(str, keys)) or 'none'})", record,
                         answer_field or "answer")
     context = pick_key(keys, None, ("input",)) if qkey.lower() == "instruction" else None
-    for field, names, picked in ((question_field, QUESTION_KEYS, qkey), (answer_field, ANSWER_KEYS, akey)):
+    for mapped, names, picked in ((question_field, QUESTION_KEYS, qkey), (answer_field, ANSWER_KEYS, akey)):
         filled = [k for k in keys if k != context and isinstance(k, str) and k.lower().strip() in names
                   and isinstance(obj[k], str) and obj[k].strip()]
-        if not field and len(filled) > 1:  # reading one would drop the other unannounced
+        if not mapped and len(filled) > 1:  # reading one would drop the other unannounced
             kind, flag = ("question", "question_field") if names is QUESTION_KEYS else ("answer", "answer_field")
             raise DataError(file, f"holds {len(filled)} {kind} fields ({', '.join(filled)}; {picked} would be "
                                   f"read, the rest lost): set data.{flag} to the one to read", record)
@@ -312,7 +312,7 @@ def _iter_csv(text: str, file: str) -> Iterator[tuple[str, Any]]:
                 continue
             if len(row) > len(header):
                 raise DataError(file, f"has {len(row)} columns, the header has {len(header)}", f"line {n}")
-            unnamed = next((i for i, (h, c) in enumerate(zip(header, row)) if not h and c.strip()), None)
+            unnamed = next((i for i, h in enumerate(header[:len(row)]) if not h and row[i].strip()), None)
             if unnamed is not None:  # never read: its text would be lost unannounced
                 raise DataError(file, f"column {unnamed + 1} holds {row[unnamed].strip()[:40]!r} but has no name in "
                                       "the header; name it (or remove it)", f"line {n}")

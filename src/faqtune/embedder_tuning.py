@@ -18,6 +18,7 @@ import torch
 from faqtune.data import FaqEntry
 from faqtune.models import cpu_bf16_is_fast
 from faqtune.retrieval import open_embedder
+from faqtune.run import share_as_umask
 
 BATCH = 32  # forms per batch; the in-batch negatives are the other entries of the batch
 SCALE = 20.0  # cosine similarities x SCALE are the logits (sentence-transformers' MultipleNegativesRankingLoss)
@@ -89,4 +90,5 @@ def tune_embedder(name: str, entries: list[FaqEntry], anchors: list[tuple[str, i
                            for k, v in tuned.items()})
     out_dir = Path(out_dir)
     model.save(str(out_dir))
+    share_as_umask(out_dir)
     return out_dir

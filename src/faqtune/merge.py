@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from faqtune.errors import ModelError
+from faqtune.run import share_as_umask
 
 MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -78,4 +79,5 @@ def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    share_as_umask(out)
     return out

@@ -26,6 +26,7 @@ from faqtune.config import FaqtuneConfig, LoraConfig, QuantizationConfig
 from faqtune.data import write_json
 from faqtune.errors import ConfigError, ModelError
 from faqtune.memory import mapped_temporaries
+from faqtune.run import share_as_umask
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def install_folder(tmp: Path, target: Path) -> None:
     for the caller to remove. Only an incomplete leftover is replaced."""
     if _complete(target):
         return
+    share_as_umask(tmp)
     if target.exists():
         shutil.rmtree(target, ignore_errors=True)
     try:

@@ -167,6 +167,29 @@ def check_output(path: str | Path, kind: str = "dir", what: str = "output", repl
     return path
 
 
+def share_as_umask(folder: Path) -> None:
+    """Give what faqtune wrote in `folder` the modes any other file gets (0o666 and 0o777 less the umask):
+    safetensors writes its files 0600 through a temp file (safetensors/safetensors#782, since 0.8), so another
+    user (a server's, a container's) could read the config but not the weights; a tempfile folder is 0700."""
+    umask = _umask()
+    for path in (folder, *folder.rglob("*")):
+        if path.is_dir():
+            path.chmod(0o777 & ~umask)
+        elif path.suffix == ".safetensors":
+            path.chmod(0o666 & ~umask)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where Linux shows it (os.umask sets it, for all threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _writable(folder: Path) -> bool:
     """A folder can be written in: tried (a folder made and removed), as os.access says yes to root on
     read-only mounts and /proc, where a merge failed after its work."""

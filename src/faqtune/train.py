@@ -54,7 +54,7 @@ from faqtune.models import (
     trainable_report,
 )
 from faqtune.prompting import IGNORE_INDEX, encode_conversation, ensure_chat_template, with_system
-from faqtune.run import RunDir
+from faqtune.run import RunDir, share_as_umask
 from faqtune.validation import parse_mix
 
 log = logging.getLogger(__name__)
@@ -416,6 +416,7 @@ def _write_adapter(model, fsdp_state: dict[str, torch.Tensor] | None, folder: Pa
     """A plain PEFT adapter folder: adapter_config.json + adapter_model.safetensors (+ PEFT's README)."""
     if fsdp_state is None:
         model.save_pretrained(folder, safe_serialization=True)
+        share_as_umask(folder)
         return
     from safetensors.torch import save_file
 
@@ -425,6 +426,7 @@ def _write_adapter(model, fsdp_state: dict[str, torch.Tensor] | None, folder: Pa
     folder.mkdir(parents=True, exist_ok=True)
     model.peft_config[model.active_adapter].save_pretrained(folder)
     save_file(fsdp_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    share_as_umask(folder)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
