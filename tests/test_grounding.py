@@ -563,6 +563,22 @@ def test_a_runs_index_is_rebuilt_from_its_csv_with_its_column_mapping(tmp_path, 
     assert "field 'question': missing" in capsys.readouterr().err
 
 
+def test_indexing_a_conversation_of_several_turns_says_which_turn_is_found(tmp_path, capsys):
+    """Only its last question and answer were indexed, unannounced: the earlier answers could not be given."""
+    from faqtune.cli import main
+
+    turns = [{"role": "user", "content": "Do you ship abroad?"}, {"role": "assistant", "content": "Yes, to 40 countries."},
+             {"role": "user", "content": "How long to Canada?"}, {"role": "assistant", "content": "Five days."}]
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text("".join(json.dumps(r) + "\n" for r in [*thing_rows(3), {"messages": turns}]))
+    assert main(["index", str(faq), "--out", str(tmp_path / "index"), "--embedder-epochs", "0"]) == 0
+    assert "note: 1 conversation record(s) have several turns (e.g. line 4): the index finds each by its last " \
+           "question" in capsys.readouterr().err
+    assert main(["index", str(write_faq(tmp_path / "one.json", thing_rows(3))), "--out", str(tmp_path / "i2"),
+                 "--embedder-epochs", "0"]) == 0
+    assert "several turns" not in capsys.readouterr().err
+
+
 def test_an_index_beside_a_config_yaml_of_the_users_own_is_no_runs_index(tmp_path, small_faq, capsys):
     """A project folder's own config.yaml was read as a run's settings: `faqtune index FAQ --out project/index`
     failed on its unknown keys."""

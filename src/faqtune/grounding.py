@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -183,6 +184,11 @@ def build_index(root: str | Path, entries: list[FaqEntry], cfg: FaqtuneConfig, s
     threshold), so a build killed halfway leaves the previous index as it was, never a half-written one.
     """
     root = Path(root)
+    several = [e.record for e in entries if sum(r == "user" for r, _ in e.messages) > 1]
+    if several:  # an entry is found by its last question and says its last answer
+        print(f"note: {len(several)} conversation record(s) have several turns (e.g. {several[0]}): the index "
+              "finds each by its last question and answers with its last answer; the earlier turns are trained "
+              "on but cannot be retrieved (make them records of their own to have them answered)", file=sys.stderr)
     tmp = building_dir(root)
     embedder = cfg.grounding.embedder
     if cfg.grounding.embedder_epochs > 0:
