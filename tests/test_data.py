@@ -476,3 +476,11 @@ def test_a_key_given_twice_in_a_json_object_is_refused(tmp_path, name, text, whe
     with pytest.raises(DataError) as e:
         load_faq(path)
     assert str(e.value).startswith(f"{path}{'' if where.startswith(':') else ' '}{where}: is given more than once")
+
+
+@pytest.mark.parametrize("doc", [{"messages": [{"role": "user", "content": "Hi?"},
+                                               {"role": "assistant", "content": "Hello."}]},
+                                 {"question": "Hi?", "answer": "Hello."}])
+def test_a_json_file_of_one_record_is_read_as_one(tmp_path, doc):
+    """A conversation alone was read as a list of records (its messages): 'field question: missing'."""
+    assert _pairs(load_faq(_write(tmp_path, "one.json", json.dumps(doc)))) == [("Hi?", "Hello.")]

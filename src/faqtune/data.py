@@ -241,6 +241,8 @@ def parse_json(text: str, file: str, record: str | None = None) -> Any:
 
 def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
     doc = parse_json(text, file)
+    if isinstance(doc, dict) and _one_record(doc):  # its messages list was read as a list of records
+        doc = [doc]
     if isinstance(doc, dict):
         refuse_repeated_keys(doc, file, None)
         lists = {k: v for k, v in doc.items() if isinstance(v, list)}
@@ -261,6 +263,16 @@ def _iter_json(text: str, file: str) -> Iterator[tuple[str, Any]]:
         raise DataError(file, f"expected a list of records, got {type(doc).__name__}")
     for i, obj in enumerate(doc):
         yield prefix % i, obj
+
+
+def _one_record(doc: dict) -> bool:
+    """A file's whole document is one record: a conversation (messages with roles) or text question and answer."""
+    keys = list(doc)
+    mkey, qkey, akey = pick_key(keys, "messages", ()), pick_key(keys, None, QUESTION_KEYS), pick_key(keys, None,
+                                                                                                     ANSWER_KEYS)
+    if mkey is not None:
+        return isinstance(doc[mkey], list) and all(isinstance(m, dict) and "role" in m for m in doc[mkey])
+    return qkey is not None and akey is not None and isinstance(doc[qkey], str) and isinstance(doc[akey], str)
 
 
 def _looks_like_record(obj: Any) -> bool:
