@@ -223,7 +223,7 @@ def score_answers(answers: list[Answer], seconds: list[float],
 @torch.inference_mode()
 def answer_loss(model, tokenizer, questions: list[str], references: list[str], system_prompt: str | None,
                 max_seq_length: int) -> float:
-    """Mean negative log-likelihood per answer token of the reference answers (prompt tokens masked)."""
+    """Mean NLL per answer token of the reference answers (prompt masked), given the question alone (no entries)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for q, a in zip(questions, references, strict=True):
