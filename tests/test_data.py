@@ -205,6 +205,7 @@ def test_a_column_without_a_name_that_holds_text_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"faq.csv line 3: column 3 holds 'and more' but has no name in the header"):
         load_faq(path)
     assert len(load_faq(_write(tmp_path, "ok.csv", "question,answer,\nq1,a1,\nq2,a2, \n"))) == 2  # trailing commas
+    assert len(load_faq(_write(tmp_path, "pandas.csv", ",question,answer\n0,q1,a1\n1,q2,a2\n"))) == 2  # to_csv()
 
 
 def test_an_instruction_mapped_by_name_keeps_its_input(tmp_path):

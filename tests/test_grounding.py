@@ -559,6 +559,9 @@ def test_a_runs_index_is_rebuilt_from_its_csv_with_its_column_mapping(tmp_path, 
     edited.write_text(faq.read_text() + "Can I pay by cheque?,No.\n")
     assert main(["index", str(edited), "--out", str(run / "index"), "--embedder-epochs", "0"]) == 0
     assert "indexed 5 entries" in capsys.readouterr().out
+    plain = write_faq(tmp_path / "plain.json", thing_rows(3))  # default names: read as detected
+    assert main(["index", str(plain), "--out", str(run / "index"), "--embedder-epochs", "0"]) == 0
+    assert "indexed 3 entries" in capsys.readouterr().out
     assert main(["index", str(faq), "--out", str(tmp_path / "alone"), "--embedder-epochs", "0"]) == 2  # no run
     assert "field 'question': missing" in capsys.readouterr().err
 

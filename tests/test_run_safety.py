@@ -316,7 +316,8 @@ def test_a_bad_adapter_config_is_named(tmp_path):
 def test_an_empty_run_config_is_refused(tmp_path, capsys, command, text):
     """An emptied config.yaml read as all defaults: a run trained otherwise answered with the wrong settings."""
     run = _fake_run(tmp_path / "run")
-    (run / "config.yaml").write_text(text)
+    (run / "config.yaml").write_text(text)  # the header gone with the rest: the run is known by its layout
+    (run / "checkpoints").mkdir()
     argv = [str(run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in command]
     assert main(argv) == 2
     assert f"{run / 'config.yaml'}: no settings (damaged?)" in one_error_line(capsys)
@@ -411,7 +412,7 @@ def test_a_config_yaml_of_the_users_own_is_no_run_to_train_over(tmp_path, tiny_b
         if out == fresh and base == tiny_base:
             continue
         assert main(argv) == 2
-        assert ("holds no faqtune run" if base == tiny_base else "does not exist") in one_error_line(capsys)
+        assert ("does not exist" if out == fresh else "holds no faqtune run") in one_error_line(capsys)
     assert (theirs / "config.yaml").read_text() == "services:\n  web: {image: nginx}\n"
     assert sorted(p.name for p in theirs.iterdir()) == ["config.yaml"] and not fresh.exists()
 
@@ -477,3 +478,25 @@ def test_a_killed_builds_hidden_folder_is_removed_by_the_next_and_a_live_ones_ke
     fresh = sibling_to_build(tmp_path / "merged", "merging")
     assert fresh == tmp_path / f".merged.merging-{os.getpid()}" and not fresh.exists()
     assert not killed.exists() and live.exists() and other.exists()
+
+
+def test_weights_made_readable_keep_a_shared_folders_setgid(tmp_path):
+    """The modes are added to, not set: a group folder's setgid bit (files written later keep the group) stays."""
+    import stat
+
+    from faqtune.run import share_as_umask
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    folder.chmod(0o2750)
+    (folder / "model.safetensors").write_bytes(b"x")
+    (folder / "model.safetensors").chmod(0o600)
+    share_as_umask(folder)
+    assert folder.stat().st_mode & stat.S_ISGID and (folder / "model.safetensors").stat().st_mode & 0o044
+
+
+def test_a_base_name_too_long_for_the_file_system_is_one_line(tmp_path, small_faq, capsys):
+    """Path.exists() raised ENAMETOOLONG while deciding whether the name is a Hub id: a traceback."""
+    argv = ["train", "--base", "x" * 300, "--data", str(small_faq), "--output", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "x" * 50 in one_error_line(capsys) and not (tmp_path / "run").exists()

@@ -155,13 +155,16 @@ def test_a_replaced_decline_streams_the_replacement(declining_server, n):
 def test_an_entry_said_verbatim_keeps_to_max_tokens(declining_server, tiny_tokenizer):
     """The replacement went out whole whatever `max_tokens` asked for, finish "stop", counted as the decline
     it replaced."""
+    ids = tiny_tokenizer(DECLINE, add_special_tokens=False)["input_ids"]  # cut where three words of it are said
+    cut = next(n for n in range(1, len(ids)) if len(tiny_tokenizer.decode(ids[:n]).split()) >= 3)
     body = {"model": "grounded", "messages": [{"role": "user", "content": "When can I return it?"}], "n": 2,
-            "max_tokens": 4}
+            "max_tokens": cut}
     status, _, whole = request(declining_server, body=body, key=None)
-    first4 = tiny_tokenizer.decode(tiny_tokenizer(SENTENCE, add_special_tokens=False)["input_ids"][:4])
-    assert status == 200 and [c["message"]["content"] for c in whole["choices"]] == [first4] * 2
-    assert [c["finish_reason"] for c in whole["choices"]] == ["length"] * 2 and whole["usage"]["completion_tokens"] == 8
-    assert streamed(declining_server, body) == dict.fromkeys(range(2), first4)
+    first_words = tiny_tokenizer.decode(tiny_tokenizer(SENTENCE, add_special_tokens=False)["input_ids"][:cut])
+    assert status == 200 and [c["message"]["content"] for c in whole["choices"]] == [first_words] * 2
+    assert [c["finish_reason"] for c in whole["choices"]] == ["length"] * 2
+    assert whole["usage"]["completion_tokens"] == 2 * cut
+    assert streamed(declining_server, body) == dict.fromkeys(range(2), first_words)
     whole = request(declining_server, body={**body, "max_tokens": 400}, key=None)[2]
     assert whole["choices"][0]["finish_reason"] == "stop" and whole["choices"][0]["message"]["content"] == SENTENCE
     assert whole["usage"]["completion_tokens"] == 2 * len(tiny_tokenizer(SENTENCE, add_special_tokens=False)["input_ids"])

@@ -465,9 +465,9 @@ def check_resume_split(run: RunDir, data_path: str, train_entries: list[FaqEntry
                                "--output")
 
 
-def prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
-    """The run directory made ready to train in, its settings saved: refused when it holds a finished run (no
-    `resume`) or files that are not a run's; a fresh start clears the logs of an attempt that died early."""
+def check_run_dir(run: RunDir, resume: bool) -> None:
+    """Refuse a directory holding a finished run (no `resume`) or files that are not a run's; checked before
+    the base loads, and again as the directory is prepared."""
     theirs = [p for p in run.root.iterdir() if p.name != LOCK_NAME] if run.root.is_dir() else []
     if theirs and not resume:
         if run.has_adapter() or last_checkpoint(run.checkpoints_dir) is not None:
@@ -478,6 +478,12 @@ def prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
             raise FaqtuneError(f"{run.root} is not empty and holds no faqtune run (e.g. {sorted(theirs)[0].name}): "
                                "training writes data/, tb/, adapter/ and more there and would replace files of "
                                "yours; choose a new or empty --output")
+
+
+def prepare_run_dir(cfg: FaqtuneConfig, run: RunDir, resume: bool) -> None:
+    """The run directory made ready to train in (`check_run_dir`), its settings saved; a fresh start clears the
+    logs of an attempt that died early."""
+    check_run_dir(run, resume)
     run.root.mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh start: logs of an earlier attempt that died before its first checkpoint would mix in
         run.metrics_path.unlink(missing_ok=True)

@@ -130,7 +130,7 @@ def _check_text(text: str, what: str) -> str:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from faqtune.config import load_config
-    from faqtune.run import RunDir, check_output, load_saved_settings, run_lock
+    from faqtune.run import RunDir, check_output, holds_run, load_saved_settings, run_lock
     from faqtune.train import train
 
     overrides: dict[str, object] = parse_overrides(extra)
@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.mix:
         overrides["data.mix"] = args.mix
     config_path, saved = args.config, None
-    if args.resume and config_path is None and args.output and RunDir(args.output).config_path.exists():
+    if args.resume and config_path is None and args.output and holds_run(RunDir(args.output)):
         saved = RunDir(args.output).config_path  # resume with the run's own settings
     if saved is not None:  # they cannot turn on remote code; only this command line can
         trust = overrides.pop("trust_remote_code", None)

@@ -324,7 +324,8 @@ def _iter_csv(text: str, file: str) -> Iterator[tuple[str, Any]]:
                 continue
             if len(row) > len(header):
                 raise DataError(file, f"has {len(row)} columns, the header has {len(header)}", f"line {n}")
-            unnamed = next((i for i, h in enumerate(header[:len(row)]) if not h and row[i].strip()), None)
+            unnamed = next((i for i, h in enumerate(header[:len(row)]) if not h and row[i].strip()
+                            and not (i == 0 and row[0].strip().isdigit())), None)  # pandas' to_csv: its index
             if unnamed is not None:  # never read: its text would be lost unannounced
                 raise DataError(file, f"column {unnamed + 1} holds {row[unnamed].strip()[:40]!r} but has no name in "
                                       "the header; name it (or remove it)", f"line {n}")
@@ -443,10 +444,16 @@ def load_faq(path: str | Path, fmt: str = "auto", question_field: str | None = N
 
 def load_faq_of_run(path: str | Path, data_cfg) -> FaqData:
     """`path` read as a run reads an FAQ (`data_cfg`: its field mapping, and its data.format for its own file),
-    so a run trained on a CSV with mapped columns can be indexed and evaluated again, from an edited copy too;
-    the format of any other file is detected."""
+    so a run trained on a CSV with mapped columns can be indexed and evaluated again, from an edited copy too.
+    Another file without the mapped fields (default names, messages) is read as detected."""
     ours = data_cfg.path and Path(path).resolve() == Path(data_cfg.path).resolve()
-    return load_faq(path, data_cfg.format if ours else "auto", data_cfg.question_field, data_cfg.answer_field)
+    mapping = (data_cfg.question_field, data_cfg.answer_field)
+    try:
+        return load_faq(path, data_cfg.format if ours else "auto", *mapping)
+    except DataError as e:
+        if ours or e.field not in mapping or e.field is None:  # a mapped field missing: not this file's names
+            raise
+        return load_faq(path)
 
 
 def split(entries: list[FaqEntry], eval_fraction: float, seed: int) -> tuple[list[FaqEntry], list[FaqEntry]]:

@@ -393,7 +393,9 @@ class GroundedAnswerer(Answerer):
         overlap = [rouge_l(answer.text, h.answer) for h in hits]
         best = max(range(len(hits)), key=overlap.__getitem__)
         decline = self.grounding.decline_message
-        cut_decline = not answer.stopped and " ".join(decline.split()).startswith(" ".join(answer.text.split()))
+        words = answer.text.lower().split()  # a few words at least: "" or "I" cut short is no decline yet
+        cut_decline = not answer.stopped and len(words) >= 3 and " ".join(decline.lower().split()).startswith(
+            " ".join(words))
         declined = cut_decline or opens_with_decline(answer.text, decline) or (
             overlap[best] < 0.3 and (is_decline(answer.text) or rouge_l(answer.text, decline) >= 0.5))
         if declined and self.grounding.fallback:

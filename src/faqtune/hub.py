@@ -12,7 +12,11 @@ PROBE_TIMEOUT_S = 5.0
 
 def is_local(ident: str) -> bool:
     """Whether `ident` names something on disk (a folder, or a path-shaped name) rather than a Hub repo id."""
-    return Path(ident).expanduser().exists() or ident.startswith((".", "/", "~")) or ident.count("/") > 1
+    try:
+        on_disk = Path(ident).expanduser().exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no file, and no repo id
+        return True
+    return on_disk or ident.startswith((".", "/", "~")) or ident.count("/") > 1
 
 
 def reachable() -> bool:

@@ -189,7 +189,12 @@ def resolve_base(name: str) -> str:
     if name in _EMBEDDED:
         return str(ensure_embedded_model(name))
     path = Path(name).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise ModelError(f"base model {name[:80]!r}{'...' if len(name) > 80 else ''}: not a usable name ("
+                         f"{getattr(e, 'strerror', None) or e})") from None
+    if exists:
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
         return str(path)

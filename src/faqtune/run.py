@@ -168,15 +168,15 @@ def check_output(path: str | Path, kind: str = "dir", what: str = "output", repl
 
 
 def share_as_umask(folder: Path) -> None:
-    """Give what faqtune wrote in `folder` the modes any other file gets (0o666 and 0o777 less the umask):
+    """Add to what faqtune wrote in `folder` the mode bits any other file gets (0o666 and 0o777 less the umask):
     safetensors writes its files 0600 through a temp file (safetensors/safetensors#782, since 0.8), so another
     user (a server's, a container's) could read the config but not the weights; a tempfile folder is 0700."""
     umask = _umask()
-    for path in (folder, *folder.rglob("*")):
+    for path in (folder, *folder.rglob("*")):  # bits added, none taken (a shared folder's setgid stays)
         if path.is_dir():
-            path.chmod(0o777 & ~umask)
+            path.chmod(path.stat().st_mode | (0o777 & ~umask))
         elif path.suffix == ".safetensors":
-            path.chmod(0o666 & ~umask)
+            path.chmod(path.stat().st_mode | (0o666 & ~umask))
 
 
 def _umask() -> int:

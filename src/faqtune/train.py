@@ -268,7 +268,8 @@ def train(cfg: FaqtuneConfig, resume: bool = False, callbacks: tuple[TrainerCall
     if last is not None:  # before anything is written
         checkpoints.check_resume_split(run, data_path, train_entries, eval_entries)
     mixed = mix_entries(cfg, len(train_entries))
-    base = resolve_base(cfg.base_model)  # a base that cannot be loaded is refused before anything is written
+    checkpoints.check_run_dir(run, resume)  # before the base loads (a download, a first-use conversion)
+    base = resolve_base(cfg.base_model)  # a base that cannot be found is refused before anything is written
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     checkpoints.prepare_run_dir(cfg, run, resume)
     data_mod.write_jsonl(train_entries, run.train_split)

@@ -8,10 +8,12 @@ value was set (the YAML file or `override`), and raises them together in one :cl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import math
 import re
 import reprlib
+import types
 from typing import Any
 
 from faqtune.errors import ConfigError
@@ -182,10 +184,13 @@ def _cannot_run(key: str, name: str) -> str | None:
 
             get_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), num_warmup_steps=1,
                           num_training_steps=2)
-        else:
+        else:  # TrainingArguments' defaults, not TrainingArguments: it would set up accelerate (a process group)
             from transformers import Trainer, TrainingArguments
 
-            args = TrainingArguments(output_dir="unused", optim=name, use_cpu=True, report_to="none")
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(TrainingArguments)
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+            args = types.SimpleNamespace(**{**defaults, "optim": name})
             Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(1, 1))
     except (ImportError, ValueError, TypeError, RuntimeError) as e:
         return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

@@ -291,8 +291,8 @@ class UpstreamWorker:
         conv, ctx, prompt, prompt_tokens = await asyncio.to_thread(self._prepare, job.model, job.messages)
         if conv is None:  # declined (or answered verbatim) without calling the engine
             answer = entry.answerer.unanswered(ctx)
-            tokenizer = entry.answerer.tokenizer
-            return self._done(job, Result([jobs.finish_choice(answer, k, s, None, tokenizer) for k in range(s.n)], 0))
+            choices = await asyncio.to_thread(self._choices, entry, [answer] * s.n, s, [None] * s.n)
+            return self._done(job, Result(choices, 0))
         n_gen = s.n if s.temperature > 0 else 1  # greedy: one answer, replicated
         per_row = [list(range(s.n))] if n_gen == 1 else [[k] for k in range(s.n)]
         rows = [Row(job, choices, sent=job.sent.get(choices[0], "")) for choices in per_row]
@@ -304,9 +304,17 @@ class UpstreamWorker:
             raw, tokens, stopped = got.texts[k], counts[k], got.finish[k] == "stop"
             answer = Answer(clean(raw), stopped, tokens + stopped, prompt_tokens, raw)
             answers.append(entry.answerer.finish(answer, ctx))
-        choices = [jobs.finish_choice(answers[k if n_gen > 1 else 0], k, s, rows[k if n_gen > 1 else 0],
-                                      entry.answerer.tokenizer) for k in range(s.n)]
+        one = n_gen == 1
+        choices = await asyncio.to_thread(self._choices, entry, [answers[0 if one else k] for k in range(s.n)], s,
+                                          [rows[0 if one else k] for k in range(s.n)])
         self._done(job, Result(choices, prompt_tokens))
+
+    def _choices(self, entry, answers: list[Answer], s, rows: list) -> list:
+        """The API choices of `answers` (`jobs.finish_choice`, which may count an entry's tokens: the tokenizer is
+        used under the lock, as in `_count`)."""
+        with self._lock:
+            return [jobs.finish_choice(a, k, s, row, entry.answerer.tokenizer)
+                    for k, (a, row) in enumerate(zip(answers, rows, strict=True))]
 
     def _count(self, tokenizer, texts: list[str]) -> list[int]:
         """Generated tokens, counted with the run's tokenizer (as in-process counts them; + 1 for the EOS)."""
