@@ -184,13 +184,13 @@ def parse_record(obj: Any, file: str, record: str, question_field: str | None = 
         raise DataError(file, f"missing ({expected}; found: {', '.join(map(str, keys)) or 'none'})", record,
                         answer_field or "answer")
     context = pick_key(keys, None, ("input",)) if qkey.lower() == "instruction" else None
-    for mapped, names, picked in ((question_field, QUESTION_KEYS, qkey), (answer_field, ANSWER_KEYS, akey)):
+    for kind, mapped, names, picked in (("question", question_field, QUESTION_KEYS, qkey),
+                                        ("answer", answer_field, ANSWER_KEYS, akey)):
         filled = [k for k in keys if k != context and isinstance(k, str) and k.lower().strip() in names
                   and isinstance(obj[k], str) and obj[k].strip()]
         if not mapped and len(filled) > 1:  # reading one would drop the other unannounced
-            kind, flag = ("question", "question_field") if names is QUESTION_KEYS else ("answer", "answer_field")
             raise DataError(file, f"holds {len(filled)} {kind} fields ({', '.join(filled)}; {picked} would be "
-                                  f"read, the rest lost): set data.{flag} to the one to read", record)
+                                  f"read, the rest lost): set data.{kind}_field to the one to read", record)
     q = text_field(obj[qkey], file, record, qkey)
     a = text_field(obj[akey], file, record, akey)
     extra = obj[context] if context is not None else None

@@ -58,6 +58,12 @@ def first_sentence(text: str) -> str:
     return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0]
 
 
+def starts_decline(text: str, decline_message: str) -> bool:
+    """`text` is the start of the decline message, case and spacing aside: a decline cut short (by max_tokens),
+    or one still being streamed."""
+    return " ".join(decline_message.lower().split()).startswith(" ".join(text.lower().split()))
+
+
 def opens_with_decline(text: str, decline_message: str) -> bool:
     """The answer opens with the configured decline's first sentence and goes on ("I'm sorry, I can't find
     that in our FAQ... Please contact our support team with your order number"): the model declined, then
@@ -393,9 +399,8 @@ class GroundedAnswerer(Answerer):
         overlap = [rouge_l(answer.text, h.answer) for h in hits]
         best = max(range(len(hits)), key=overlap.__getitem__)
         decline = self.grounding.decline_message
-        words = answer.text.lower().split()  # a few words at least: "" or "I" cut short is no decline yet
-        cut_decline = not answer.stopped and len(words) >= 3 and " ".join(decline.lower().split()).startswith(
-            " ".join(words))
+        # a few words at least: "" or "I" cut short is no decline yet
+        cut_decline = not answer.stopped and len(answer.text.split()) >= 3 and starts_decline(answer.text, decline)
         declined = cut_decline or opens_with_decline(answer.text, decline) or (
             overlap[best] < 0.3 and (is_decline(answer.text) or rouge_l(answer.text, decline) >= 0.5))
         if declined and self.grounding.fallback:

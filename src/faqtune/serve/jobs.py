@@ -20,7 +20,7 @@ from typing import Any
 from faqtune.config import FaqtuneConfig
 from faqtune.errors import FaqtuneError, ModelError
 from faqtune.generate import Answer, Answerer
-from faqtune.grounding import DECLINE, make_answerer
+from faqtune.grounding import DECLINE, make_answerer, starts_decline
 from faqtune.loading import OpenedRun, open_run
 
 log = logging.getLogger("faqtune.serve")
@@ -227,10 +227,8 @@ def replaced_declines(answerer) -> Callable[[str], bool] | None:
     grounding = getattr(answerer, "grounding", None)
     if grounding is None or not getattr(grounding, "fallback", False):
         return None
-    decline = " ".join(grounding.decline_message.lower().split())
-
     def may_become_decline(text: str) -> bool:
-        return decline.startswith(" ".join(text.lower().split())) or DECLINE.search(text) is not None
+        return starts_decline(text, grounding.decline_message) or DECLINE.search(text) is not None
 
     return may_become_decline
 
